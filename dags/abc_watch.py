@@ -1,0 +1,49 @@
+"""Watch the ABC Atlas bucket: record new release manifests and dated dataset directories.
+
+Thin wiring over ``etl.discovery``; each newly recorded release is announced on the
+``abc://releases`` asset so that release processing can be triggered by it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, dag, task
+
+RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
+
+
+@dag(
+    schedule="@hourly",
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["abc-mirror"],
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    doc_md=__doc__,
+)
+def abc_watch():
+    @task(outlets=[RELEASES_ASSET])
+    def discover_releases(*, outlet_events=None) -> dict:
+        from etl import db, source
+        from etl.config import settings_for_airflow_task
+        from etl.discovery import discover
+
+        settings = settings_for_airflow_task()
+        report = discover(source.make_client(settings), settings, db.make_engine(settings.database_url))
+        for line in report.lines():
+            print(line)
+        if report.new_releases:
+            outlet_events[RELEASES_ASSET].extra = {"new_releases": report.new_releases}
+        return {
+            "new_releases": report.new_releases,
+            "changed_manifests": report.changed_manifests,
+            "new_directories": [d.prefix for d in report.new_directories],
+            "bad_manifests": report.bad_manifests,
+        }
+
+    discover_releases()
+
+
+watch_dag = abc_watch()

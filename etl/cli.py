@@ -1,0 +1,137 @@
+"""``abc-mirror``: the command line over the library. Each sub-command wires one stage.
+
+Exit codes: 0 success, 1 the work ran and something failed (bad files, failed checks),
+2 the source or the database could not be reached or the input was unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from etl.config import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env().with_overrides(
+        database_url=getattr(args, "database_url", None),
+        bucket=getattr(args, "bucket", None),
+        endpoint_url=getattr(args, "endpoint_url", None),
+    )
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import db
+
+    if args.create and db.create_database(settings.database_url):
+        print("created database")
+    engine = db.make_engine(settings.database_url)
+    applied = db.upgrade(engine)
+    print("\n".join(f"applied {name}" for name in applied) or "schema up to date")
+    return EXIT_OK
+
+
+def cmd_discover(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import db, source
+    from etl.discovery import discover
+
+    engine = db.make_engine(settings.database_url)
+    report = discover(source.make_client(settings), settings, engine)
+    print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.fixtures import FixtureSpec, make_bucket
+
+    spec = FixtureSpec(seed=args.seed, cells=args.cells, genes=args.genes, clusters=args.clusters,
+                       regions=args.regions)
+    generated = make_bucket(Path(args.directory), spec)
+    for release in generated.releases:
+        print(f"release {release}: {len(generated.files[release])} files")
+    print(f"bucket tree at {generated.bucket_dir}")
+    return EXIT_OK
+
+
+def cmd_fixture_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.s3server import start_s3_server
+
+    server = start_s3_server(Path(args.directory), port=args.port)
+    print(f"serving {args.directory} at {server.endpoint_url} (Ctrl-C stops)", flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abc-mirror", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def source_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bucket", help="source bucket (env ABC_BUCKET)")
+        p.add_argument("--endpoint-url", help="S3 endpoint (env AWS_ENDPOINT_URL_S3)")
+
+    def database_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database-url", help="SQLAlchemy URL (env ABC_DATABASE_URL)")
+
+    db_parser = commands.add_parser("db", help="warehouse schema")
+    db_commands = db_parser.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="apply pending sql/ migrations")
+    database_flag(upgrade)
+    upgrade.add_argument("--create", action="store_true", help="create the database if missing")
+    upgrade.set_defaults(handler=cmd_db_upgrade)
+
+    discover = commands.add_parser("discover", help="record new releases and dataset versions")
+    source_flags(discover)
+    database_flag(discover)
+    discover.set_defaults(handler=cmd_discover)
+
+    fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
+    fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)
+    make = fixture_commands.add_parser("make", help="write a generated bucket tree into DIR")
+    make.add_argument("directory")
+    make.add_argument("--seed", type=int, default=20251031)
+    make.add_argument("--cells", type=int, default=4000, help="cells over both datasets")
+    make.add_argument("--genes", type=int, default=500)
+    make.add_argument("--clusters", type=int, default=48)
+    make.add_argument("--regions", type=int, default=3, help="region files per chemistry")
+    make.set_defaults(handler=cmd_fixture_make)
+    serve = fixture_commands.add_parser("serve", help="serve DIR over S3 with rclone")
+    serve.add_argument("directory")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(handler=cmd_fixture_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from etl.manifest import ManifestError
+    from etl.source import SourceUnreachable
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.handler(args, _settings(args))
+    except SourceUnreachable as exc:
+        print(f"error: source unreachable: {exc}", file=sys.stderr)
+    except OperationalError as exc:
+        print(f"error: database unreachable: {exc.orig}", file=sys.stderr)
+    except (ManifestError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return EXIT_UNUSABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

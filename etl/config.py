@@ -1,0 +1,94 @@
+"""All configuration in one place: environment variables with documented defaults.
+
+In production under Airflow the same values come from connections (``aws_default``,
+``abc_postgres``); the DAG layer turns those into a :class:`Settings` so that the library never
+reads Airflow state itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_BUCKET = "allen-brain-cell-atlas"
+DEFAULT_REGION = "us-west-2"
+DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/abc"
+
+# name -> (default, meaning); the README's configuration table is generated from this.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "ABC_DATABASE_URL": (DEFAULT_DATABASE_URL, "SQLAlchemy URL of the atlas warehouse"),
+    "ABC_BUCKET": (DEFAULT_BUCKET, "source bucket"),
+    "ABC_REGION": (DEFAULT_REGION, "source bucket region"),
+    "AWS_ENDPOINT_URL_S3": ("", "S3 endpoint override (empty: AWS); honoured by boto3 too"),
+    "ABC_S3_UNSIGNED": ("1", "1: anonymous (unsigned) requests to the source bucket"),
+    "ABC_MIRROR_ROOT": ("./var/mirror", "local directory or s3://bucket/prefix of the mirror"),
+    "ABC_WORKERS": ("16", "parallel transfers"),
+    "ABC_WEBHOOK_URL": ("", "JSON webhook for alerts (empty: none)"),
+}
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, ENVIRONMENT[name][0])
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    bucket: str = DEFAULT_BUCKET
+    region: str = DEFAULT_REGION
+    endpoint_url: str | None = None
+    unsigned: bool = True
+    mirror_root: str = "./var/mirror"
+    workers: int = 16
+    webhook_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=_env("ABC_DATABASE_URL"),
+            bucket=_env("ABC_BUCKET"),
+            region=_env("ABC_REGION"),
+            endpoint_url=_env("AWS_ENDPOINT_URL_S3") or None,
+            unsigned=_env("ABC_S3_UNSIGNED").lower() not in ("0", "false", "no"),
+            mirror_root=_env("ABC_MIRROR_ROOT"),
+            workers=int(_env("ABC_WORKERS")),
+            webhook_url=_env("ABC_WEBHOOK_URL") or None,
+        )
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """Apply CLI flags that were given (``None`` means: keep the configured value)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def mirror_is_local(self) -> bool:
+        return not self.mirror_root.startswith("s3://")
+
+    @property
+    def mirror_path(self) -> Path:
+        return Path(self.mirror_root).resolve()
+
+
+def settings_for_airflow_task() -> Settings:
+    """Settings inside an Airflow task: the environment, overridden by Airflow connections.
+
+    Production configures the warehouse as connection ``abc_postgres`` and the source as
+    ``aws_default`` (extra ``endpoint_url`` for a non-AWS endpoint); where a connection is not
+    defined, the environment variables above apply, so tests and the demo need none.
+    """
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    settings = Settings.from_env()
+    try:
+        warehouse = Connection.get("abc_postgres")
+        uri = warehouse.get_uri().replace("postgres://", "postgresql+psycopg2://", 1)
+        settings = settings.with_overrides(database_url=uri.replace("postgresql://", "postgresql+psycopg2://", 1))
+    except AirflowNotFoundException:
+        pass
+    try:
+        endpoint = (Connection.get("aws_default").extra_dejson or {}).get("endpoint_url")
+        settings = settings.with_overrides(endpoint_url=endpoint or None)
+    except AirflowNotFoundException:
+        pass
+    return settings

@@ -1,0 +1,133 @@
+"""The atlas warehouse: engine, numbered SQL migrations from ``sql/`` and raw COPY connections.
+
+Migrations are plain ``sql/NNN_name.sql`` files applied in order, each in its own transaction,
+and recorded in ``abc.schema_migration`` with their checksum, so ``abc-mirror db upgrade`` is
+idempotent and an edited, already-applied migration is reported instead of silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+# Serialises concurrent `db upgrade` runs (several Airflow workers starting at once).
+MIGRATION_LOCK_ID = 0x61626301
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def make_engine(database_url: str) -> Engine:
+    return sa.create_engine(database_url, pool_pre_ping=True, future=True)
+
+
+def psycopg_dsn(database_url: str) -> str:
+    """libpq connection string for psycopg 3 (COPY) from the SQLAlchemy URL."""
+    url = make_url(database_url)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def copy_connection(database_url: str) -> psycopg.Connection:
+    """A psycopg 3 connection, for COPY ... FROM STDIN at full speed."""
+    return psycopg.connect(psycopg_dsn(database_url))
+
+
+def discover_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    found: list[Migration] = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = MIGRATION_RE.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration files are named NNN_lowercase_name.sql")
+        found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+    numbers = [m.number for m in found]
+    if len(numbers) != len(set(numbers)):
+        raise MigrationError(f"{sql_dir}: two migrations share a number: {numbers}")
+    return found
+
+
+def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations; return the names applied (empty when up to date)."""
+    migrations = discover_migrations(sql_dir)
+    applied_now: list[str] = []
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS abc"))
+        conn.execute(sa.text(
+            "CREATE TABLE IF NOT EXISTS abc.schema_migration ("
+            " number integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        done = {row.number: row for row in conn.execute(
+            sa.text("SELECT number, name, checksum FROM abc.schema_migration"))}
+        for migration in migrations:
+            previous = done.get(migration.number)
+            if previous is not None:
+                if previous.checksum != migration.checksum:
+                    raise MigrationError(
+                        f"sql/{migration.name}.sql changed after it was applied; add a new "
+                        "migration instead of editing an applied one")
+                continue
+            conn.exec_driver_sql(migration.sql)
+            conn.execute(
+                sa.text("INSERT INTO abc.schema_migration (number, name, checksum) "
+                        "VALUES (:n, :name, :c)"),
+                {"n": migration.number, "name": migration.name, "c": migration.checksum},
+            )
+            applied_now.append(migration.name)
+    return applied_now
+
+
+def applied_migrations(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        exists = conn.execute(sa.text("SELECT to_regclass('abc.schema_migration')")).scalar()
+        if exists is None:
+            return []
+        return list(conn.execute(
+            sa.text("SELECT name FROM abc.schema_migration ORDER BY number")).scalars())
+
+
+def create_database(database_url: str) -> bool:
+    """Create the database named in the URL if missing (used by `db upgrade --create`)."""
+    url = make_url(database_url)
+    admin = make_engine(url.set(database="postgres").render_as_string(hide_password=False))
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"),
+                            {"d": url.database}).scalar():
+                return False
+            quoted = conn.dialect.identifier_preparer.quote(url.database)
+            conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+            return True
+    finally:
+        admin.dispose()
+
+
+def drop_database(database_url: str) -> None:
+    url = make_url(database_url)
+    admin = make_engine(url.set(database="postgres").render_as_string(hide_password=False))
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            quoted = conn.dialect.identifier_preparer.quote(url.database)
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        admin.dispose()

