@@ -63,7 +63,7 @@ class FixtureSpec:
     genes: int = 500
     clusters: int = 48
     regions: int = 3
-    umis_per_cell: int = 2500
+    umis_per_cell: int = 600
     qc_dropped_fraction: float = 0.02  # cells in a matrix that the metadata does not list
 
     @property
@@ -149,7 +149,7 @@ def make_genes(spec: FixtureSpec) -> Genes:
     identifiers = [f"ENSMUSG{n:011d}" for n in numbers]
     symbols = [WELL_KNOWN_GENES[i] if i < len(WELL_KNOWN_GENES) else f"Gm{10000 + i}"
                for i in range(spec.genes)]
-    weights = rng.lognormal(mean=0.0, sigma=1.6, size=spec.genes)
+    weights = rng.lognormal(mean=0.0, sigma=2.0, size=spec.genes)
     cdf = np.cumsum(weights / weights.sum())
     cdf[-1] = 1.0
     return Genes(identifiers, symbols, cdf)
