@@ -1,0 +1,450 @@
+"""Load a release's metadata CSVs (cells, genes, donors, libraries, taxonomy) into PostgreSQL.
+
+Each file is streamed into a staging table of its release with ``COPY ... FROM STDIN``: when
+every column of the header is one the schema types, the file's bytes go to the server
+untouched (PostgreSQL parses and types them, and names the line of a bad value); otherwise a
+streaming ``csv`` transform moves the unknown columns into ``extra`` (jsonb). Either way memory
+stays at one chunk whatever the file size. The staged release is then checked (row counts,
+duplicate keys, every foreign key, e.g. each cell's cluster in the taxonomy) with errors naming
+file and lines, and published with :func:`etl.publish.publish` in the same transaction: readers
+see the previous release state until the whole new one is there, a killed load leaves nothing
+behind, and loading a release again replaces its partitions instead of adding rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from etl import db
+from etl.publish import STAGING_SCHEMA, create_staging_table, index_staging_table, publish, staging_name
+
+log = logging.getLogger(__name__)
+
+# Publication order: the tables a foreign key references come before the ones referencing them.
+METADATA_TABLES = ["cluster_annotation_term_set", "cluster_annotation_term", "cluster", "cluster_membership",
+                   "gene", "donor", "library", "cell"]
+# Manifest tag (file stem) -> table.
+TABLE_OF_TAG = {
+    "cell_metadata": "cell",
+    "gene": "gene",
+    "donor": "donor",
+    "library": "library",
+    "cluster": "cluster",
+    "cluster_annotation_term_set": "cluster_annotation_term_set",
+    "cluster_annotation_term": "cluster_annotation_term",
+    "cluster_to_cluster_annotation_membership": "cluster_membership",
+}
+# Header names that differ from the column they fill.
+RENAMED_COLUMNS = {"cluster_annotation_term_set": {"order": "term_set_order"}}
+SKIPPED_TAGS = {
+    "cluster_to_cluster_annotation_membership_pivoted":
+        "derivable: abc.cluster_taxonomy pivots abc.cluster_membership",
+    "cluster_to_cluster_annotation_membership_color":
+        "derivable: abc.cluster_taxonomy carries each level's color_hex_triplet",
+}
+BOOKKEEPING_COLUMNS = ("release", "dataset", "extra")
+CHUNK_BYTES = 1 << 20
+TRANSFORM_ROWS = 10_000
+MAX_REPORTED = 10
+COPY_CONTEXT_RE = re.compile(r"line (\d+)(?:, column ([^:]+))?")
+
+
+class LoadError(RuntimeError):
+    """The release could not be loaded; the message names the file, lines and problem."""
+
+
+@dataclass(frozen=True)
+class MetadataFile:
+    relative_path: str
+    path: Path
+    dataset: str
+    tag: str
+    table: str | None
+    note: str | None = None
+
+
+@dataclass
+class FileLoad:
+    file: MetadataFile
+    rows: int = 0
+    unknown_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadReport:
+    release: str
+    published: bool = False
+    loaded: list[FileLoad] = field(default_factory=list)
+    ignored: list[MetadataFile] = field(default_factory=list)
+    table_rows: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"{f.file.relative_path} -> abc.{f.file.table}: {f.rows} rows"
+               + (f"; unknown columns kept in extra: {', '.join(f.unknown_columns)}" if f.unknown_columns else "")
+               for f in self.loaded]
+        out += [f"{f.relative_path}: not loaded ({f.note})" for f in self.ignored]
+        out += [f"abc.{t}: {n} rows in release {self.release}" for t, n in self.table_rows.items()]
+        out.append(f"release {self.release} " + ("published" if self.published else "staged in abc_staging"))
+        return out
+
+
+def classify(files: dict[str, Path]) -> list[MetadataFile]:
+    """Recognise each ``metadata/<dataset>/<version>/[<sub>/]<name>`` file by its stem."""
+    found = []
+    for relative_path, path in sorted(files.items()):
+        parts = PurePosixPath(relative_path).parts
+        if len(parts) < 4 or parts[0] != "metadata":
+            continue
+        name = PurePosixPath(relative_path)
+        dataset, tag = parts[1], name.stem
+        if name.suffix != ".csv":
+            found.append(MetadataFile(relative_path, path, dataset, tag, None, f"not a CSV ({name.suffix})"))
+        elif tag in SKIPPED_TAGS:
+            found.append(MetadataFile(relative_path, path, dataset, tag, None, SKIPPED_TAGS[tag]))
+        elif tag in TABLE_OF_TAG:
+            found.append(MetadataFile(relative_path, path, dataset, tag, TABLE_OF_TAG[tag]))
+        else:
+            found.append(MetadataFile(relative_path, path, dataset, tag, None, "no table for this file yet"))
+    return found
+
+
+def typed_columns(conn: psycopg.Connection, table: str) -> list[str]:
+    """The columns of ``abc.<table>`` a file can fill, from the catalog (the SQL is the one source)."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "ORDER BY attnum", (f"abc.{table}",)).fetchall()
+    return [name for (name,) in rows if name not in BOOKKEEPING_COLUMNS]
+
+
+def _read_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise LoadError(f"{path}: empty file, no CSV header")
+    return header
+
+
+def _copy_statement(target: sql.Identifier, columns: list[str]) -> sql.Composed:
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true, FREEZE true, FORCE_NULL ({}))").format(
+        target, names, names)
+
+
+def _raw_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _transformed_chunks(file: MetadataFile, keep: list[int], extra: list[tuple[int, str]]) -> Iterator[bytes]:
+    """The file with only the typed columns, plus a jsonb object of the others, chunk by chunk."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    with open(file.path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        writer.writerow(header)
+        for row in reader:
+            if len(row) != len(header):
+                raise LoadError(f"{file.relative_path}: line {reader.line_num}: {len(row)} fields, "
+                                f"the header has {len(header)}")
+            writer.writerow([row[i] for i in keep]
+                            + [json.dumps({name: row[i] or None for i, name in extra}, ensure_ascii=False)])
+            if reader.line_num % TRANSFORM_ROWS == 0:
+                yield buffer.getvalue().encode()
+                buffer.seek(0)
+                buffer.truncate()
+    yield buffer.getvalue().encode()
+
+
+def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known: list[str]) -> FileLoad:
+    header = _read_header(file.path)
+    renames = RENAMED_COLUMNS.get(file.table, {})
+    columns = [renames.get(name, name) for name in header]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise LoadError(f"{file.relative_path}: line 1: column(s) {', '.join(repeated)} appear more than once")
+    keep = [i for i, c in enumerate(columns) if c in known]
+    unknown = [(i, header[i]) for i, c in enumerate(columns) if c not in known]
+    target = sql.Identifier(STAGING_SCHEMA, staging_name(file.table, release))
+    conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN release SET DEFAULT {}, ALTER COLUMN dataset SET DEFAULT {}")
+                 .format(target, sql.Literal(release), sql.Literal(file.dataset)))
+    if unknown:
+        statement = _copy_statement(target, [columns[i] for i in keep] + ["extra"])
+        chunks = _transformed_chunks(file, keep, unknown)
+    else:
+        statement, chunks = _copy_statement(target, columns), _raw_chunks(file.path)
+    try:
+        with conn.cursor() as cursor:
+            with cursor.copy(statement) as copy:
+                for chunk in chunks:
+                    copy.write(chunk)
+            rows = cursor.rowcount
+    except psycopg.Error as exc:
+        raise LoadError(f"{file.relative_path}: {_describe_copy_error(exc)}") from None
+    if unknown:
+        log.warning("%s: columns not in abc.%s kept in extra: %s", file.relative_path, file.table,
+                    ", ".join(name for _, name in unknown))
+    return FileLoad(file, rows, [name for _, name in unknown])
+
+
+def _describe_copy_error(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    where = COPY_CONTEXT_RE.search(diag.context or "")
+    location = f"line {where.group(1)}" + (f", column {where.group(2)}" if where.group(2) else "") if where else ""
+    problem = diag.message_primary or str(exc)
+    return f"{location}: {problem}" if location else problem
+
+
+def find_lines(file: MetadataFile, columns: list[str], values: set[tuple[str, ...]],
+               limit: int = MAX_REPORTED) -> list[int]:
+    """Lines of ``file`` (1 = header) whose ``columns`` hold one of ``values``: for error messages."""
+    renames = {v: k for k, v in RENAMED_COLUMNS.get(file.table, {}).items()}
+    with open(file.path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        names = [renames.get(c, c) for c in columns]
+        if not set(names) <= set(header):
+            return []
+        indexes = [header.index(name) for name in names]
+        found = []
+        for row in reader:
+            if len(row) == len(header) and tuple(row[i].strip() for i in indexes) in values:
+                found.append(reader.line_num)
+                if len(found) >= limit:
+                    break
+    return found
+
+
+def _locate(files: list[MetadataFile], columns: list[str], values: set[tuple[str, ...]]) -> str:
+    places = []
+    for file in files:
+        lines = find_lines(file, columns, values)
+        if lines:
+            places.append(f"{file.relative_path} line(s) {', '.join(map(str, lines))}")
+    return "; ".join(places) or "(rows not found again in the files)"
+
+
+def _text_tuples(conn: psycopg.Connection, query: sql.Composable) -> set[tuple[str, ...]]:
+    return {tuple(row) for row in conn.execute(query).fetchall()}
+
+
+def _describe_values(columns: list[str], values: set[tuple[str, ...]]) -> str:
+    return ", ".join(f"({', '.join(columns)})=({', '.join(v)})" for v in sorted(values))
+
+
+def _staged(table: str, release: str) -> sql.Identifier:
+    return sql.Identifier(STAGING_SCHEMA, staging_name(table, release))
+
+
+def _key_columns(conn: psycopg.Connection, table: str) -> list[str]:
+    row = conn.execute(
+        "SELECT array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i) "
+        "JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i) "
+        "FROM pg_constraint k WHERE k.conrelid = %s::regclass AND k.contype = 'p'", (f"abc.{table}",)).fetchone()
+    return [c for c in row[0] if c != "release"]
+
+
+def _index_or_report_duplicates(conn: psycopg.Connection, table: str, release: str,
+                                files: list[MetadataFile]) -> None:
+    """Build keys and indexes; on a duplicate key, name the files and lines holding it."""
+    try:
+        with conn.transaction():
+            index_staging_table(conn, table, release)
+    except psycopg.errors.UniqueViolation:
+        key = [c for c in _key_columns(conn, table) if c != "dataset"]
+        names = sql.SQL(", ").join(map(sql.Identifier, key))
+        values = _text_tuples(conn, sql.SQL(
+            "SELECT {} FROM {} GROUP BY {} HAVING count(*) > 1 ORDER BY 1 LIMIT {}").format(
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in key),
+            _staged(table, release), names, sql.Literal(MAX_REPORTED)))
+        raise LoadError(f"abc.{table}: duplicate key {_describe_values(key, values)} at "
+                        f"{_locate(files, key, values)}") from None
+
+
+def _foreign_keys(conn: psycopg.Connection, table: str) -> list[tuple[str, list[str], list[str]]]:
+    rows = conn.execute(
+        "SELECT k.confrelid::regclass::text, "
+        "array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i) JOIN pg_attribute a "
+        "      ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i), "
+        "array(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i) JOIN pg_attribute a "
+        "      ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.i) "
+        "FROM pg_constraint k WHERE k.conrelid = %s::regclass AND k.contype = 'f' ORDER BY k.conname",
+        (f"abc.{table}",)).fetchall()
+    return [(ref.removeprefix("abc."), cols, ref_cols) for ref, cols, ref_cols in rows]
+
+
+def _check_references(conn: psycopg.Connection, table: str, release: str,
+                      files: dict[str, list[MetadataFile]]) -> None:
+    """Every foreign key of ``abc.<table>`` holds within the staged release (e.g. cell -> cluster)."""
+    for ref, columns, ref_columns in _foreign_keys(conn, table):
+        if ref not in METADATA_TABLES:
+            continue
+        shown = [c for c in columns if c != "release"]
+        match = sql.SQL(" AND ").join(
+            sql.SQL("r.{} = s.{}").format(sql.Identifier(rc), sql.Identifier(c))
+            for c, rc in zip(columns, ref_columns, strict=True))
+        present = sql.SQL(" AND ").join(sql.SQL("s.{} IS NOT NULL").format(sql.Identifier(c)) for c in columns)
+        missing = _text_tuples(conn, sql.SQL(
+            "SELECT DISTINCT {} FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {}) "
+            "ORDER BY 1 LIMIT {}").format(
+            sql.SQL(", ").join(sql.SQL("s.{}::text").format(sql.Identifier(c)) for c in shown),
+            _staged(table, release), present, _staged(ref, release), match, sql.Literal(MAX_REPORTED)))
+        if missing:
+            raise LoadError(
+                f"abc.{table}: {_describe_values(shown, missing)} not in abc.{ref} of release {release}, at "
+                f"{_locate(files.get(table, []), shown, missing)}")
+
+
+def _check_counts(conn: psycopg.Connection, table: str, release: str, loads: list[FileLoad]) -> int:
+    """The staged rows of each dataset loaded now are exactly the rows of its files."""
+    expected: dict[str, int] = defaultdict(int)
+    for load in loads:
+        expected[load.file.dataset] += load.rows
+    counted = dict(conn.execute(sql.SQL("SELECT dataset, count(*) FROM {} GROUP BY dataset").format(
+        _staged(table, release))).fetchall())
+    for dataset, rows in expected.items():
+        if counted.get(dataset, 0) != rows:
+            paths = ", ".join(x.file.relative_path for x in loads if x.file.dataset == dataset)
+            raise LoadError(f"abc.{table}: {counted.get(dataset, 0)} rows staged for {dataset}, "
+                            f"but {paths} hold {rows}")
+    return sum(counted.values())
+
+
+def _release_status(conn: psycopg.Connection, release: str) -> str:
+    row = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
+    if row is None:
+        raise LoadError(f"release {release} is not recorded in abc.release; run `abc-mirror discover` first")
+    return row[0]
+
+
+def _mark_failed(database_url: str, release: str, error: str) -> None:
+    """Record the failure; a release that is already published stays published (its old state is intact)."""
+    with db.copy_connection(database_url) as conn:
+        conn.execute("UPDATE abc.release SET last_error = %s, "
+                     "status = CASE WHEN status = 'published' THEN status ELSE 'failed' END "
+                     "WHERE version = %s", (error, release))
+
+
+def _record_files(conn: psycopg.Connection, release: str, report: LoadReport) -> None:
+    conn.execute("DELETE FROM abc.metadata_file WHERE release = %s", (release,))
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO abc.metadata_file (release, relative_path, dataset, table_name, row_count, "
+            "unknown_columns, note) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [(release, x.file.relative_path, x.file.dataset, x.file.table, x.rows, x.unknown_columns, None)
+             for x in report.loaded]
+            + [(release, f.relative_path, f.dataset, None, None, [], f.note) for f in report.ignored])
+
+
+def load_release_metadata(
+    database_url: str,
+    release: str,
+    files: dict[str, Path],
+    datasets: list[str] | None = None,
+    publish_now: bool = True,
+) -> LoadReport:
+    """Load the metadata ``files`` (relative path in the bucket -> local verified copy) of ``release``.
+
+    With ``datasets``, only those datasets' files are read; the other datasets' rows of the
+    release already published are carried over, so the release is always published whole.
+    With ``publish_now`` False the release stays in ``abc_staging`` (status 'loaded') for a
+    later stage to publish together with its own tables.
+    """
+    classified = [f for f in classify(files) if not datasets or f.dataset in datasets]
+    report = LoadReport(release, ignored=[f for f in classified if f.table is None])
+    to_load = [f for f in classified if f.table is not None]
+    if not to_load:
+        raise LoadError(f"release {release}: no metadata file to load among {len(files)} given")
+    by_table: dict[str, list[MetadataFile]] = defaultdict(list)
+    for f in to_load:
+        by_table[f.table].append(f)
+
+    with db.copy_connection(database_url) as conn:
+        if _release_status(conn, release) != "published":
+            conn.execute("UPDATE abc.release SET status = 'loading', last_error = NULL WHERE version = %s", (release,))
+        conn.commit()
+        try:
+            _stage_and_publish(conn, release, datasets, by_table, report, publish_now)
+        except (LoadError, psycopg.Error) as exc:
+            conn.rollback()
+            _mark_failed(database_url, release, str(exc))
+            raise
+    for line in report.lines():
+        log.info("%s", line)
+    return report
+
+
+def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[str] | None,
+                       by_table: dict[str, list[MetadataFile]], report: LoadReport, publish_now: bool) -> None:
+    """One transaction: stage every table, check, then publish (or commit the staged release)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('abc-mirror load ' || %s))", (release,))
+    conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
+    loads: dict[str, list[FileLoad]] = defaultdict(list)
+    for table in METADATA_TABLES:
+        target = create_staging_table(conn, table, release)
+        known = typed_columns(conn, table)
+        for file in by_table.get(table, []):
+            loads[table].append(_copy_file(conn, release, file, known))
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN release DROP DEFAULT, ALTER COLUMN dataset DROP DEFAULT")
+                     .format(target))
+        if datasets:
+            conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
+                target, sql.Identifier("abc", table)), (release, datasets))
+        report.table_rows[table] = _check_counts(conn, table, release, loads[table])
+        _index_or_report_duplicates(conn, table, release, by_table.get(table, []))
+        conn.execute(sql.SQL("ANALYZE {}").format(target))
+    for table in METADATA_TABLES:
+        _check_references(conn, table, release, by_table)
+    report.loaded = [x for table in METADATA_TABLES for x in loads[table]]
+    _record_files(conn, release, report)
+    if publish_now:
+        publish(conn, release, METADATA_TABLES)
+        conn.execute("UPDATE abc.release SET status = 'published', loaded_at = now(), published_at = now(), "
+                     "last_error = NULL WHERE version = %s", (release,))
+    else:
+        conn.execute("UPDATE abc.release SET loaded_at = now(), last_error = NULL, "
+                     "status = CASE WHEN status = 'published' THEN status ELSE 'loaded' END WHERE version = %s",
+                     (release,))
+    conn.commit()
+    report.published = publish_now
+
+
+def publish_staged_metadata(conn: psycopg.Connection, release: str) -> None:
+    """Publish a release staged with ``publish_now=False``; call inside ``conn.transaction()``."""
+    publish(conn, release, METADATA_TABLES)
+    conn.execute("UPDATE abc.release SET status = 'published', published_at = now(), last_error = NULL "
+                 "WHERE version = %s", (release,))
+
+
+def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd.DataFrame:
+    """Cells of one dataset of a release with their cluster, region and matrix, staged or published.
+
+    The staged table is read when there is one (a load not yet published), else the partition.
+    """
+    staged = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{staging_name('cell', release)}",)).fetchone()
+    source = _staged("cell", release) if staged[0] is not None else sql.Identifier("abc", "cell")
+    query = sql.SQL(
+        "COPY (SELECT cell_label, cluster_alias, region_of_interest_acronym, feature_matrix_label FROM {} "
+        "WHERE release = {} AND dataset = {} ORDER BY cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
+        source, sql.Literal(release), sql.Literal(dataset))
+    buffer = io.BytesIO()
+    with conn.cursor().copy(query) as copy:
+        for data in copy:
+            buffer.write(data)
+    buffer.seek(0)
+    return pd.read_csv(buffer, dtype={"cell_label": str, "cluster_alias": "Int64",
+                                      "region_of_interest_acronym": str, "feature_matrix_label": str},
+                       keep_default_na=False, na_values=[""])

@@ -1,0 +1,252 @@
+"""Metadata load into PostgreSQL on generated releases: counts, reloads, atomic publication, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+import pytest
+
+from etl import db, source
+from etl.discovery import discover
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
+from etl.load import LoadError, cell_assignments, load_release_metadata, publish_staged_metadata
+from tests.conftest import REPO
+
+CSV_OF_TABLE = {"cell": "cell_metadata", "gene": "gene", "donor": "donor", "library": "library",
+                "cluster": "cluster", "cluster_annotation_term_set": "cluster_annotation_term_set",
+                "cluster_annotation_term": "cluster_annotation_term",
+                "cluster_membership": "cluster_to_cluster_annotation_membership"}
+
+
+def metadata_files(generated_bucket, release: str, root: Path | None = None) -> dict[str, Path]:
+    """The release's metadata files, from its manifest, at their place in the bucket (or a copy of it)."""
+    base = root or generated_bucket.bucket_dir
+    return {rel: base / rel for rel in generated_bucket.files[release] if rel.startswith("metadata/")}
+
+
+def copied_files(generated_bucket, release: str, tmp_path: Path) -> dict[str, Path]:
+    """A private copy of the release's metadata, for tests that damage or extend a file."""
+    files = metadata_files(generated_bucket, release, tmp_path)
+    for rel, path in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(generated_bucket.bucket_dir / rel, path)
+    return files
+
+
+def expected_rows(files: dict[str, Path]) -> dict[str, int]:
+    counts = dict.fromkeys(CSV_OF_TABLE, 0)
+    for table, stem in CSV_OF_TABLE.items():
+        for path in files.values():
+            if path.name == f"{stem}.csv":
+                counts[table] += len(pd.read_csv(path))
+    return counts
+
+
+@pytest.fixture
+def discovered(settings, engine):
+    """Releases recorded in abc.release through discovery against the rclone-served bucket."""
+    discover(source.make_client(settings), settings, engine)
+    return settings.database_url
+
+
+@pytest.fixture
+def conn(discovered):
+    with db.copy_connection(discovered) as connection:
+        connection.autocommit = True
+        yield connection
+
+
+def counts(conn: psycopg.Connection, release: str) -> dict[str, int]:
+    return {t: conn.execute(f"SELECT count(*) FROM abc.{t} WHERE release = %s", (release,)).fetchone()[0]
+            for t in CSV_OF_TABLE}
+
+
+def current(conn: psycopg.Connection) -> str | None:
+    row = conn.execute("SELECT release FROM abc.current_release").fetchone()
+    return row and row[0]
+
+
+def fingerprint(conn: psycopg.Connection, release: str) -> str:
+    return conn.execute("SELECT md5(string_agg(c::text, '|' ORDER BY c.cell_label)) FROM abc.cell c "
+                        "WHERE release = %s", (release,)).fetchone()[0]
+
+
+def test_release_loads_every_table_with_exact_counts(generated_bucket, discovered, conn):
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    report = load_release_metadata(discovered, OLD_RELEASE, files)
+
+    assert counts(conn, OLD_RELEASE) == expected_rows(files)
+    assert report.published and current(conn) == OLD_RELEASE
+    status, error, published_at = conn.execute(
+        "SELECT status, last_error, published_at FROM abc.release WHERE version = %s", (OLD_RELEASE,)).fetchone()
+    assert (status, error) == ("published", None) and published_at is not None
+    datasets = dict(conn.execute("SELECT dataset, count(*) FROM abc.cell GROUP BY dataset").fetchall())
+    frame = {d: pd.read_csv(generated_bucket.bucket_dir / f"metadata/{d}/{OLD_RELEASE}/cell_metadata.csv")
+             for d in (MACOSKO, CONSENSUS_WMB)}
+    assert datasets == {d: len(f) for d, f in frame.items()}
+    # Typed values round-trip: the cell's cluster, coordinates and counts are those of the file.
+    first = frame[MACOSKO].iloc[0]
+    row = conn.execute("SELECT cluster_alias, x, umi_count, extra FROM abc.cell WHERE cell_label = %s",
+                       (first.cell_label,)).fetchone()
+    assert row == (first.cluster_alias, pytest.approx(first.x), first.umi_count, None)
+    # Derivable and unknown files are reported, not loaded.
+    skipped = {f.tag: f.note for f in report.ignored}
+    assert "derivable" in skipped["cluster_to_cluster_annotation_membership_pivoted"]
+    recorded = conn.execute("SELECT count(*) FROM abc.metadata_file WHERE release = %s AND table_name IS NULL",
+                            (OLD_RELEASE,)).fetchone()[0]
+    assert recorded == len(report.ignored) > 0
+    assert conn.execute("SELECT count(*) FROM abc.cluster WHERE dataset = %s", (TAXONOMY,)).fetchone()[0] > 0
+
+
+def test_reload_is_a_no_op_in_effect(generated_bucket, discovered, conn):
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    load_release_metadata(discovered, OLD_RELEASE, files)
+    before, print_before = counts(conn, OLD_RELEASE), fingerprint(conn, OLD_RELEASE)
+    load_release_metadata(discovered, OLD_RELEASE, files)
+    assert counts(conn, OLD_RELEASE) == before
+    assert fingerprint(conn, OLD_RELEASE) == print_before
+    partitions = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'abc.cell'::regclass").fetchone()[0]
+    assert partitions == 1
+
+
+def test_newer_release_loads_beside_the_old_and_current_switches(generated_bucket, discovered, conn):
+    load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
+    old_counts, old_print = counts(conn, OLD_RELEASE), fingerprint(conn, OLD_RELEASE)
+    assert current(conn) == OLD_RELEASE
+
+    new_files = metadata_files(generated_bucket, NEW_RELEASE)
+    load_release_metadata(discovered, NEW_RELEASE, new_files)
+    assert current(conn) == NEW_RELEASE
+    assert counts(conn, NEW_RELEASE) == expected_rows(new_files)
+    assert counts(conn, OLD_RELEASE) == old_counts and fingerprint(conn, OLD_RELEASE) == old_print
+    changes = generated_bucket.changes[CONSENSUS_WMB]
+    moved = changes.reassigned[0]
+    old, new = (conn.execute("SELECT cluster_alias FROM abc.cell WHERE release = %s AND cell_label = %s",
+                             (r, moved)).fetchone()[0] for r in (OLD_RELEASE, NEW_RELEASE))
+    assert old != new
+    gone = conn.execute("SELECT count(*) FROM abc.cell WHERE release = %s AND cell_label = ANY(%s)",
+                        (NEW_RELEASE, changes.removed)).fetchone()[0]
+    assert gone == 0
+
+
+def test_unknown_column_is_kept_in_extra_and_reported(generated_bucket, discovered, conn, tmp_path):
+    files = copied_files(generated_bucket, OLD_RELEASE, tmp_path)
+    path = files[f"metadata/{MACOSKO}/{OLD_RELEASE}/cell_metadata.csv"]
+    frame = pd.read_csv(path, keep_default_na=False)
+    frame.insert(3, "population_sampling, new", [f"p{i % 3}" for i in range(len(frame))])
+    frame = frame[list(reversed(frame.columns))]  # columns in any order
+    frame.to_csv(path, index=False)
+
+    report = load_release_metadata(discovered, OLD_RELEASE, files)
+    (cells,) = [x for x in report.loaded if x.file.relative_path.endswith(f"{MACOSKO}/{OLD_RELEASE}/cell_metadata.csv")]
+    assert cells.unknown_columns == ["population_sampling, new"] and cells.rows == len(frame)
+    kept = dict(conn.execute("SELECT cell_label, extra->>'population_sampling, new' FROM abc.cell "
+                             "WHERE dataset = %s", (MACOSKO,)).fetchall())
+    assert kept == dict(zip(frame.cell_label, frame["population_sampling, new"], strict=True))
+    typed = conn.execute("SELECT cluster_alias FROM abc.cell WHERE cell_label = %s",
+                         (frame.cell_label.iloc[5],)).fetchone()[0]
+    assert typed == frame.cluster_alias.iloc[5]
+    recorded = conn.execute("SELECT unknown_columns FROM abc.metadata_file WHERE relative_path = %s",
+                            (cells.file.relative_path,)).fetchone()[0]
+    assert recorded == ["population_sampling, new"]
+
+
+def _damage(path: Path, line: int, column: str, value: str) -> None:
+    """Set one field of a CSV; ``line`` counts the header as line 1."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[line - 2, column] = value
+    frame.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize(("column", "value", "expected"), [
+    ("cluster_alias", "twelve", r"cell_metadata.csv: line 7, column cluster_alias: invalid input syntax for type int"),
+    ("cell_label", "", r"cell_metadata.csv: line 7: null value in column \"cell_label\""),
+    ("cluster_alias", "999999", r"\(cluster_alias\)=\(999999\) not in abc.cluster .*/cell_metadata.csv line\(s\) 7$"),
+    ("cell_label", "DUPLICATE", r"duplicate key \(cell_label\)=\(DUPLICATE\) at .*cell_metadata.csv line\(s\) 7"),
+])
+def test_bad_row_fails_with_file_and_line_and_publishes_nothing(generated_bucket, discovered, conn, tmp_path,
+                                                                column, value, expected):
+    load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
+    published = fingerprint(conn, OLD_RELEASE)
+    files = copied_files(generated_bucket, NEW_RELEASE, tmp_path)
+    path = files[f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/cell_metadata.csv"]
+    _damage(path, 7, column, value)
+    if value == "DUPLICATE":
+        _damage(path, 9, column, value)
+
+    with pytest.raises(LoadError, match=expected):
+        load_release_metadata(discovered, NEW_RELEASE, files)
+    assert current(conn) == OLD_RELEASE and fingerprint(conn, OLD_RELEASE) == published
+    assert counts(conn, NEW_RELEASE) == dict.fromkeys(CSV_OF_TABLE, 0)
+    status, error = conn.execute("SELECT status, last_error FROM abc.release WHERE version = %s",
+                                 (NEW_RELEASE,)).fetchone()
+    assert status == "failed" and "cell_metadata.csv" in error
+    staged = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'").fetchone()[0]
+    assert staged == 0
+
+
+def test_killed_load_leaves_nothing_and_rerun_publishes_once(generated_bucket, discovered, conn):
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    script = ("import json, sys; from pathlib import Path; from etl.load import load_release_metadata; "
+              "files = {k: Path(v) for k, v in json.loads(sys.argv[3]).items()}; "
+              "load_release_metadata(sys.argv[1], sys.argv[2], files)")
+    with db.copy_connection(discovered) as blocker:
+        # Hold abc.cell: the load stages the taxonomy, genes, donors and libraries, then waits here.
+        blocker.execute("LOCK TABLE abc.cell IN ACCESS EXCLUSIVE MODE")
+        loader = subprocess.Popen([sys.executable, "-c", script, discovered, OLD_RELEASE,
+                                   json.dumps({k: str(v) for k, v in files.items()})], cwd=REPO)
+        deadline = time.monotonic() + 60
+        while not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock' AND query LIKE 'CREATE TABLE%%'").fetchone()[0]:
+            assert loader.poll() is None and time.monotonic() < deadline, "the load never reached abc.cell"
+            time.sleep(0.1)
+        os.kill(loader.pid, signal.SIGKILL)
+        loader.wait()
+        blocker.rollback()
+    assert counts(conn, OLD_RELEASE) == dict.fromkeys(CSV_OF_TABLE, 0)
+    assert current(conn) is None
+
+    load_release_metadata(discovered, OLD_RELEASE, files)
+    assert counts(conn, OLD_RELEASE) == expected_rows(files)
+    assert current(conn) == OLD_RELEASE
+
+
+def test_staged_release_is_readable_before_publication(generated_bucket, discovered, conn):
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    report = load_release_metadata(discovered, OLD_RELEASE, files, publish_now=False)
+    assert not report.published and current(conn) is None
+    frame = pd.read_csv(files[f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/cell_metadata.csv"])
+    staged = cell_assignments(conn, OLD_RELEASE, CONSENSUS_WMB)
+    assert list(staged.columns) == ["cell_label", "cluster_alias", "region_of_interest_acronym",
+                                    "feature_matrix_label"]
+    assert staged.cell_label.tolist() == sorted(frame.cell_label)
+    assert counts(conn, OLD_RELEASE)["cell"] == 0
+
+    with conn.transaction():
+        publish_staged_metadata(conn, OLD_RELEASE)
+    assert current(conn) == OLD_RELEASE
+    pd.testing.assert_frame_equal(cell_assignments(conn, OLD_RELEASE, CONSENSUS_WMB), staged)
+
+
+def test_loading_one_dataset_keeps_the_others(generated_bucket, discovered, conn, tmp_path):
+    load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
+    before = counts(conn, OLD_RELEASE)
+    macosko_before = conn.execute("SELECT count(*) FROM abc.cell WHERE dataset = %s", (MACOSKO,)).fetchone()[0]
+    files = copied_files(generated_bucket, OLD_RELEASE, tmp_path)
+    path = files[f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/cell_metadata.csv"]
+    frame = pd.read_csv(path, keep_default_na=False)
+    frame.iloc[:-5].to_csv(path, index=False)
+
+    load_release_metadata(discovered, OLD_RELEASE, files, datasets=[CONSENSUS_WMB])
+    after = counts(conn, OLD_RELEASE)
+    assert after == {**before, "cell": before["cell"] - 5}
+    assert conn.execute("SELECT count(*) FROM abc.cell WHERE dataset = %s", (MACOSKO,)).fetchone()[0] == macosko_before
