@@ -250,3 +250,47 @@ def test_loading_one_dataset_keeps_the_others(generated_bucket, discovered, conn
     after = counts(conn, OLD_RELEASE)
     assert after == {**before, "cell": before["cell"] - 5}
     assert conn.execute("SELECT count(*) FROM abc.cell WHERE dataset = %s", (MACOSKO,)).fetchone()[0] == macosko_before
+
+
+# The example queries of docs/schema.md.
+CELLS_PER_CLASS = """SELECT dataset, class_name, count(*) AS cells FROM abc.current_cell_annotated
+                     GROUP BY dataset, class_name ORDER BY dataset, class_name"""
+CLUSTERS_IN_BOTH = """SELECT cluster_alias FROM abc.current_cell GROUP BY cluster_alias
+                      HAVING count(DISTINCT dataset) = 2 ORDER BY cluster_alias"""
+CELLS_OF_A_REGION = """SELECT cell_label, subclass_name FROM abc.current_cell_annotated
+                       WHERE region_of_interest_acronym = %s"""
+
+
+def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    load_release_metadata(discovered, OLD_RELEASE, files)
+    cells = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "cell_metadata.csv"])
+    membership = pd.read_csv(next(p for p in files.values() if p.name.endswith("membership_pivoted.csv")))
+    expected = (cells.merge(membership, on="cluster_alias").groupby(["dataset_label", "class"]).size())
+    per_class = {(d, c): n for d, c, n in conn.execute(CELLS_PER_CLASS).fetchall()}
+    assert per_class == expected.to_dict()
+    both = [a for (a,) in conn.execute(CLUSTERS_IN_BOTH).fetchall()]
+    assert both == sorted(set(cells[cells.dataset_label == MACOSKO].cluster_alias)
+                          & set(cells[cells.dataset_label == CONSENSUS_WMB].cluster_alias))
+    region = cells.region_of_interest_acronym.iloc[0]
+    in_region = conn.execute(CELLS_OF_A_REGION, (region,)).fetchall()
+    assert len(in_region) == (cells.region_of_interest_acronym == region).sum()
+    annotated = conn.execute("SELECT count(*), count(class_name), count(donor_sex), count(library_method) "
+                             "FROM abc.cell_annotated").fetchone()
+    assert annotated == (len(cells),) * 4
+
+    with conn.transaction():
+        conn.execute("SET LOCAL ROLE abc_reader")
+        assert conn.execute("SELECT count(*) FROM abc.current_cell_annotated").fetchone()[0] == len(cells)
+        assert conn.execute("SELECT release FROM abc.current_release").fetchone()[0] == OLD_RELEASE
+    for statement in ("SELECT count(*) FROM abc.cell",
+                      "SELECT count(*) FROM abc.release",
+                      "INSERT INTO abc.current_cluster (release, dataset, cluster_alias) VALUES ('20251031', 'x', -1)",
+                      "UPDATE abc.current_cell SET cluster_alias = 1",
+                      "DELETE FROM abc.current_gene",
+                      "CREATE TABLE abc.scratch (i integer)",
+                      "CREATE TABLE public.scratch (i integer)",
+                      "CREATE VIEW abc.scratch AS SELECT 1"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("SET LOCAL ROLE abc_reader")
+            conn.execute(statement)
