@@ -1,0 +1,692 @@
+"""Expression aggregated over groups of cells, streamed out of core from the release's h5ad files.
+
+Per metadata dataset, grouping, group and gene we keep four additive statistics of the log2
+expression: cells in the group, cells with non-zero expression, sum and sum of squares. Mean,
+variance and fraction expressing follow from them, and because they are additive a file's
+result merges with the other files' by summing, and coarser groupings roll up from finer ones.
+
+Two groupings are accumulated from the matrices (the *base* groupings): ``cluster`` and
+``region_subclass``; ``supertype``, ``subclass`` and ``class`` are rolled up from ``cluster``.
+
+Memory is bounded by the output, never by the input. A file is read twice in row chunks with
+h5py (the next chunk is read while numba kernels digest the current one, without the GIL):
+
+1. the first pass reads only column indices and sets one bit per (group, gene) pair present
+   in a bitmap (groups x genes / 8 bytes: 27 MB for 6,756 clusters x 32,000 genes);
+2. the bitmap's prefix popcounts give every present pair a fixed slot, so the second pass adds
+   each non-zero value into flat arrays in place, 20 bytes per present pair (int32 count,
+   float64 sum, float64 sum of squares), with no re-allocation or merging.
+
+Peak memory of :func:`aggregate_file` is therefore about
+``20 B x present (group, gene) pairs of the base groupings + 2 x 12 B x non-zeros of one chunk
++ groups x genes / 4 B`` plus the interpreter; ``chunk_cells`` trades the middle term for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numba
+import numpy as np
+import pandas as pd
+import psycopg
+import scipy.sparse as sp
+from psycopg import sql
+
+from etl.publish import create_staging_table, index_staging_table, publish
+
+log = logging.getLogger(__name__)
+
+TAXONOMY_LEVELS = ("cluster", "supertype", "subclass", "class")
+REGION_SUBCLASS = "region_subclass"
+GROUPINGS = (*TAXONOMY_LEVELS, REGION_SUBCLASS)
+DEFAULT_CHUNK_CELLS = 10_000
+TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
+          "expression_file"]
+NORMALIZATIONS = ("log2", "raw")
+_ONE = np.uint64(1)
+
+
+class AggregationError(ValueError):
+    """Input that cannot be aggregated; the message names the file and the problem."""
+
+
+# --- numba kernels: bitmap of present (group, gene) pairs, slots by rank --------------------------
+
+@numba.njit(inline="always")
+def _popcount(x: np.uint64) -> np.int64:
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark(bitmap, row_group, indptr, indices):
+    for row in range(row_group.shape[0]):
+        group = row_group[row]
+        if group < 0:
+            continue
+        for k in range(indptr[row], indptr[row + 1]):
+            gene = indices[k]
+            bitmap[group, gene >> 6] |= _ONE << np.uint64(gene & 63)
+
+
+@numba.njit(cache=True)
+def _rank(bitmap):
+    n_groups, n_words = bitmap.shape
+    offsets = np.empty((n_groups, n_words), np.int64)
+    indptr = np.empty(n_groups + 1, np.int64)
+    total = 0
+    for group in range(n_groups):
+        indptr[group] = total
+        for word in range(n_words):
+            offsets[group, word] = total
+            total += _popcount(bitmap[group, word])
+    indptr[n_groups] = total
+    return offsets, indptr
+
+
+@numba.njit(inline="always")
+def _slot(bitmap, offsets, group, gene):
+    word = gene >> 6
+    below = (_ONE << np.uint64(gene & 63)) - _ONE
+    return offsets[group, word] + _popcount(bitmap[group, word] & below)
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_values(bitmap, offsets, row_group, indptr, indices, data, n_nonzero, total, total_sq):
+    for row in range(row_group.shape[0]):
+        group = row_group[row]
+        if group < 0:
+            continue
+        for k in range(indptr[row], indptr[row + 1]):
+            value = np.float64(data[k])
+            if value == 0.0:
+                continue
+            slot = _slot(bitmap, offsets, group, indices[k])
+            n_nonzero[slot] += 1
+            total[slot] += value
+            total_sq[slot] += value * value
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_stats(bitmap, offsets, row_group, indptr, indices, src_nonzero, src_sum, src_sum_sq,
+               n_nonzero, total, total_sq):
+    for row in range(row_group.shape[0]):
+        group = row_group[row]
+        if group < 0:
+            continue
+        for k in range(indptr[row], indptr[row + 1]):
+            slot = _slot(bitmap, offsets, group, indices[k])
+            n_nonzero[slot] += src_nonzero[k]
+            total[slot] += src_sum[k]
+            total_sq[slot] += src_sum_sq[k]
+
+
+@numba.njit(cache=True)
+def _genes_of_bitmap(bitmap, n_pairs):
+    out = np.empty(n_pairs, np.int32)
+    position = 0
+    for group in range(bitmap.shape[0]):
+        for word in range(bitmap.shape[1]):
+            bits = bitmap[group, word]
+            while bits:
+                lowest = bits & (~bits + _ONE)
+                out[position] = word * 64 + _popcount(lowest - _ONE)
+                position += 1
+                bits ^= lowest
+    return out
+
+
+@numba.njit(cache=True)
+def _drop_empty(indptr, indices, n_nonzero, total, total_sq):
+    """Remove pairs whose values were all explicit zeros, in place; return the new indptr."""
+    new_indptr = np.empty_like(indptr)
+    position = 0
+    for group in range(indptr.shape[0] - 1):
+        new_indptr[group] = position
+        for k in range(indptr[group], indptr[group + 1]):
+            if n_nonzero[k] > 0:
+                indices[position] = indices[k]
+                n_nonzero[position] = n_nonzero[k]
+                total[position] = total[k]
+                total_sq[position] = total_sq[k]
+                position += 1
+    new_indptr[indptr.shape[0] - 1] = position
+    return new_indptr
+
+
+# --- statistics of one grouping ----------------------------------------------------------------
+
+@dataclass
+class GroupStats:
+    """Additive statistics of one grouping, groups x genes, in CSR layout (no zero entries)."""
+
+    grouping: str
+    groups: pd.DataFrame  # group_label, region_of_interest_acronym ('' unless region_subclass), n_cells
+    genes: pd.DataFrame  # gene_identifier, gene_symbol
+    indptr: np.ndarray
+    indices: np.ndarray
+    n_nonzero: np.ndarray
+    sum: np.ndarray
+    sum_sq: np.ndarray
+
+    def matrix(self, statistic: str) -> sp.csr_matrix:
+        """One statistic as a groups x genes sparse matrix."""
+        return sp.csr_matrix((getattr(self, statistic), self.indices, self.indptr),
+                             shape=(len(self.groups), len(self.genes)))
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.indptr[-1])
+
+
+class _Accumulator:
+    """Two-pass accumulation of group x gene statistics: mark all pairs, then add values in place."""
+
+    def __init__(self, n_groups: int, n_genes: int) -> None:
+        self.bitmap = np.zeros((n_groups, (n_genes + 63) // 64), dtype=np.uint64)
+        self.n_genes = n_genes
+
+    def mark(self, row_group: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> None:
+        _mark(self.bitmap, row_group, indptr, indices)
+
+    def allocate(self) -> None:
+        self.offsets, self.indptr = _rank(self.bitmap)
+        n_pairs = int(self.indptr[-1])
+        self.n_nonzero = np.zeros(n_pairs, np.int32)
+        self.sum = np.zeros(n_pairs, np.float64)
+        self.sum_sq = np.zeros(n_pairs, np.float64)
+
+    def add_values(self, row_group, indptr, indices, data) -> None:
+        _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data,
+                    self.n_nonzero, self.sum, self.sum_sq)
+
+    def add_stats(self, row_group: np.ndarray, stats: GroupStats, indices: np.ndarray) -> None:
+        _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.n_nonzero,
+                   stats.sum, stats.sum_sq, self.n_nonzero, self.sum, self.sum_sq)
+
+    def finish(self, grouping: str, groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
+        indices = _genes_of_bitmap(self.bitmap, int(self.indptr[-1]))
+        indptr = self.indptr
+        if (self.n_nonzero == 0).any():
+            indptr = _drop_empty(indptr, indices, self.n_nonzero, self.sum, self.sum_sq)
+        n = int(indptr[-1])
+        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n],
+                           self.n_nonzero[:n], self.sum[:n], self.sum_sq[:n])
+        del self.bitmap, self.offsets
+        return stats
+
+
+# --- inputs: taxonomy, assignments, h5ad -------------------------------------------------------
+
+class Taxonomy:
+    """Cluster membership of the taxonomy, as labels and names per level, indexed by cluster_alias."""
+
+    def __init__(self, membership: pd.DataFrame) -> None:
+        needed = {"cluster_alias", "cluster_annotation_term_set_name", "cluster_annotation_term_label",
+                  "cluster_annotation_term_name"}
+        missing = needed - set(membership.columns)
+        if missing:
+            raise AggregationError(f"taxonomy membership lacks columns {sorted(missing)}")
+        levels = set(membership["cluster_annotation_term_set_name"])
+        if not set(TAXONOMY_LEVELS) <= levels:
+            raise AggregationError(f"taxonomy has term sets {sorted(levels)}, needs {list(TAXONOMY_LEVELS)}")
+        frame = membership.assign(cluster_alias=membership["cluster_alias"].astype(str))
+        self.labels = frame.pivot(index="cluster_alias", columns="cluster_annotation_term_set_name",
+                                  values="cluster_annotation_term_label")
+        self.names = dict(zip(frame["cluster_annotation_term_label"], frame["cluster_annotation_term_name"],
+                              strict=True))
+        self.clusters = pd.Index(self.labels["cluster"].to_numpy())
+        if self.clusters.has_duplicates:
+            raise AggregationError("taxonomy maps one cluster label to several cluster_alias values")
+
+    def parent_of_cluster(self, level: str) -> pd.Series:
+        """Cluster label -> label of its ancestor at ``level``."""
+        return pd.Series(self.labels[level].to_numpy(), index=self.clusters)
+
+
+def _alias_text(values: pd.Series) -> pd.Series:
+    """cluster_alias as text, whether it came as int, float (NaN present) or str."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    whole = numeric.notna() & (numeric == numeric.round())
+    text = values.astype(str)
+    text[whole] = numeric[whole].astype("int64").astype(str)
+    return text.where(values.notna())
+
+
+@dataclass
+class _Matrix:
+    path: Path
+    normalization: str
+    cell_labels: np.ndarray
+    genes: pd.DataFrame
+    n_cells: int
+
+
+def normalization_of(path: Path) -> str:
+    for normalization in NORMALIZATIONS:
+        if path.name.endswith(f"-{normalization}.h5ad"):
+            return normalization
+    raise AggregationError(f"{path}: not a -log2.h5ad or -raw.h5ad expression matrix")
+
+
+def _open_matrix(path: Path, store: h5py.File) -> _Matrix:
+    x = store.get("X")
+    if not isinstance(x, h5py.Group) or x.attrs.get("encoding-type") != "csr_matrix":
+        kind = x.attrs.get("encoding-type", "dense") if x is not None else "missing"
+        raise AggregationError(f"{path}: X is {kind}; aggregation streams rows of a CSR matrix")
+    n_cells, n_genes = (int(v) for v in x.attrs["shape"])
+    obs_index = ad.io.read_elem(store["obs"][store["obs"].attrs["_index"]])
+    var = store["var"]
+    identifiers = ad.io.read_elem(var[var.attrs["_index"]])
+    symbols = ad.io.read_elem(var["gene_symbol"]) if "gene_symbol" in var else identifiers
+    if len(obs_index) != n_cells or len(identifiers) != n_genes or len(x["indptr"]) != n_cells + 1:
+        raise AggregationError(f"{path}: X is {n_cells} x {n_genes} but obs/var/indptr disagree")
+    genes = pd.DataFrame({"gene_identifier": np.asarray(identifiers, dtype=str),
+                          "gene_symbol": np.asarray(symbols, dtype=str)})
+    return _Matrix(path, normalization_of(path), np.asarray(obs_index, dtype=str), genes, n_cells)
+
+
+def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: Taxonomy,
+               groupings: Sequence[str]) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
+    """For each base grouping: the group code of every matrix row (-1: not aggregated) and the groups."""
+    needed = {"cell_label", "cluster_alias", "region_of_interest_acronym"}
+    if missing := needed - set(assignments.columns):
+        raise AggregationError(f"cell assignments lack columns {sorted(missing)}")
+    cells = assignments.drop_duplicates("cell_label").set_index("cell_label")
+    listed = cells.reindex(matrix.cell_labels)
+    alias = _alias_text(listed["cluster_alias"])
+    unknown = alias.notna() & ~alias.isin(taxonomy.labels.index)
+    if unknown.any():
+        raise AggregationError(f"{matrix.path}: {int(unknown.sum())} cells have a cluster_alias the taxonomy "
+                               f"does not know, e.g. {sorted(set(alias[unknown]))[:5]}")
+    cluster_label = alias.map(taxonomy.labels["cluster"]).to_numpy()
+    out: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
+    if "cluster" in groupings:
+        codes = taxonomy.clusters.get_indexer(cluster_label).astype(np.int32)
+        codes[pd.isna(cluster_label)] = -1
+        out["cluster"] = (codes, pd.DataFrame({"group_label": taxonomy.clusters.to_numpy(),
+                                               "region_of_interest_acronym": ""}))
+    if REGION_SUBCLASS in groupings:
+        subclass = alias.map(taxonomy.labels["subclass"])
+        region = listed["region_of_interest_acronym"].fillna("").astype(str)
+        keys = pd.DataFrame({"group_label": subclass.to_numpy(), "region_of_interest_acronym": region.to_numpy()})
+        present = subclass.notna().to_numpy()
+        codes = np.full(matrix.n_cells, -1, np.int32)
+        groups = keys[present].drop_duplicates().sort_values(list(keys.columns), ignore_index=True)
+        lookup = pd.MultiIndex.from_frame(groups)
+        codes[present] = lookup.get_indexer(pd.MultiIndex.from_frame(keys[present])).astype(np.int32)
+        out[REGION_SUBCLASS] = (codes, groups)
+    return out
+
+
+def _chunks(store: h5py.File, chunk_cells: int, with_data: bool) -> Iterator[tuple[int, np.ndarray, ...]]:
+    """(start, local indptr, indices, data) per row chunk; the next chunk is read while this one is used."""
+    x = store["X"]
+    indptr = x["indptr"][:].astype(np.int64)
+    n = len(indptr) - 1
+
+    def read(start: int) -> tuple:
+        stop = min(n, start + chunk_cells)
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        data = x["data"][lo:hi] if with_data else None
+        return start, indptr[start:stop + 1] - lo, x["indices"][lo:hi], data
+
+    starts = list(range(0, n, chunk_cells))
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, starts[0]) if starts else None
+        for i in range(len(starts)):
+            chunk = pending.result()
+            pending = reader.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            yield chunk
+
+
+def _log2_cpm(indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """log2(CPM + 1) of a chunk of UMI counts (float64), as the -log2 matrices hold."""
+    lengths = np.diff(indptr)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    totals = np.bincount(rows, weights=counts, minlength=len(lengths))
+    scale = np.divide(1e6, totals, out=np.zeros_like(totals), where=totals > 0)
+    return np.log2(counts * scale[rows] + 1.0)
+
+
+@dataclass
+class Partial:
+    """Base-grouping statistics of one matrix file, before merging with the dataset's other files."""
+
+    source: str
+    normalization: str
+    n_cells_in_file: int
+    n_cells_aggregated: int
+    stats: dict[str, GroupStats]
+
+
+def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy, *,
+                     chunk_cells: int = DEFAULT_CHUNK_CELLS, groupings: Sequence[str] = GROUPINGS) -> Partial:
+    """Aggregate one h5ad file (streamed in row chunks) into base-grouping statistics, in memory.
+
+    ``assignments`` has ``cell_label, cluster_alias, region_of_interest_acronym``; matrix rows it does
+    not list (cells QC'd out) or that have no cluster are skipped.
+    """
+    path = Path(h5ad_path)
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+    base = _base_groupings(groupings)
+    try:
+        with h5py.File(path, "r") as store:
+            matrix = _open_matrix(path, store)
+            codes = _row_codes(matrix, assignments, tax, base)
+            n_genes = len(matrix.genes)
+            accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
+            for start, indptr, indices, _ in _chunks(store, chunk_cells, with_data=False):
+                _check_indices(path, indices, n_genes)
+                for grouping, accumulator in accumulators.items():
+                    accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices)
+            for accumulator in accumulators.values():
+                accumulator.allocate()
+            for start, indptr, indices, data in _chunks(store, chunk_cells, with_data=True):
+                values = _log2_cpm(indptr, data.astype(np.float64)) if matrix.normalization == "raw" else data
+                for grouping, accumulator in accumulators.items():
+                    accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
+    except (OSError, KeyError) as exc:
+        raise AggregationError(f"{path}: unreadable h5ad: {exc}") from exc
+    stats = {}
+    for grouping, accumulator in accumulators.items():
+        row_codes, groups = codes[grouping]
+        groups = groups.assign(n_cells=np.bincount(row_codes[row_codes >= 0], minlength=len(groups)))
+        stats[grouping] = accumulator.finish(grouping, groups, matrix.genes)
+    aggregated = int((next(iter(codes.values()))[0] >= 0).sum()) if codes else 0
+    return Partial(str(path), matrix.normalization, matrix.n_cells, aggregated, stats)
+
+
+def _check_indices(path: Path, indices: np.ndarray, n_genes: int) -> None:
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_genes):
+        raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+
+
+def _base_groupings(groupings: Sequence[str]) -> list[str]:
+    unknown = set(groupings) - set(GROUPINGS)
+    if unknown:
+        raise AggregationError(f"unknown groupings {sorted(unknown)}; known: {list(GROUPINGS)}")
+    base = ["cluster"] if set(groupings) & set(TAXONOMY_LEVELS) else []
+    return base + ([REGION_SUBCLASS] if REGION_SUBCLASS in groupings else [])
+
+
+# --- partials on disk --------------------------------------------------------------------------
+
+_STAT_ARRAYS = ("indptr", "indices", "n_nonzero", "sum", "sum_sq")
+
+
+def save_partial(partial: Partial, path: Path) -> Path:
+    """Write a partial as one uncompressed .npz, atomically (temporary name, then rename)."""
+    arrays: dict[str, np.ndarray] = {}
+    genes = next(iter(partial.stats.values())).genes if partial.stats else pd.DataFrame(
+        {"gene_identifier": [], "gene_symbol": []})
+    arrays["gene_identifier"] = genes["gene_identifier"].to_numpy(dtype=str)
+    arrays["gene_symbol"] = genes["gene_symbol"].to_numpy(dtype=str)
+    for grouping, stats in partial.stats.items():
+        for column in ("group_label", "region_of_interest_acronym"):
+            arrays[f"{grouping}.{column}"] = stats.groups[column].to_numpy(dtype=str)
+        arrays[f"{grouping}.n_cells"] = stats.groups["n_cells"].to_numpy(np.int64)
+        for name in _STAT_ARRAYS:
+            arrays[f"{grouping}.{name}"] = getattr(stats, name)
+    info = {"source": partial.source, "normalization": partial.normalization,
+            "n_cells_in_file": partial.n_cells_in_file, "n_cells_aggregated": partial.n_cells_aggregated,
+            "groupings": list(partial.stats)}
+    arrays["info"] = np.array(json.dumps(info))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_partial(path: Path) -> Partial:
+    with np.load(path) as stored:
+        info = json.loads(str(stored["info"]))
+        genes = pd.DataFrame({"gene_identifier": stored["gene_identifier"], "gene_symbol": stored["gene_symbol"]})
+        stats = {}
+        for grouping in info["groupings"]:
+            groups = pd.DataFrame({column: stored[f"{grouping}.{column}"]
+                                   for column in ("group_label", "region_of_interest_acronym", "n_cells")})
+            stats[grouping] = GroupStats(grouping, groups, genes,
+                                         *(stored[f"{grouping}.{name}"] for name in _STAT_ARRAYS))
+    return Partial(info["source"], info["normalization"], info["n_cells_in_file"], info["n_cells_aggregated"], stats)
+
+
+def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy,
+                   out_path: Path, *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
+                   groupings: Sequence[str] = GROUPINGS) -> Path:
+    """Aggregate one h5ad file and persist its partial result at ``out_path`` (.npz); return the path.
+
+    This is the unit of parallel work: partials of a dataset's files are merged by
+    :func:`merge_partials`, in any order.
+    """
+    partial = aggregate_matrix(h5ad_path, assignments, taxonomy, chunk_cells=chunk_cells, groupings=groupings)
+    log.info("aggregated %s: %d of %d cells", h5ad_path, partial.n_cells_aggregated, partial.n_cells_in_file)
+    return save_partial(partial, Path(out_path))
+
+
+# --- merging files and rolling up --------------------------------------------------------------
+
+def _merge(grouping: str, parts: Sequence[GroupStats], group_of_row: Sequence[np.ndarray],
+           groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
+    """Sum the rows of ``parts`` into ``groups`` (row i of part p goes to group group_of_row[p][i])."""
+    gene_index = pd.Index(genes["gene_identifier"])
+    remapped = []
+    for part in parts:
+        same = part.genes["gene_identifier"].equals(genes["gene_identifier"])
+        mapping = np.arange(len(genes), dtype=np.int32) if same else gene_index.get_indexer(
+            part.genes["gene_identifier"]).astype(np.int32)
+        remapped.append(part.indices if same else mapping[part.indices])
+    accumulator = _Accumulator(len(groups), len(genes))
+    for part, rows, indices in zip(parts, group_of_row, remapped, strict=True):
+        accumulator.mark(rows, part.indptr, indices)
+    accumulator.allocate()
+    for part, rows, indices in zip(parts, group_of_row, remapped, strict=True):
+        accumulator.add_stats(rows, part, indices)
+    n_cells = np.zeros(len(groups), np.int64)
+    for part, rows in zip(parts, group_of_row, strict=True):
+        np.add.at(n_cells, rows[rows >= 0], part.groups["n_cells"].to_numpy()[rows >= 0])
+    return accumulator.finish(grouping, groups.assign(n_cells=n_cells), genes)
+
+
+def _union_genes(parts: Iterable[GroupStats]) -> pd.DataFrame:
+    genes = pd.concat([p.genes for p in parts], ignore_index=True)
+    return genes.drop_duplicates("gene_identifier", ignore_index=True)
+
+
+def merge_partials(partials: Sequence[Partial], grouping: str) -> GroupStats:
+    """Sum one base grouping over a dataset's files; groups with no cells are left out."""
+    parts = [p.stats[grouping] for p in partials if grouping in p.stats]
+    if not parts:
+        raise AggregationError(f"no partial holds grouping {grouping!r}")
+    keys = ["group_label", "region_of_interest_acronym"]
+    every = pd.concat([p.groups for p in parts], ignore_index=True)
+    groups = every[every["n_cells"] > 0][keys].drop_duplicates().sort_values(keys, ignore_index=True)
+    lookup = pd.MultiIndex.from_frame(groups)
+    rows = [lookup.get_indexer(pd.MultiIndex.from_frame(p.groups[keys])).astype(np.int32) for p in parts]
+    return _merge(grouping, parts, rows, groups, _union_genes(parts))
+
+
+def roll_up(clusters: GroupStats, taxonomy: Taxonomy, level: str) -> GroupStats:
+    """Statistics of a coarser taxonomy level, summed from the cluster level."""
+    parent = taxonomy.parent_of_cluster(level).reindex(clusters.groups["group_label"]).to_numpy()
+    labels = pd.Index(sorted(set(parent[pd.notna(parent)])))
+    rows = labels.get_indexer(parent).astype(np.int32)
+    groups = pd.DataFrame({"group_label": labels.to_numpy(), "region_of_interest_acronym": ""})
+    return _merge(level, [clusters], [rows], groups, clusters.genes)
+
+
+def dataset_stats(partials: Sequence[Partial], taxonomy: pd.DataFrame | Taxonomy,
+                  groupings: Sequence[str] = GROUPINGS) -> Iterator[GroupStats]:
+    """Every requested grouping of one dataset, one at a time, so memory holds at most two levels."""
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+    base = _base_groupings(groupings)
+    if "cluster" in base:
+        clusters = merge_partials(partials, "cluster")
+        for level in TAXONOMY_LEVELS:
+            if level in groupings:
+                yield clusters if level == "cluster" else roll_up(clusters, tax, level)
+        del clusters
+    if REGION_SUBCLASS in base:
+        yield merge_partials(partials, REGION_SUBCLASS)
+
+
+# --- PostgreSQL: binary COPY of array rows, staging and publication ----------------------------
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_INT4, _FLOAT8 = 23, 701
+
+
+def _array_field(values: np.ndarray, oid: int) -> bytes:
+    """One int4[]/float8[] value in PostgreSQL's binary array format."""
+    if len(values) == 0:
+        body = struct.pack(">iii", 0, 0, oid)
+    else:
+        kind = ">i4" if oid == _INT4 else ">f8"
+        elements = np.empty(len(values), dtype=[("length", ">i4"), ("value", kind)])
+        elements["length"] = elements.dtype["value"].itemsize
+        elements["value"] = values
+        body = struct.pack(">iiiii", 1, 0, oid, len(values), 1) + elements.tobytes()
+    return struct.pack(">i", len(body)) + body
+
+
+def _text_field(value: str) -> bytes:
+    encoded = value.encode()
+    return struct.pack(">i", len(encoded)) + encoded
+
+
+def _int_field(value: int) -> bytes:
+    return struct.pack(">ii", 4, value)
+
+
+@contextmanager
+def _binary_copy(conn: psycopg.Connection, table: sql.Identifier,
+                 columns: Sequence[str]) -> Iterator[Callable[..., None]]:
+    """COPY ... FROM STDIN (FORMAT BINARY) into ``table``; yields ``row(*encoded_fields)``."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    field_count = struct.pack(">h", len(columns))
+    buffer = bytearray(_COPY_HEADER)
+    with conn.cursor() as cursor, cursor.copy(statement) as copy:
+        def row(*fields: bytes) -> None:
+            buffer.extend(field_count)
+            for field in fields:
+                buffer.extend(field)
+            if len(buffer) > 1 << 23:
+                copy.write(buffer)
+                buffer.clear()
+
+        yield row
+        buffer.extend(struct.pack(">h", -1))
+        copy.write(buffer)
+
+
+def _stage_grouping(conn: psycopg.Connection, release: str, dataset: str, stats: GroupStats,
+                    names: Mapping[str, str], staged: Mapping[str, sql.Identifier]) -> int:
+    """Copy one grouping into the staging tables: its groups, group-major and gene-major arrays."""
+    head = (_text_field(release), _text_field(dataset), _text_field(stats.grouping))
+    groups = stats.groups
+    with conn.cursor().copy(sql.SQL(
+            "COPY {} (release, dataset, grouping, group_index, group_label, group_name, "
+            "region_of_interest_acronym, n_cells) FROM STDIN").format(staged["expression_group"])) as copy:
+        for index, row in enumerate(groups.itertuples(index=False)):
+            copy.write_row((release, dataset, stats.grouping, index, row.group_label,
+                            names.get(row.group_label, row.group_label), row.region_of_interest_acronym,
+                            int(row.n_cells)))
+    columns = ["release", "dataset", "grouping"]
+    with _binary_copy(conn, staged["expression_group_major"],
+                      [*columns, "group_index", "gene_index", "n_nonzero", "sum", "sum_sq"]) as row:
+        for group in range(len(groups)):
+            lo, hi = stats.indptr[group], stats.indptr[group + 1]
+            if hi > lo:
+                row(*head, _int_field(group), _array_field(stats.indices[lo:hi], _INT4),
+                    _array_field(stats.n_nonzero[lo:hi], _INT4), _array_field(stats.sum[lo:hi], _FLOAT8),
+                    _array_field(stats.sum_sq[lo:hi], _FLOAT8))
+    order = sp.csr_matrix((np.arange(stats.n_pairs, dtype=np.int64), stats.indices, stats.indptr),
+                          shape=(len(groups), len(stats.genes))).tocsc()
+    order.sort_indices()
+    with _binary_copy(conn, staged["expression_gene_major"],
+                      [*columns, "gene_index", "group_index", "n_nonzero", "sum", "sum_sq"]) as row:
+        for gene in range(len(stats.genes)):
+            lo, hi = order.indptr[gene], order.indptr[gene + 1]
+            if hi > lo:
+                pick = order.data[lo:hi]
+                row(*head, _int_field(gene), _array_field(order.indices[lo:hi], _INT4),
+                    _array_field(stats.n_nonzero[pick], _INT4), _array_field(stats.sum[pick], _FLOAT8),
+                    _array_field(stats.sum_sq[pick], _FLOAT8))
+    return stats.n_pairs
+
+
+def _stage_genes(conn: psycopg.Connection, release: str, dataset: str, genes: pd.DataFrame,
+                 table: sql.Identifier) -> None:
+    with conn.cursor().copy(sql.SQL(
+            "COPY {} (release, dataset, gene_index, gene_identifier, gene_symbol) FROM STDIN").format(table)) as copy:
+        for index, row in enumerate(genes.itertuples(index=False)):
+            copy.write_row((release, dataset, index, row.gene_identifier, row.gene_symbol))
+
+
+def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
+                      taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
+    """Merge each dataset's file partials, roll up, stage and publish the release's expression tables.
+
+    ``partials`` maps a metadata dataset to its files' partial paths. Datasets of the release
+    already published and not named here are carried over unchanged, so aggregating one dataset
+    again replaces only that dataset. Publication is one transaction: readers see the old or the
+    new release, never a mix. Returns the number of (group, gene) entries per dataset.
+    """
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+    staged = {table: create_staging_table(conn, table, release) for table in TABLES}
+    for table in ("expression_gene_major", "expression_group_major"):
+        for column in ("sum", "sum_sq"):  # float arrays do not compress: store them out of line, as is
+            conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE EXTERNAL").format(
+                staged[table], sql.Identifier(column)))
+    entries: dict[str, int] = {}
+    for dataset, paths in partials.items():
+        loaded = [load_partial(Path(p)) for p in paths]
+        if not loaded:
+            raise AggregationError(f"dataset {dataset}: no partial results to merge")
+        genes = None
+        entries[dataset] = 0
+        for stats in dataset_stats(loaded, tax, groupings):
+            if genes is None:
+                genes = stats.genes
+                _stage_genes(conn, release, dataset, genes, staged["expression_gene"])
+            elif not stats.genes["gene_identifier"].equals(genes["gene_identifier"]):
+                raise AggregationError(f"dataset {dataset}: groupings disagree on the gene list")
+            entries[dataset] += _stage_grouping(conn, release, dataset, stats, tax.names, staged)
+            log.info("staged %s %s: %d groups, %d entries", dataset, stats.grouping, len(stats.groups),
+                     stats.n_pairs)
+        with conn.cursor().copy(sql.SQL(
+                "COPY {} (release, dataset, source, normalization, n_cells_in_file, n_cells_aggregated) "
+                "FROM STDIN").format(staged["expression_file"])) as copy:
+            for partial in loaded:
+                copy.write_row((release, dataset, partial.source, partial.normalization,
+                                partial.n_cells_in_file, partial.n_cells_aggregated))
+    _carry_over(conn, release, list(partials), staged)
+    for table in TABLES:
+        index_staging_table(conn, table, release)
+    conn.commit()
+    with conn.transaction():
+        publish(conn, release, TABLES)
+    return entries
+
+
+def _carry_over(conn: psycopg.Connection, release: str, replaced: list[str],
+                staged: Mapping[str, sql.Identifier]) -> None:
+    """Copy the published rows of the release's other datasets into staging."""
+    for table, target in staged.items():
+        conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
+            target, sql.Identifier("abc", table)), (release, replaced))

@@ -1,0 +1,253 @@
+"""Aggregated expression: every statistic against scanpy / pandas on the dense matrix, and publication."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+from etl import aggregate, db
+from etl.aggregate import AggregationError, Taxonomy
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, OLD_RELEASE, TAXONOMY, WMB_MATRIX_VERSION, GeneratedBucket
+
+RTOL = 1e-6
+RELEASE = OLD_RELEASE
+
+
+def _membership(bucket: GeneratedBucket) -> pd.DataFrame:
+    return pd.read_csv(bucket.bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE
+                       / "cluster_to_cluster_annotation_membership.csv")
+
+
+def _assignments(bucket: GeneratedBucket, dataset: str) -> pd.DataFrame:
+    return pd.read_csv(bucket.bucket_dir / "metadata" / dataset / OLD_RELEASE / "cell_metadata.csv",
+                       usecols=["cell_label", "cluster_alias", "region_of_interest_acronym", "feature_matrix_label"])
+
+
+def _matrices(bucket: GeneratedBucket, dataset: str, normalization: str) -> list[Path]:
+    if dataset == MACOSKO:
+        directories = [bucket.bucket_dir / "expression_matrices" / MACOSKO / OLD_RELEASE]
+    else:
+        directories = [bucket.bucket_dir / "expression_matrices" / d / WMB_MATRIX_VERSION
+                       for d in ("WMB-10Xv2", "WMB-10Xv3")]
+    return sorted(p for d in directories for p in d.glob(f"*-{normalization}.h5ad"))
+
+
+@pytest.fixture(scope="module")
+def macosko_partials(generated_bucket, tmp_path_factory) -> list[Path]:
+    work = tmp_path_factory.mktemp("partials")
+    assignments = _assignments(generated_bucket, MACOSKO)
+    taxonomy = _membership(generated_bucket)
+    # A small chunk makes every file span several chunks.
+    return [aggregate.aggregate_file(path, assignments, taxonomy, work / f"{path.stem}.npz", chunk_cells=97)
+            for path in _matrices(generated_bucket, MACOSKO, "log2")]
+
+
+@pytest.fixture(scope="module")
+def reference(generated_bucket) -> ad.AnnData:
+    """The Macosko log2 matrices in memory, QC'd-out cells dropped, with taxonomy and region columns."""
+    adata = ad.concat([ad.read_h5ad(p) for p in _matrices(generated_bucket, MACOSKO, "log2")], merge="same")
+    cells = _assignments(generated_bucket, MACOSKO).set_index("cell_label")
+    adata = adata[adata.obs_names.isin(cells.index)].copy()
+    taxonomy = Taxonomy(_membership(generated_bucket))
+    alias = cells.loc[adata.obs_names, "cluster_alias"].astype(str).to_numpy()
+    for level in aggregate.TAXONOMY_LEVELS:
+        adata.obs[level] = pd.Categorical(taxonomy.labels[level].loc[alias].to_numpy())
+    adata.obs["region"] = cells.loc[adata.obs_names, "region_of_interest_acronym"].to_numpy()
+    return adata
+
+
+def _as_frame(stats: aggregate.GroupStats) -> dict[str, pd.DataFrame]:
+    """Dense groups x genes frames of every statistic, indexed like scanpy's output."""
+    keys = stats.groups["group_label"]
+    if stats.grouping == aggregate.REGION_SUBCLASS:
+        keys = stats.groups["region_of_interest_acronym"] + "|" + keys
+    frames = {name: pd.DataFrame(stats.matrix(name).toarray(), index=keys.to_numpy())
+              for name in ("n_nonzero", "sum", "sum_sq")}
+    n_cells = stats.groups["n_cells"].to_numpy()[:, None]
+    frames["mean"] = frames["sum"] / n_cells
+    frames["var"] = (frames["sum_sq"] - frames["sum"] ** 2 / n_cells) / (n_cells - 1)
+    frames["n_cells"] = pd.DataFrame(n_cells, index=keys.to_numpy())
+    return frames
+
+
+@pytest.mark.parametrize("level", aggregate.TAXONOMY_LEVELS)
+def test_taxonomy_levels_match_scanpy(macosko_partials, reference, generated_bucket, level):
+    partials = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket), groupings=[level])
+    ours = _as_frame(stats)
+    expected = sc.get.aggregate(reference, by=level, func=["sum", "mean", "count_nonzero"])
+    order = expected.obs_names
+    assert sorted(ours["sum"].index) == sorted(order)
+    for ours_name, theirs in (("sum", "sum"), ("mean", "mean"), ("n_nonzero", "count_nonzero")):
+        np.testing.assert_allclose(ours[ours_name].loc[order].to_numpy(), expected.layers[theirs],
+                                   rtol=RTOL, atol=1e-12, err_msg=f"{level} {ours_name}")
+    # scanpy squares float32 data in float32 (its variance is off by up to 1e-2 relative): use float64 pandas.
+    dense = pd.DataFrame(reference.X.toarray().astype(np.float64))
+    grouped = (dense ** 2).groupby(reference.obs[level].to_numpy())
+    np.testing.assert_allclose(ours["sum_sq"].loc[order].to_numpy(), grouped.sum().loc[order].to_numpy(),
+                               rtol=RTOL, atol=1e-12)
+    variance = dense.groupby(reference.obs[level].to_numpy()).var(ddof=1).loc[order].to_numpy()
+    np.testing.assert_allclose(ours["var"].loc[order].to_numpy(), variance, rtol=RTOL, atol=1e-9)
+    np.testing.assert_array_equal(ours["n_cells"].loc[order].to_numpy().ravel(),
+                                  reference.obs[level].value_counts().loc[order].to_numpy())
+
+
+def test_region_subclass_matches_pandas_groupby(macosko_partials, reference, generated_bucket):
+    partials = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket),
+                                       groupings=[aggregate.REGION_SUBCLASS])
+    ours = _as_frame(stats)
+    dense = pd.DataFrame(reference.X.toarray().astype(np.float64))
+    key = (reference.obs["region"].astype(str) + "|" + reference.obs["subclass"].astype(str)).to_numpy()
+    grouped = dense.groupby(key)
+    assert reference.obs["region"].nunique() > 1 and len(grouped) > reference.obs["subclass"].nunique()
+    expected = {"sum": grouped.sum(), "mean": grouped.mean(), "var": grouped.var(ddof=1),
+                "n_nonzero": (dense != 0).groupby(key).sum(), "sum_sq": (dense ** 2).groupby(key).sum()}
+    for name, frame in expected.items():
+        np.testing.assert_allclose(ours[name].loc[frame.index].to_numpy(), frame.to_numpy(),
+                                   rtol=RTOL, atol=1e-12, err_msg=name)
+    assert ours["n_cells"].loc[grouped.size().index].to_numpy().ravel().tolist() == grouped.size().tolist()
+
+
+def test_qc_dropped_cells_are_excluded(macosko_partials, generated_bucket):
+    listed = set(_assignments(generated_bucket, MACOSKO)["cell_label"])
+    for partial_path, matrix in zip(macosko_partials, _matrices(generated_bucket, MACOSKO, "log2"), strict=True):
+        partial = aggregate.load_partial(partial_path)
+        labels = ad.read_h5ad(matrix, backed="r").obs_names
+        in_metadata = int(labels.isin(listed).sum())
+        assert 0 < in_metadata < len(labels)  # the fixture holds cells the metadata dropped
+        assert partial.n_cells_aggregated == in_metadata
+        assert partial.stats["cluster"].groups["n_cells"].sum() == in_metadata
+        assert partial.stats[aggregate.REGION_SUBCLASS].groups["n_cells"].sum() == in_metadata
+
+
+def test_raw_counts_give_the_log2_statistics(generated_bucket, macosko_partials, tmp_path):
+    """Where only -raw exists, log2(CPM+1) is computed from the counts: same result as the -log2 file."""
+    raw = _matrices(generated_bucket, MACOSKO, "raw")[0]
+    from_raw = aggregate.aggregate_matrix(raw, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket),
+                                          chunk_cells=250)
+    from_log2 = aggregate.load_partial(macosko_partials[0])
+    assert from_raw.normalization == "raw"
+    for grouping in ("cluster", aggregate.REGION_SUBCLASS):
+        a, b = from_raw.stats[grouping], from_log2.stats[grouping]
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.n_nonzero, b.n_nonzero)
+        np.testing.assert_allclose(a.sum, b.sum, rtol=RTOL)
+        np.testing.assert_allclose(a.sum_sq, b.sum_sq, rtol=RTOL)
+
+
+def test_chunk_size_does_not_change_the_result(generated_bucket, macosko_partials):
+    path = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    one_chunk = aggregate.aggregate_matrix(path, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket),
+                                           chunk_cells=1_000_000)
+    small = aggregate.load_partial(macosko_partials[0])
+    for grouping, stats in one_chunk.stats.items():
+        np.testing.assert_array_equal(stats.indices, small.stats[grouping].indices)
+        np.testing.assert_allclose(stats.sum, small.stats[grouping].sum, rtol=1e-12)
+
+
+def test_bad_matrix_is_reported_by_file(generated_bucket, tmp_path):
+    source = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    broken = tmp_path / source.name
+    broken.write_bytes(source.read_bytes())
+    with h5py.File(broken, "a") as store:
+        store["X"].attrs["encoding-type"] = "csc_matrix"
+    with pytest.raises(AggregationError, match=f"{broken.name}.*CSR"):
+        aggregate.aggregate_matrix(broken, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket))
+    truncated = tmp_path / "truncated-log2.h5ad"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(AggregationError, match="truncated-log2.h5ad"):
+        aggregate.aggregate_matrix(truncated, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket))
+    with pytest.raises(AggregationError, match="not a -log2.h5ad or -raw.h5ad"):
+        aggregate.normalization_of(tmp_path / "cells.h5ad")
+
+
+def test_unknown_cluster_alias_is_an_error(generated_bucket):
+    path = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    assignments = _assignments(generated_bucket, MACOSKO)
+    in_file = assignments["cell_label"].isin(ad.read_h5ad(path, backed="r").obs_names)
+    assignments.loc[in_file.idxmax(), "cluster_alias"] = 999_999
+    with pytest.raises(AggregationError, match="cluster_alias the taxonomy does not know.*999999"):
+        aggregate.aggregate_matrix(path, assignments, _membership(generated_bucket))
+
+
+# --- publication --------------------------------------------------------------------------------
+
+def _publish(generated_bucket, database_url, work: Path, datasets: list[str]) -> dict[str, int]:
+    taxonomy = _membership(generated_bucket)
+    partials = {}
+    for dataset in datasets:
+        assignments = _assignments(generated_bucket, dataset)
+        partials[dataset] = [aggregate.aggregate_file(p, assignments, taxonomy, work / dataset / f"{p.stem}.npz")
+                             for p in _matrices(generated_bucket, dataset, "log2")]
+    with db.copy_connection(database_url) as conn:
+        return aggregate.merge_and_publish(conn, RELEASE, partials, taxonomy)
+
+
+def test_published_views_answer_the_analyst_queries(generated_bucket, database_url, tmp_path, reference):
+    entries = _publish(generated_bucket, database_url, tmp_path, [MACOSKO, CONSENSUS_WMB])
+    assert set(entries) == {MACOSKO, CONSENSUS_WMB} and min(entries.values()) > 0
+    expected = sc.get.aggregate(reference, by="cluster", func=["mean", "count_nonzero"])
+    gad1 = list(expected.var_names[reference.var["gene_symbol"] == "Gad1"])[0]
+    gad1_position = expected.var_names.get_loc(gad1)
+    names = Taxonomy(_membership(generated_bucket)).names
+    with db.copy_connection(database_url) as conn:
+        rows = conn.execute(
+            "SELECT group_label, group_name, mean, fraction, n_cells FROM abc.expression_by_cluster "
+            "WHERE release = %s AND dataset = %s AND gene_symbol = 'Gad1'", (RELEASE, MACOSKO)).fetchall()
+        where = {label: (name, mean, fraction, n) for label, name, mean, fraction, n in rows}
+        means = expected.layers["mean"][:, gad1_position]
+        counts = expected.layers["count_nonzero"][:, gad1_position]
+        sizes = reference.obs["cluster"].value_counts()
+        expressing = [c for c, m in zip(expected.obs_names, means, strict=True) if m > 0]
+        assert sorted(where) == sorted(expressing)  # clusters without Gad1 have no row
+        for cluster, mean, count in zip(expected.obs_names, means, counts, strict=True):
+            if mean > 0:
+                name, got_mean, fraction, n_cells = where[cluster]
+                assert name == names[cluster] and n_cells == sizes[cluster]
+                assert got_mean == pytest.approx(mean, rel=RTOL)
+                assert fraction == pytest.approx(count / sizes[cluster], rel=RTOL)
+
+        cluster = sizes.index[0]
+        top = conn.execute(
+            "SELECT gene_identifier, mean FROM abc.cluster_profile WHERE release = %s AND dataset = %s "
+            "AND group_name = %s ORDER BY mean DESC, gene_identifier LIMIT 50",
+            (RELEASE, MACOSKO, names[cluster])).fetchall()
+        row = pd.Series(expected.layers["mean"][expected.obs_names.get_loc(cluster)], index=expected.var_names)
+        row = row[row > 0].sort_values(ascending=False, kind="stable")
+        assert [g for g, _ in top] == list(pd.DataFrame({"g": row.index, "m": row.to_numpy()})
+                                           .sort_values(["m", "g"], ascending=[False, True])["g"][:50])
+        assert [m for _, m in top] == pytest.approx(sorted(row.to_numpy(), reverse=True)[:50], rel=RTOL)
+
+        # Both access paths hold the same rows.
+        for by_gene, profile in (("expression_by_subclass", "subclass_profile"),
+                                 ("expression_by_region_subclass", "region_subclass_profile")):
+            query = ("SELECT dataset, group_label, region_of_interest_acronym, gene_identifier, n_cells, n_nonzero, "
+                     "sum, sum_sq FROM abc.{} WHERE release = %s ORDER BY 1, 2, 3, 4")
+            assert conn.execute(query.format(by_gene), (RELEASE,)).fetchall() == \
+                conn.execute(query.format(profile), (RELEASE,)).fetchall()
+        files = conn.execute("SELECT dataset, count(*), sum(n_cells_aggregated) FROM abc.expression_file "
+                             "WHERE release = %s GROUP BY 1 ORDER BY 1", (RELEASE,)).fetchall()
+        wmb_cells = len(_assignments(generated_bucket, CONSENSUS_WMB))
+        assert files == [(MACOSKO, 3, len(reference)),
+                         (CONSENSUS_WMB, len(_matrices(generated_bucket, CONSENSUS_WMB, "log2")), wmb_cells)]
+
+
+def test_publishing_again_replaces_and_keeps_other_datasets(generated_bucket, database_url, tmp_path):
+    def counts() -> list[tuple]:
+        with db.copy_connection(database_url) as conn:
+            return conn.execute("SELECT dataset, grouping, count(*), sum(array_length(group_index, 1)) "
+                                "FROM abc.expression_gene_major GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+
+    _publish(generated_bucket, database_url, tmp_path / "a", [MACOSKO, CONSENSUS_WMB])
+    before = counts()
+    _publish(generated_bucket, database_url, tmp_path / "b", [MACOSKO])
+    assert counts() == before
+    assert {row[0] for row in before} == {MACOSKO, CONSENSUS_WMB}
