@@ -18,7 +18,7 @@ h5py (the next chunk is read while numba kernels digest the current one, without
    float64 sum, float64 sum of squares), with no re-allocation or merging.
 
 Peak memory of :func:`aggregate_file` is therefore about
-``20 B x present (group, gene) pairs of the base groupings + 2 x 12 B x non-zeros of one chunk
+``20 B x present (group, gene) pairs of the base groupings + 2 x 8 B x non-zeros of one chunk
 + groups x genes / 4 B`` plus the interpreter; ``chunk_cells`` trades the middle term for speed.
 """
 
@@ -41,6 +41,9 @@ import numpy as np
 import pandas as pd
 import psycopg
 import scipy.sparse as sp
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 from psycopg import sql
 
 from etl.publish import create_staging_table, index_staging_table, publish
@@ -63,12 +66,21 @@ class AggregationError(ValueError):
 
 # --- numba kernels: bitmap of present (group, gene) pairs, slots by rank --------------------------
 
-@numba.njit(inline="always")
-def _popcount(x: np.uint64) -> np.int64:
-    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+@intrinsic
+def _popcount(typingctx, word):
+    """The CPU's popcount instruction (LLVM ctpop) on a uint64."""
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.ctpop(args[0]), context.get_value_type(types.int64))
+    return types.int64(types.uint64), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """Index of the lowest set bit (LLVM cttz) of a non-zero uint64."""
+    def codegen(context, builder, signature, args):
+        zeros = builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+        return builder.zext(zeros, context.get_value_type(types.int64))
+    return types.int64(types.uint64), codegen
 
 
 @numba.njit(cache=True, nogil=True)
@@ -142,10 +154,9 @@ def _genes_of_bitmap(bitmap, n_pairs):
         for word in range(bitmap.shape[1]):
             bits = bitmap[group, word]
             while bits:
-                lowest = bits & (~bits + _ONE)
-                out[position] = word * 64 + _popcount(lowest - _ONE)
+                out[position] = word * 64 + _trailing_zeros(bits)
                 position += 1
-                bits ^= lowest
+                bits &= bits - _ONE
     return out
 
 
@@ -333,23 +344,38 @@ def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: Taxonomy,
 
 
 def _chunks(store: h5py.File, chunk_cells: int, with_data: bool) -> Iterator[tuple[int, np.ndarray, ...]]:
-    """(start, local indptr, indices, data) per row chunk; the next chunk is read while this one is used."""
+    """(start, local indptr, indices, data) per row chunk; the next chunk is read while this one is used.
+
+    Two sets of buffers, sized for the largest chunk, are reused in turn (fresh arrays per chunk
+    cost more in page faults than the read itself); a yielded chunk is valid until the next one.
+    """
     x = store["X"]
     indptr = x["indptr"][:].astype(np.int64)
     n = len(indptr) - 1
+    starts = list(range(0, n, chunk_cells))
+    if not starts:
+        return
+    largest = int(np.diff(np.append(indptr[starts], indptr[-1])).max())
+    names = ("indices", "data") if with_data else ("indices",)
+    buffers = [{name: np.empty(largest, x[name].dtype) for name in names} for _ in range(2)]
 
-    def read(start: int) -> tuple:
+    def read(number: int) -> tuple:
+        start = starts[number]
         stop = min(n, start + chunk_cells)
         lo, hi = int(indptr[start]), int(indptr[stop])
-        data = x["data"][lo:hi] if with_data else None
-        return start, indptr[start:stop + 1] - lo, x["indices"][lo:hi], data
+        out = {}
+        for name in names:
+            out[name] = buffers[number % 2][name][: hi - lo]
+            if hi > lo:
+                x[name].read_direct(out[name], np.s_[lo:hi], np.s_[0:hi - lo])
+        return start, indptr[start:stop + 1] - lo, out["indices"], out.get("data")
 
-    starts = list(range(0, n, chunk_cells))
     with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(read, starts[0]) if starts else None
-        for i in range(len(starts)):
+        pending = reader.submit(read, 0)
+        for number in range(len(starts)):
             chunk = pending.result()
-            pending = reader.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            if number + 1 < len(starts):
+                pending = reader.submit(read, number + 1)
             yield chunk
 
 
