@@ -48,6 +48,22 @@ def cmd_discover(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.load import LoadError, load_mirrored_release
+    from etl.mirror import NotMirroredError
+
+    try:
+        report = load_mirrored_release(settings, args.release, args.dataset)
+    except NotMirroredError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except LoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(report.lines()))
+    return EXIT_OK
+
+
 def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     from etl.fixtures import FixtureSpec, make_bucket
 
@@ -95,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     source_flags(discover)
     database_flag(discover)
     discover.set_defaults(handler=cmd_discover)
+
+    load = commands.add_parser("load", help="load a mirrored release's metadata into PostgreSQL and publish it")
+    load.add_argument("--release", required=True, help="release version YYYYMMDD")
+    load.add_argument("--dataset", action="append", help="only this dataset (repeatable); others are kept")
+    database_flag(load)
+    load.set_defaults(handler=cmd_load)
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from etl import db
+from etl.config import Settings
 from etl.publish import STAGING_SCHEMA, create_staging_table, index_staging_table, publish, staging_name
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class FileLoad:
     file: MetadataFile
     rows: int = 0
     unknown_columns: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -91,7 +94,7 @@ class LoadReport:
     table_rows: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = [f"{f.file.relative_path} -> abc.{f.file.table}: {f.rows} rows"
+        out = [f"{f.file.relative_path} -> abc.{f.file.table}: {f.rows} rows in {f.seconds:.1f} s"
                + (f"; unknown columns kept in extra: {', '.join(f.unknown_columns)}" if f.unknown_columns else "")
                for f in self.loaded]
         out += [f"{f.relative_path}: not loaded ({f.note})" for f in self.ignored]
@@ -186,6 +189,7 @@ def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known
         chunks = _transformed_chunks(file, keep, unknown)
     else:
         statement, chunks = _copy_statement(target, columns), _raw_chunks(file.path)
+    started = time.perf_counter()
     try:
         with conn.cursor() as cursor:
             with cursor.copy(statement) as copy:
@@ -197,7 +201,7 @@ def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known
     if unknown:
         log.warning("%s: columns not in abc.%s kept in extra: %s", file.relative_path, file.table,
                     ", ".join(name for _, name in unknown))
-    return FileLoad(file, rows, [name for _, name in unknown])
+    return FileLoad(file, rows, [name for _, name in unknown], time.perf_counter() - started)
 
 
 def _describe_copy_error(exc: psycopg.Error) -> str:
@@ -448,3 +452,16 @@ def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd
     return pd.read_csv(buffer, dtype={"cell_label": str, "cluster_alias": "Int64",
                                       "region_of_interest_acronym": str, "feature_matrix_label": str},
                        keep_default_na=False, na_values=[""])
+
+
+def load_mirrored_release(settings: Settings, release: str, datasets: list[str] | None = None,
+                          publish_now: bool = True) -> LoadReport:
+    """Load a release's metadata from the mirror: only files mirrored and verified against the manifest."""
+    from etl.mirror import release_files_on_disk
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        files = release_files_on_disk(settings, engine, release, datasets=datasets, kinds=["metadata"])
+    finally:
+        engine.dispose()
+    return load_release_metadata(settings.database_url, release, files, datasets, publish_now)
