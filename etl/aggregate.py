@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import anndata as ad
 import h5py
@@ -46,7 +46,11 @@ from numba import types
 from numba.extending import intrinsic
 from psycopg import sql
 
-from etl.publish import create_staging_table, index_staging_table, publish
+from etl import db
+from etl.config import Settings
+from etl.load import cell_assignments
+from etl.mirror import release_files_on_disk
+from etl.publish import STAGING_SCHEMA, create_staging_table, index_staging_table, publish, staging_name
 
 log = logging.getLogger(__name__)
 
@@ -716,3 +720,93 @@ def _carry_over(conn: psycopg.Connection, release: str, replaced: list[str],
     for table, target in staged.items():
         conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
             target, sql.Identifier("abc", table)), (release, replaced))
+
+
+# --- a mirrored, loaded release: planning, per-file work, merge (CLI and DAG) ------------------
+
+def _staged_or_published(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
+    """The metadata load's staging table while it is not yet published, else the published table."""
+    name = staging_name(table, release)
+    staged = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{name}",)).fetchone()[0]
+    return sql.Identifier(STAGING_SCHEMA, name) if staged is not None else sql.Identifier("abc", table)
+
+
+def release_taxonomy(conn: psycopg.Connection, release: str) -> pd.DataFrame:
+    """The release's cluster membership, as loaded by the metadata stage."""
+    columns = ["cluster_alias", "cluster_annotation_term_set_name", "cluster_annotation_term_label",
+               "cluster_annotation_term_name"]
+    rows = conn.execute(sql.SQL("SELECT {} FROM {} WHERE release = %s").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)), _staged_or_published(conn, "cluster_membership", release)),
+        (release,)).fetchall()
+    if not rows:
+        raise AggregationError(f"release {release}: no taxonomy loaded; load the release's metadata first")
+    return pd.DataFrame(rows, columns=columns)
+
+
+def plan_release(settings: Settings, conn: psycopg.Connection, release: str,
+                 datasets: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """One work item per (metadata dataset, mirrored h5ad file holding its cells), ``-log2`` preferred.
+
+    A cell's ``feature_matrix_label`` names its file's tag; the consensus WMB cells live in the
+    WMB-10Xv2/v3 matrices, so items are planned from the loaded cells, not from directory names.
+    """
+    labels = conn.execute(sql.SQL(
+        "SELECT DISTINCT dataset, feature_matrix_label FROM {} WHERE release = %s "
+        "AND feature_matrix_label IS NOT NULL").format(_staged_or_published(conn, "cell", release)),
+        (release,)).fetchall()
+    wanted = {(d, label) for d, label in labels if not datasets or d in datasets}
+    missing_datasets = set(datasets or []) - {d for d, _ in wanted}
+    if missing_datasets or not wanted:
+        raise AggregationError(f"release {release}: no loaded cells for datasets "
+                               f"{sorted(missing_datasets) or 'any'}; load the release's metadata first")
+    engine = db.make_engine(settings.database_url)
+    try:
+        files = release_files_on_disk(settings, engine, release, kinds=["expression_matrices"])
+    finally:
+        engine.dispose()
+    by_tag: dict[str, tuple[str, Path]] = {}
+    for key, path in files.items():
+        if not key.endswith(".h5ad"):
+            continue
+        tag = PurePosixPath(key).name.rsplit("-", 1)[0]
+        if tag not in by_tag or normalization_of(path) == "log2":
+            by_tag[tag] = (key, path)
+    unmatched = sorted(f"{d}:{label}" for d, label in wanted if label not in by_tag)
+    if unmatched:
+        raise AggregationError(f"release {release}: no mirrored matrix for feature_matrix_label {unmatched[:5]}")
+    return [{"dataset": d, "key": by_tag[label][0], "path": str(by_tag[label][1])} for d, label in sorted(wanted)]
+
+
+def default_work_dir(settings: Settings, release: str) -> Path:
+    """Partials go beside the mirror, so every worker that reads the mirror sees them."""
+    return settings.mirror_path / ".abc-work" / release / "aggregate"
+
+
+def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
+                   chunk_cells: int = DEFAULT_CHUNK_CELLS) -> dict[str, str]:
+    """Aggregate one planned file for one dataset into its partial; safe to re-run (rewritten whole)."""
+    out = Path(work_dir) / item["dataset"] / (PurePosixPath(item["key"]).name + ".npz")
+    with db.copy_connection(settings.database_url) as conn:
+        assignments = cell_assignments(conn, release, item["dataset"])
+        taxonomy = release_taxonomy(conn, release)
+    aggregate_file(Path(item["path"]), assignments, taxonomy, out, chunk_cells=chunk_cells)
+    return {"dataset": item["dataset"], "partial": str(out)}
+
+
+def publish_items(settings: Settings, release: str, done: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Merge the partials of the aggregated items per dataset and publish the expression tables."""
+    partials: dict[str, list[Path]] = {}
+    for item in done:
+        partials.setdefault(item["dataset"], []).append(Path(item["partial"]))
+    with db.copy_connection(settings.database_url) as conn:
+        return merge_and_publish(conn, release, partials, release_taxonomy(conn, release))
+
+
+def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] | None = None,
+                      work_dir: Path | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS) -> dict[str, int]:
+    """The whole stage in one process: plan, aggregate every file, merge and publish."""
+    with db.copy_connection(settings.database_url) as conn:
+        items = plan_release(settings, conn, release, datasets)
+    work = Path(work_dir) if work_dir else default_work_dir(settings, release)
+    done = [aggregate_item(settings, release, item, work, chunk_cells) for item in items]
+    return publish_items(settings, release, done)

@@ -88,6 +88,24 @@ def cmd_fixture_serve(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
+    from etl.aggregate import AggregationError, aggregate_release
+    from etl.mirror import NotMirroredError
+
+    try:
+        entries = aggregate_release(settings, args.release, args.dataset,
+                                    Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
+    except NotMirroredError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except AggregationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for dataset, count in entries.items():
+        print(f"{dataset}: {count} (group, gene) entries published for release {args.release}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abc-mirror", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -132,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("directory")
     serve.add_argument("--port", type=int)
     serve.set_defaults(handler=cmd_fixture_serve)
+
+    aggregate = commands.add_parser("aggregate", help="aggregate a loaded release's expression, publish it")
+    aggregate.add_argument("--release", required=True, help="release version YYYYMMDD")
+    aggregate.add_argument("--dataset", action="append", help="only this metadata dataset (repeatable)")
+    aggregate.add_argument("--chunk-cells", type=int, default=10_000,
+                           help="cells per read chunk: more is faster and holds more memory (16 B per non-zero)")
+    aggregate.add_argument("--work-dir", help="where per-file partial results go (default: beside the mirror)")
+    database_flag(aggregate)
+    aggregate.set_defaults(handler=cmd_aggregate)
     return parser
 
 
