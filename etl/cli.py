@@ -64,6 +64,44 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_mirror(args: argparse.Namespace, settings: Settings) -> int:
+    from botocore.exceptions import ClientError
+
+    from etl import db
+    from etl.mirror import InsufficientSpaceError, mirror_release
+    from etl.transfer import parse_rate
+
+    settings = settings.with_overrides(mirror_root=args.target, workers=args.workers)
+    engine = db.make_engine(settings.database_url)
+    try:
+        report = mirror_release(
+            settings, engine, args.release, datasets=args.dataset, kinds=args.kind, normalizations=args.normalization,
+            verify=args.verify, dry_run=args.dry_run, max_bandwidth=parse_rate(args.max_bandwidth),
+            part_size=args.part_size << 20 if args.part_size else None, target_endpoint_url=args.target_endpoint_url,
+            progress=False if args.no_progress else None)
+    except InsufficientSpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except ClientError as exc:
+        print(f"error: release {args.release}: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print("\n".join(report.lines()))
+    if report.failed:
+        print(f"error: {len(report.failed)} files failed: {', '.join(sorted(report.failed))}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import db
+    from etl.mirror import status_lines, target_name
+
+    settings = settings.with_overrides(mirror_root=args.target)
+    print("\n".join(status_lines(db.make_engine(settings.database_url), target_name(settings.mirror_root),
+                                 args.release)))
+    return EXIT_OK
+
+
 def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     from etl.fixtures import FixtureSpec, make_bucket
 
@@ -135,6 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--dataset", action="append", help="only this dataset (repeatable); others are kept")
     database_flag(load)
     load.set_defaults(handler=cmd_load)
+
+    mirror = commands.add_parser("mirror", help="mirror a release's files, verified against its manifest")
+    mirror.add_argument("--release", required=True, help="release version YYYYMMDD")
+    mirror.add_argument("--target", help="local directory or s3://bucket/prefix (env ABC_MIRROR_ROOT)")
+    mirror.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    mirror.add_argument("--kind", action="append", help="only this kind, e.g. metadata, expression_matrices")
+    mirror.add_argument("--normalization", action="append", choices=["raw", "log2"],
+                        help="only this matrix normalization (repeatable)")
+    mirror.add_argument("--dry-run", action="store_true", help="say what would be fetched, change nothing")
+    mirror.add_argument("--verify", action="store_true", help="re-hash files already mirrored instead of trusting "
+                        "their records")
+    mirror.add_argument("--max-bandwidth", help="cap, e.g. 50M or 1.5G (bytes per second)")
+    mirror.add_argument("--workers", type=int, help="parallel transfers (env ABC_WORKERS)")
+    mirror.add_argument("--part-size", type=int, help="MiB per ranged GET of a large file (default 32)")
+    mirror.add_argument("--target-endpoint-url", help="S3 endpoint of an s3:// target, if not the default")
+    mirror.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    source_flags(mirror)
+    database_flag(mirror)
+    mirror.set_defaults(handler=cmd_mirror)
+
+    status = commands.add_parser("status", help="releases' mirror status and the last run's integrity report")
+    status.add_argument("--release", help="only this release")
+    status.add_argument("--target", help="mirror target (env ABC_MIRROR_ROOT)")
+    database_flag(status)
+    status.set_defaults(handler=cmd_status)
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)

@@ -93,6 +93,17 @@ def _record_release(conn: sa.Connection, fetched: FetchedObject, manifest: Manif
         )
 
 
+def ensure_release_recorded(engine: Engine, fetched: FetchedObject, manifest: Manifest) -> bool:
+    """Record a release unless this very manifest (same MD5) already is; True if rows were written."""
+    with engine.begin() as conn:
+        known = conn.execute(sa.text("SELECT manifest_md5 FROM abc.release WHERE version = :v"),
+                             {"v": manifest.version}).scalar()
+        if known == fetched.md5:
+            return False
+        _record_release(conn, fetched, manifest)
+    return True
+
+
 def _record_problem(engine: Engine, fetched: FetchedObject, problem: str) -> None:
     with engine.begin() as conn:
         conn.execute(

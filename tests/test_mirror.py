@@ -2,37 +2,334 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from botocore.client import BaseClient
 
-from etl import source
+from etl import cli, source
+from etl.config import Settings
 from etl.discovery import discover
-from etl.fixtures import NEW_RELEASE, OLD_RELEASE, md5_of_file
-from etl.mirror import NotMirroredError, release_files_on_disk
+from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, md5_of_file, write_manifest
+from etl.manifest import ManifestError, UnsafeKeyError
+from etl.mirror import InsufficientSpaceError, LocalRoot, NotMirroredError, mirror_release, release_files_on_disk
+from etl.s3server import S3Server, start_s3_server
+from tests.conftest import REPO
+
+VOLUME = "image_volumes/Test-Volume/20251031/sub/volume.nii.gz"
+VOLUME_SIZE = 10 * (1 << 20) + 12345  # several ranged parts locally; a multipart upload to S3
+SMALL_PARTS = 256 << 10
 
 
-def _record_by_hand(engine, settings, generated_bucket, release: str) -> None:
-    """Copy a release's files into the mirror and record them, as a finished mirror run would."""
+def _add_volume(bucket_dir: Path) -> None:
+    """A large file of another kind, one level deeper, listed by both releases."""
+    path = bucket_dir / VOLUME
+    path.parent.mkdir(parents=True)
+    path.write_bytes(hashlib.shake_256(b"volume").digest(VOLUME_SIZE))
+    for release in (OLD_RELEASE, NEW_RELEASE):
+        write_manifest(bucket_dir, release)
+
+
+@pytest.fixture(scope="module")
+def mirror_source(generated_bucket, tmp_path_factory) -> Path:
+    """The generated bucket plus a large volume file (the session bucket itself stays untouched)."""
+    root = tmp_path_factory.mktemp("mirror-source")
+    shutil.copytree(generated_bucket.root, root, dirs_exist_ok=True)
+    _add_volume(root / BUCKET)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mirror_server(mirror_source):
+    server = start_s3_server(mirror_source)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def msettings(mirror_server: S3Server, database_url: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=database_url, endpoint_url=mirror_server.endpoint_url,
+                    mirror_root=str(tmp_path / "mirror"), workers=4)
+
+
+def _manifest_files(bucket_dir: Path, release: str) -> dict[str, dict]:
+    from etl.manifest import parse_manifest
+
+    key = f"releases/{release}/manifest.json"
+    return {f.relative_path: f for f in parse_manifest((bucket_dir / key).read_bytes(), key).files}
+
+
+def _release_row(engine, release: str):
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT status, mirrored_at, last_error FROM abc.release WHERE version = :r"),
+                            {"r": release}).one()
+
+
+def test_full_mirror_then_nothing_then_only_what_changed(msettings, engine, mirror_source):
+    bucket_dir = mirror_source / BUCKET
+    old_files = _manifest_files(bucket_dir, OLD_RELEASE)
+    first = mirror_release(msettings, engine, OLD_RELEASE, part_size=SMALL_PARTS, progress=False)
+    assert first.failed == {} and first.fetched == len(old_files) == first.selected
+    assert first.bytes_fetched == sum(f.size for f in old_files.values())
+    root = msettings.mirror_path
+    for key, f in old_files.items():
+        assert (root / key).read_bytes() == (bucket_dir / key).read_bytes(), key
+        assert md5_of_file(root / key) == f.md5
+    manifest_key = f"releases/{OLD_RELEASE}/manifest.json"
+    assert (root / manifest_key).read_bytes() == (bucket_dir / manifest_key).read_bytes()
+    assert not list(root.rglob("*.partial*"))
+    assert _release_row(engine, OLD_RELEASE).status == "mirrored"
+    assert set(release_files_on_disk(msettings, engine, OLD_RELEASE)) == set(old_files)
+    with engine.connect() as conn:
+        listed = conn.execute(sa.text("SELECT count(*) FROM abc.mirrored_release_file WHERE release = :r "
+                                      "AND target = :t AND etag IS NOT NULL"),
+                              {"r": OLD_RELEASE, "t": str(root)}).scalar_one()
+    assert listed == len(old_files)
+
+    second = mirror_release(msettings, engine, OLD_RELEASE, progress=False)
+    assert (second.fetched, second.copied, second.bytes_fetched, second.failed) == (0, 0, 0, {})
+    assert second.skipped == second.ok == len(old_files) and second.adopted == 0
+
+    new_files = _manifest_files(bucket_dir, NEW_RELEASE)
+    changed = {k for k in new_files if k not in old_files}
+    assert changed and all(k.startswith(f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/") for k in changed)
+    newer = mirror_release(msettings, engine, NEW_RELEASE, progress=False)
+    assert newer.failed == {} and newer.skipped == len(new_files) - len(changed)
+    # gene.csv did not change between the directories: copied locally, not downloaded.
+    assert newer.copied >= 1 and newer.fetched + newer.copied == len(changed)
+    assert newer.bytes_fetched < sum(new_files[k].size for k in changed)
+    assert all(md5_of_file(root / k) == new_files[k].md5 for k in changed)
+    assert _release_row(engine, NEW_RELEASE).status == "mirrored"
+
+    verified = mirror_release(msettings, engine, NEW_RELEASE, verify=True, progress=False)
+    assert verified.adopted == len(new_files) and verified.bytes_fetched == 0
+
+    status = "\n".join(cli_output(["status", "--target", str(root), "--database-url", msettings.database_url]))
+    assert f"release {OLD_RELEASE}: mirrored" in status and f"{len(old_files)} of {len(old_files)} files" in status
+    assert "fetched 0" in status and "failed 0" in status
+
+
+def cli_output(argv: list[str], capsys=None) -> list[str]:
+    """Run the CLI in-process and return its standard output lines."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    assert code == 0, out.getvalue()
+    return out.getvalue().splitlines()
+
+
+def test_files_copied_by_other_means_are_adopted_and_bad_ones_replaced(msettings, engine, mirror_source):
+    root = msettings.mirror_path
+    files = _manifest_files(mirror_source / BUCKET, OLD_RELEASE)
+    for key in files:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mirror_source / BUCKET / key, root / key)
+    damaged = next(k for k in files if k.endswith(".csv"))
+    data = bytearray((root / damaged).read_bytes())
+    data[10] ^= 0xFF
+    (root / damaged).write_bytes(bytes(data))
+
+    dry = mirror_release(msettings, engine, OLD_RELEASE, dry_run=True)
+    assert dry.dry_run and dry.adopted == len(files) and dry.fetched == 0
+    report = mirror_release(msettings, engine, OLD_RELEASE, progress=False)
+    assert report.failed == {} and report.fetched == 1 and report.adopted == len(files) - 1
+    assert report.bytes_fetched == files[damaged].size
+    assert md5_of_file(root / damaged) == files[damaged].md5
+
+
+def test_dry_run_changes_nothing(msettings, engine):
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], dry_run=True)
+    assert report.fetched == report.selected > 0 and report.bytes_to_fetch > 0
+    assert not msettings.mirror_path.exists()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release")).scalar_one() == 0
+
+
+def test_selection_by_dataset_kind_and_normalization(msettings, engine):
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["expression_matrices"],
+                            normalizations=["raw"], progress=False)
+    assert report.failed == {} and report.fetched == report.selected > 0
+    on_disk = [p for p in msettings.mirror_path.rglob("*.h5ad")]
+    assert on_disk and all(p.name.endswith("-raw.h5ad") for p in on_disk)
+    # Only part of the release is there: it is not 'mirrored', and loading refuses the rest.
+    assert _release_row(engine, OLD_RELEASE).status == "upstream"
+    with pytest.raises(NotMirroredError, match="not mirrored and verified"):
+        release_files_on_disk(msettings, engine, OLD_RELEASE, kinds=["metadata"])
+
+
+def test_killed_download_resumes_from_its_partial(msettings, engine, mirror_source):
+    env = {**os.environ, "ABC_DATABASE_URL": msettings.database_url, "AWS_ENDPOINT_URL_S3": msettings.endpoint_url}
+    command = [sys.executable, "-m", "etl.cli", "mirror", "--release", OLD_RELEASE, "--target", msettings.mirror_root,
+               "--dataset", "Test-Volume", "--part-size", "1", "--workers", "2", "--max-bandwidth", "3M",
+               "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sidecar = msettings.mirror_path / (VOLUME + ".partial.json")
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if len(json.loads(sidecar.read_text())["done"]) >= 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            assert process.poll() is None, "the mirror finished before it could be killed"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert (msettings.mirror_path / (VOLUME + ".partial")).exists()
+    assert not (msettings.mirror_path / VOLUME).exists()
+
+    report = mirror_release(msettings, engine, OLD_RELEASE, datasets=["Test-Volume"], progress=False)
+    assert report.failed == {} and report.fetched == 1
+    assert 0 < report.bytes_fetched <= VOLUME_SIZE - 3 * (1 << 20)
+    assert (msettings.mirror_path / VOLUME).read_bytes() == (mirror_source / BUCKET / VOLUME).read_bytes()
+    assert not sidecar.exists()
+
+
+@pytest.fixture(scope="module")
+def tampered_server(mirror_source, tmp_path_factory):
+    """A copy whose objects no longer match the manifest: a small CSV and the large volume, same sizes."""
+    root = tmp_path_factory.mktemp("tampered")
+    shutil.copytree(mirror_source, root, dirs_exist_ok=True)
+    bucket_dir = root / BUCKET
+    for key in (VOLUME, f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"):
+        data = bytearray((bucket_dir / key).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (bucket_dir / key).write_bytes(bytes(data))
+    server = start_s3_server(root)
+    yield server
+    server.stop()
+
+
+def test_corrupted_objects_are_never_placed(tampered_server, msettings, engine, capsys, monkeypatch):
+    settings = Settings(database_url=msettings.database_url, endpoint_url=tampered_server.endpoint_url,
+                        mirror_root=msettings.mirror_root, workers=4)
+    bad = {VOLUME, f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"}
+    monkeypatch.setattr("etl.mirror.backoff_delay", lambda attempt: 0.0)
+    report = mirror_release(settings, engine, OLD_RELEASE, part_size=SMALL_PARTS, progress=False)
+    assert set(report.failed) == bad
+    assert all("differs from the manifest" in why and "attempt 3 of 3" in why for why in report.failed.values())
     root = settings.mirror_path
-    rows = []
-    for key in generated_bucket.files[release]:
-        path = root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(generated_bucket.bucket_dir / key, path)
-        rows.append({"t": str(root), "k": key, "s": path.stat().st_size, "m": md5_of_file(path),
-                     "n": path.stat().st_mtime_ns, "p": str(path)})
-    with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO abc.mirror_object (target, relative_path, size, md5, mtime_ns, local_path) "
-                             "VALUES (:t, :k, :s, :m, :n, :p)"), rows)
+    for key in bad:
+        assert not (root / key).exists() and not (root / (key + ".partial")).exists()
+    assert report.ok == report.selected - 2
+    row = _release_row(engine, OLD_RELEASE)
+    assert row.status == "failed" and "donor.csv" in row.last_error
+    with pytest.raises(NotMirroredError, match="donor.csv"):
+        release_files_on_disk(settings, engine, OLD_RELEASE)
+
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
+    capsys.readouterr()
+    code = cli.main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert "2 files failed" in captured.err and VOLUME in captured.err and "donor.csv" in captured.err
+    assert "fetched 0" in captured.out  # the good files were not fetched again
+
+
+def test_hostile_keys_and_symlinks_are_refused(msettings, engine, tmp_path):
+    root = LocalRoot(tmp_path / "dest")
+    for key in ("../escape.csv", "/etc/passwd", "a/../../b", "a//b", "./a"):
+        with pytest.raises(UnsafeKeyError):
+            root.path(key)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mirror_root = msettings.mirror_path
+    mirror_root.mkdir(parents=True)
+    (mirror_root / "metadata").symlink_to(outside, target_is_directory=True)
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert report.failed and all("symlink" in why for why in report.failed.values())
+    assert report.fetched == 0 and list(outside.iterdir()) == []
+
+
+def test_manifest_with_hostile_key_is_refused_whole(mirror_source, tmp_path, database_url, engine):
+    root = tmp_path / "served"
+    shutil.copytree(mirror_source, root)
+    path = root / BUCKET / "releases" / OLD_RELEASE / "manifest.json"
+    doc = json.loads(path.read_text())
+    entry = doc["file_listing"][CONSENSUS_WMB]["metadata"]["donor"]["files"]["csv"]
+    entry["relative_path"] = "../../outside.csv"
+    path.write_text(json.dumps(doc))
+    server = start_s3_server(root)
+    try:
+        settings = Settings(database_url=database_url, endpoint_url=server.endpoint_url,
+                            mirror_root=str(tmp_path / "mirror"))
+        with pytest.raises(ManifestError, match=r"\.\./\.\./outside\.csv"):
+            mirror_release(settings, engine, OLD_RELEASE, progress=False)
+    finally:
+        server.stop()
+    assert not (tmp_path / "mirror").exists() and not (tmp_path / "outside.csv").exists()
+
+
+def test_disk_space_preflight_fails_before_fetching(msettings, engine):
+    with pytest.raises(InsufficientSpaceError, match="still to fetch but only 0.00 GB free"):
+        mirror_release(msettings, engine, OLD_RELEASE, free_space=lambda path: 1000, progress=False)
+    assert not list(msettings.mirror_path.rglob("*.*")) if msettings.mirror_path.exists() else True
+    # Metadata alone fits.
+    metadata_bytes = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], dry_run=True).bytes_to_fetch
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], progress=False,
+                            free_space=lambda path: metadata_bytes)
+    assert report.failed == {} and report.fetched == report.selected
+
+
+def test_s3_target(msettings, engine, mirror_source, tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    calls: list[str] = []
+    make_api_call = BaseClient._make_api_call
+
+    def spy(self, operation, params):
+        calls.append(operation)
+        return make_api_call(self, operation, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", spy)
+    (tmp_path / "target" / "mirror-target").mkdir(parents=True)
+    target_server = start_s3_server(tmp_path / "target")
+    try:
+        settings = Settings(database_url=msettings.database_url, endpoint_url=msettings.endpoint_url,
+                            mirror_root="s3://mirror-target/abc/", workers=4)
+        files = _manifest_files(mirror_source / BUCKET, OLD_RELEASE)
+        report = mirror_release(settings, engine, OLD_RELEASE, target_endpoint_url=target_server.endpoint_url,
+                                part_size=SMALL_PARTS, progress=False)
+        assert report.failed == {} and report.fetched == len(files) and report.target == "s3://mirror-target/abc"
+        target = source.make_client(Settings(endpoint_url=target_server.endpoint_url))
+        assert calls.count("UploadPart") == 2 and calls.count("CompleteMultipartUpload") == 1  # the volume
+        for key, f in files.items():
+            body = target.get_object(Bucket="mirror-target", Key=f"abc/{key}")["Body"].read()
+            assert hashlib.md5(body).hexdigest() == f.md5, key
+        manifest_key = f"releases/{OLD_RELEASE}/manifest.json"
+        manifest = target.get_object(Bucket="mirror-target", Key=f"abc/{manifest_key}")
+        assert manifest["Body"].read() == (mirror_source / BUCKET / manifest_key).read_bytes()
+        assert _release_row(engine, OLD_RELEASE).status == "mirrored"
+
+        again = mirror_release(settings, engine, OLD_RELEASE, target_endpoint_url=target_server.endpoint_url,
+                               progress=False)
+        assert (again.fetched, again.bytes_fetched, again.skipped) == (0, 0, len(files))
+    finally:
+        target_server.stop()
 
 
 def test_release_files_on_disk_requires_verified_records(settings, engine, generated_bucket):
     discover(source.make_client(settings), settings, engine)
     with pytest.raises(NotMirroredError, match=OLD_RELEASE):
         release_files_on_disk(settings, engine, OLD_RELEASE)
-    _record_by_hand(engine, settings, generated_bucket, OLD_RELEASE)
+    mirror_release(settings, engine, OLD_RELEASE, progress=False)
     files = release_files_on_disk(settings, engine, OLD_RELEASE, kinds=["metadata"])
     assert files and all(key.startswith("metadata/") for key in files)
     assert all(path.read_bytes() == (generated_bucket.bucket_dir / key).read_bytes() for key, path in files.items())

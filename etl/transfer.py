@@ -1,0 +1,454 @@
+"""Moving bytes for the mirror: parallel ranged GETs into a resumable ``.partial`` file or an S3 upload.
+
+Every transfer is checked against the manifest's size and MD5 before anything becomes visible:
+a local file is renamed from ``<name>.partial`` only after its whole content hashed right, and an
+S3 upload is completed only then (a multipart upload is aborted otherwise). Large files are split
+into byte ranges fetched by a shared pool of threads and written in place with ``os.pwrite``;
+the MD5 is computed in order by the file's own thread while later ranges still arrive. The
+ranges already on disk are listed in ``<name>.partial.json`` (written after an fdatasync), so an
+interrupted download continues where it stopped. Memory stays at a few MiB per thread for local
+targets and at a bounded number of parts for S3 targets, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from base64 import b64encode
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from botocore.client import BaseClient
+from botocore.exceptions import BotoCoreError, ClientError
+
+MiB = 1 << 20
+PART_SIZE = 32 * MiB
+S3_MIN_PART_SIZE = 8 * MiB  # S3 refuses multipart parts under 5 MiB; 8 MiB keeps part counts sane
+MAX_PARTS = 9000  # below S3's 10,000-part limit; also keeps the resume sidecar small
+READ_CHUNK = 1 * MiB
+HASH_CHUNK = 4 * MiB
+PART_ATTEMPTS = 6
+PERSIST_EVERY_S = 1.0
+PARTIAL_SUFFIX = ".partial"
+SIDECAR_SUFFIX = ".partial.json"
+RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"}
+
+
+class TransferError(RuntimeError):
+    """A file could not be transferred. ``retry_file``: a fresh attempt at the whole file may help."""
+
+    def __init__(self, message: str, retry_file: bool = False) -> None:
+        super().__init__(message)
+        self.retry_file = retry_file
+
+
+@dataclass(frozen=True)
+class FileJob:
+    key: str
+    size: int
+    md5: str
+
+
+def parse_rate(text: str | None) -> float | None:
+    """``50M``, ``1.5G``, ``800k`` or plain bytes per second -> bytes per second (None: unlimited)."""
+    if not text:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("/s").removesuffix("b")
+    factor = units.get(text[-1:], 1)
+    value = float(text[:-1] if text[-1:] in units else text) * factor
+    if value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be positive")
+    return value
+
+
+class RateLimiter:
+    """A token bucket shared by all transfer threads: ``--max-bandwidth``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate / 4, READ_CHUNK)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+        self.lock = threading.Lock()
+
+    def acquire(self, n: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate) - n
+            self.updated = now
+            wait_s = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait_s:
+            time.sleep(wait_s)
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.get("Code") in RETRYABLE_CODES or status == 429 or status >= 500
+    return isinstance(exc, BotoCoreError | OSError | _ShortRead)
+
+
+class _ShortRead(Exception):
+    """The connection ended before the requested range did."""
+
+
+def backoff_delay(attempt: int, base: float = 0.2, cap: float = 20.0) -> float:
+    """Exponential backoff with full jitter, so throttled workers do not retry in step."""
+    return random.uniform(0, min(cap, base * 2 ** attempt))
+
+
+def _content_total(response: dict) -> int | None:
+    content_range = response.get("ContentRange") or ""
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+@dataclass
+class _Sidecar:
+    """What a ``.partial`` holds: the ranges that reached disk, for the manifest entry it was started for."""
+
+    path: Path
+    size: int
+    md5: str
+    part_size: int
+    etag: str | None
+    done: set[int]
+
+    @classmethod
+    def load(cls, path: Path, partial: Path, job: FileJob, part_size: int) -> _Sidecar:
+        fresh = cls(path, job.size, job.md5, part_size, None, set())
+        try:
+            doc = json.loads(path.read_text())
+            if (doc["size"], doc["md5"]) != (job.size, job.md5) or partial.stat().st_size != job.size:
+                return fresh
+            return cls(path, job.size, job.md5, int(doc["part_size"]), doc.get("etag"), set(doc["done"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return fresh
+
+    def save(self, fd: int) -> None:
+        os.fdatasync(fd)  # the ranges listed must really be on disk
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as handle:
+            json.dump({"size": self.size, "md5": self.md5, "part_size": self.part_size, "etag": self.etag,
+                       "done": sorted(self.done)}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+
+def read_chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of an open file, in chunks; positional reads, so threads may share ``fd``."""
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
+        if not chunk:
+            raise TransferError(f"file ended at byte {pos}, expected {end}")
+        yield chunk
+        pos += len(chunk)
+
+
+def file_md5(path: Path) -> tuple[str, os.stat_result]:
+    """MD5 of a whole file and its stat taken before reading (what a record of it must match)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        digest = hashlib.md5()
+        for chunk in read_chunks(fd, 0, st.st_size):
+            digest.update(chunk)
+        return digest.hexdigest(), st
+    finally:
+        os.close(fd)
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+class Transfer:
+    """One mirror run's transfer machinery: source client, part pool, bandwidth cap, byte counter."""
+
+    def __init__(self, client: BaseClient, bucket: str, *, workers: int, part_size: int = PART_SIZE,
+                 max_bandwidth: float | None = None, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.workers = workers
+        self.part_size = part_size
+        self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
+        self.on_bytes = on_bytes
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirror-part")
+        self.stopped = threading.Event()  # set on interrupt: transfers stop at the next chunk
+        # S3 targets hold parts in memory until hashed and uploaded: at most this many at once.
+        self.buffer_slots = threading.Semaphore(workers + 2)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def part_size_for(self, size: int, minimum: int) -> int:
+        """Parts of ``part_size`` (at least ``minimum``), larger when a file would need too many."""
+        wanted = max(self.part_size, minimum, -(-size // MAX_PARTS))
+        return -(-wanted // MiB) * MiB if wanted > MiB else wanted
+
+    # -- reading the source -------------------------------------------------------------------
+
+    def read_range(self, key: str, start: int, end: int, expected_total: int,
+                   write: Callable[[int, bytes], None]) -> str:
+        """GET bytes [start, end) of ``key``, handing each chunk and its offset to ``write``; returns the ETag.
+
+        Transient failures (throttling, 5xx, dropped connections) are retried with backoff,
+        continuing from the last byte received rather than from the start of the range.
+        """
+        pos, attempt = start, 0
+        while True:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={pos}-{end - 1}")
+                total = _content_total(response)
+                if total is not None and total != expected_total:
+                    raise TransferError(f"source object is {total} bytes, the manifest says {expected_total}")
+                body = response["Body"]
+                while pos < end:
+                    chunk = body.read(min(READ_CHUNK, end - pos))
+                    if self.stopped.is_set():
+                        raise TransferError("interrupted")
+                    if not chunk:
+                        raise _ShortRead(f"{key}: connection ended at byte {pos} of range {start}-{end}")
+                    if self.limiter:
+                        self.limiter.acquire(len(chunk))
+                    write(pos, chunk)
+                    pos += len(chunk)
+                    self.on_bytes(len(chunk))
+                body.close()
+                return response.get("ETag", "").strip('"')
+            except TransferError:
+                raise
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if not _retryable(exc):
+                    raise TransferError(f"GET failed: {code or exc}") from exc
+                attempt = self._after_failure(key, attempt, exc)
+            except Exception as exc:
+                if not _retryable(exc):
+                    raise
+                attempt = self._after_failure(key, attempt, exc)
+
+    def _after_failure(self, key: str, attempt: int, exc: Exception) -> int:
+        attempt += 1
+        if attempt >= PART_ATTEMPTS:
+            raise TransferError(f"gave up after {attempt} attempts: {exc}") from exc
+        time.sleep(backoff_delay(attempt))
+        return attempt
+
+    def _head_etag(self, job: FileJob) -> str:
+        """An empty file is never fetched; only its existence and size are confirmed."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=job.key)
+        except ClientError as exc:
+            raise TransferError(f"HEAD failed: {exc.response.get('Error', {}).get('Code', exc)}") from exc
+        if head.get("ContentLength") != job.size:
+            raise TransferError(f"source object is {head.get('ContentLength')} bytes, the manifest says {job.size}")
+        return head.get("ETag", "").strip('"')
+
+    # -- parts in parallel, hashed in order ---------------------------------------------------
+
+    def _run_parts(self, job: FileJob, part_size: int, done: set[int], fetch_part: Callable[[int], tuple],
+                   hash_part: Callable[[int, object], Iterator[bytes]], persist: Callable[[set[int]], None] | None,
+                   slots: threading.Semaphore | None) -> tuple[str, set[str]]:
+        """Fetch the parts not in ``done`` through the pool and MD5 all parts in order; return (md5, etags).
+
+        ``fetch_part(i)`` returns (etag, payload); ``hash_part(i, payload)`` yields part i's bytes
+        (payload is None for parts already on disk). ``slots`` bounds parts held in memory.
+        """
+        n_parts = max(1, -(-job.size // part_size))
+        todo = deque(i for i in range(n_parts) if i not in done)
+        pending: dict[Future, int] = {}
+        payloads: dict[int, object] = {}
+        held: set[int] = set()  # parts holding one of ``slots``
+        etags: set[str] = set()
+        digest = hashlib.md5()
+        hashed, persisted_at = 0, time.monotonic()
+        window = 2 * self.workers
+        try:
+            while hashed < n_parts:
+                while todo and len(pending) < window:
+                    if slots is not None:
+                        if not slots.acquire(blocking=not pending):
+                            break
+                        held.add(todo[0])
+                    i = todo.popleft()
+                    pending[self.pool.submit(fetch_part, i)] = i
+                while hashed < n_parts and hashed in done:
+                    for chunk in hash_part(hashed, payloads.pop(hashed, None)):
+                        digest.update(chunk)
+                    if hashed in held:
+                        held.discard(hashed)
+                        slots.release()
+                    hashed += 1
+                if hashed >= n_parts:
+                    break
+                finished, _ = wait(pending, timeout=PERSIST_EVERY_S, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = pending.pop(future)
+                    etags.add(future.result()[0])
+                    payloads[i] = future.result()[1]
+                    done.add(i)
+                if persist and time.monotonic() - persisted_at >= PERSIST_EVERY_S:
+                    persist(done)
+                    persisted_at = time.monotonic()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            if persist:  # keep what reached disk, for the next run
+                done.update(i for future, i in pending.items()
+                            if not future.cancelled() and future.exception() is None)
+                persist(done)
+            raise
+        finally:
+            for _ in held:
+                slots.release()
+        return digest.hexdigest(), etags
+
+    # -- into a local file --------------------------------------------------------------------
+
+    def download(self, job: FileJob, final: Path) -> str:
+        """Fetch ``job`` into ``final`` via ``final.partial``; verified, fsynced and renamed. Returns the ETag."""
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # A .partial left by an earlier run is continued with the part size it was started with.
+        sidecar = _Sidecar.load(sidecar_path, partial, job, self.part_size_for(job.size, 0))
+        if job.size <= sidecar.part_size and not sidecar.done:
+            return self._download_whole(job, final, partial, sidecar_path)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not sidecar.done:
+                os.ftruncate(fd, job.size)
+
+            def fetch_part(i: int) -> tuple[str, None]:
+                start = i * sidecar.part_size
+                end = min(job.size, start + sidecar.part_size)
+                etag = self.read_range(job.key, start, end, job.size, lambda pos, chunk: os.pwrite(fd, chunk, pos))
+                sidecar.etag = sidecar.etag or etag
+                return etag, None
+
+            def hash_part(i: int, _payload: object) -> Iterator[bytes]:
+                return read_chunks(fd, i * sidecar.part_size, min(job.size, (i + 1) * sidecar.part_size))
+
+            def persist(done: set[int]) -> None:
+                sidecar.done = done
+                sidecar.save(fd)
+
+            md5, etags = self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hash_part,
+                                         persist, None)
+            known = etags | ({sidecar.etag} if sidecar.etag else set())
+            if len(known) > 1:
+                raise self._discard(f"the object changed during the download (ETags {sorted(known)})",
+                                    partial, sidecar_path)
+            if md5 != job.md5:
+                raise self._discard(f"MD5 {md5} of the fetched bytes differs from the manifest's {job.md5}",
+                                    partial, sidecar_path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, final)
+        _unlink(sidecar_path)
+        return next(iter(known), "")
+
+    def _download_whole(self, job: FileJob, final: Path, partial: Path, sidecar: Path) -> str:
+        """Small files: one GET, hashed while it streams; nothing to resume."""
+        _unlink(sidecar)
+        digest = hashlib.md5()
+        with open(partial, "wb") as handle:
+
+            def write(_pos: int, chunk: bytes) -> None:  # retries continue at the next byte: always in order
+                handle.write(chunk)
+                digest.update(chunk)
+
+            etag = self.read_range(job.key, 0, job.size, job.size, write) if job.size else self._head_etag(job)
+            if digest.hexdigest() != job.md5:
+                handle.close()
+                raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
+                                    f"{job.md5}", partial)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+        return etag
+
+    @staticmethod
+    def _discard(reason: str, *paths: Path) -> TransferError:
+        """Bad bytes never stay: remove them, and say a fresh attempt may succeed."""
+        _unlink(*paths)
+        return TransferError(reason, retry_file=True)
+
+    # -- into another S3 bucket ---------------------------------------------------------------
+
+    def upload(self, job: FileJob, target: BaseClient, bucket: str, key: str) -> str:
+        """Stream ``job`` from the source into ``bucket/key`` of ``target``; completed only if the MD5 matches."""
+        part_size = self.part_size_for(job.size, S3_MIN_PART_SIZE)
+        metadata = {"md5": job.md5}
+        if job.size <= part_size:
+            buffer = bytearray()
+            etag = (self.read_range(job.key, 0, job.size, job.size, lambda pos, chunk: buffer.extend(chunk))
+                    if job.size else self._head_etag(job))
+            md5 = hashlib.md5(buffer)
+            if md5.hexdigest() != job.md5:
+                raise TransferError(f"MD5 {md5.hexdigest()} of the fetched bytes differs from the manifest's "
+                                    f"{job.md5}", retry_file=True)
+            target.put_object(Bucket=bucket, Key=key, Body=bytes(buffer), Metadata=metadata,
+                              ContentMD5=b64encode(md5.digest()).decode())
+            return etag
+        upload_id = target.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
+        uploaded: dict[int, str] = {}
+        try:
+            def fetch_part(i: int) -> tuple[str, bytes]:
+                start = i * part_size
+                buffer = bytearray()
+                etag = self.read_range(job.key, start, min(job.size, start + part_size), job.size,
+                                       lambda pos, chunk: buffer.extend(chunk))
+                data = bytes(buffer)
+                response = target.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1,
+                                              Body=data, ContentMD5=b64encode(hashlib.md5(data).digest()).decode())
+                uploaded[i + 1] = response["ETag"]
+                return etag, data
+
+            md5, etags = self._run_parts(job, part_size, set(), fetch_part, lambda i, data: iter((data,)), None,
+                                         self.buffer_slots)
+            if len(etags) > 1:
+                raise TransferError(f"the object changed during the download (ETags {sorted(etags)})",
+                                    retry_file=True)
+            if md5 != job.md5:
+                raise TransferError(f"MD5 {md5} of the fetched bytes differs from the manifest's {job.md5}",
+                                    retry_file=True)
+            target.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": uploaded[n]} for n in sorted(uploaded)]})
+        except BaseException:
+            target.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        return next(iter(etags), "")
+
+
+def copy_verified(source: Path, job: FileJob, final: Path) -> None:
+    """Place a local copy of identical content (same MD5 and size under another key), verified as it is copied."""
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.md5()
+    with open(source, "rb") as src, open(partial, "wb") as dst:
+        while chunk := src.read(HASH_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if digest.hexdigest() != job.md5 or partial.stat().st_size != job.size:
+        _unlink(partial)
+        raise TransferError(f"local copy source {source} no longer matches MD5 {job.md5}", retry_file=True)
+    os.replace(partial, final)
