@@ -37,18 +37,21 @@ OLD_RELEASE = "20251031"
 NEW_RELEASE = "20260331"
 WMB_MATRIX_VERSION = "20230630"
 
-MACOSKO = "Consensus-Mouse-Macosko-10X"
-CONSENSUS_WMB = "Consensus-Mouse-WMB-10X"
-TAXONOMY = "Consensus-Mouse-taxonoy"  # sic: the real directory name
+# Directory names as abc_atlas_access's consensus notebooks and client use them (the draft description
+# pages call them Consensus-Mouse-*; see docs/layout.md).
+MACOSKO = "Consensus-WMB-Macosko-10X"
+CONSENSUS_WMB = "Consensus-WMB-AIBS-10X"
+TAXONOMY = "Consensus-WMB-integrated-taxonomy"
+MACOSKO_MATRIX_PREFIX = "Macosko-10X"
 WMB_V2 = "WMB-10Xv2"
 WMB_V3 = "WMB-10Xv3"
 
-# Region split tags of the real matrices, in the order they are used.
-WMB_REGIONS = ["CTXsp", "HPF", "HY", "Isocortex-1", "Isocortex-2", "MB", "OLF", "PAL", "STR", "TH",
-               "CB", "P", "MY", "Isocortex-3", "Isocortex-4"]
-MACOSKO_REGIONS = ["CTX", "HIP", "HY", "TH", "STR", "MB", "CB", "OLF", "PAL", "HB", "CTXsp", "P"]
+# Region split tags of the real matrices. WMB: the tags both chemistries have come first (10Xv2 alone
+# also has Isocortex-3/4, 10Xv3 alone CB, MY, P, PAL, STR).
+WMB_REGIONS = ["CTXsp", "HPF", "HY", "MB", "OLF", "TH", "Isocortex-1", "Isocortex-2"]
+MACOSKO_REGIONS = ["CB", "HPF", "HY", "Isocortex", "MB", "MY-Pons-BS", "OLF", "PAL", "STR", "TH"]
 TERM_SETS = ["class", "subclass", "supertype", "cluster"]
-TAXONOMY_PREFIX = "CCN20250428"
+TAXONOMY_PREFIX = "CCN20251031"  # term sets; terms are CS20251031_*
 WELL_KNOWN_GENES = ["Snap25", "Slc17a7", "Gad1", "Gad2", "Slc32a1", "Olig2", "Gfap", "Aqp4",
                     "Mbp", "Plp1", "Cx3cr1", "Pdgfra", "Sst", "Pvalb", "Vip", "Lamp5", "Cck",
                     "Th", "Slc6a3", "Tph2", "Chat", "Hcrt", "Pmch", "Avp", "Oxt"]
@@ -169,7 +172,7 @@ def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
     for level_number, level in enumerate(TERM_SETS, start=1):
         n = sizes[level]
         code = {"class": "CLAS", "subclass": "SUBC", "supertype": "SUPT", "cluster": "CLUS"}[level]
-        labels[level] = [f"{TAXONOMY_PREFIX}_{code}_{i + 1:04d}" for i in range(n)]
+        labels[level] = [f"CS20251031_{code}_{i + 1:04d}" for i in range(n)]
         if level == "cluster":
             names[level] = [f"{i + 1:04d} {names['supertype'][parents['cluster'][i]]}" for i in range(n)]
         elif level == "class":
@@ -206,8 +209,8 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
     if dataset == MACOSKO:
         regions = MACOSKO_REGIONS[: spec.regions]
         chemistry = np.array(["10Xv3"] * n_cells)
-        labels_for = {r: f"{MACOSKO}-{r}" for r in regions}
-        matrix_dataset = {f"{MACOSKO}-{r}": MACOSKO for r in regions}
+        labels_for = {r: f"{MACOSKO_MATRIX_PREFIX}-{r}" for r in regions}
+        matrix_dataset = {label: MACOSKO for label in labels_for.values()}
     else:
         regions = WMB_REGIONS[: spec.regions]
         chemistry = np.where(rng.random(n_cells) < 0.4, "10Xv2", "10Xv3")
@@ -382,7 +385,8 @@ def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, 
     for child, parent in zip(TERM_SETS[:0:-1], TERM_SETS[-2::-1], strict=True):
         cells_per[parent] = np.bincount(taxonomy.parents[child], weights=cells_per[child],
                                         minlength=sizes[parent]).astype(int)
-    set_label = {level: f"{TAXONOMY_PREFIX}_{level.upper()}" for level in TERM_SETS}
+    # The real sets are LEVEL_0 (neighborhood) .. LEVEL_4 (cluster); neighborhoods are not generated.
+    set_label = {level: f"{TAXONOMY_PREFIX}_LEVEL_{n + 1}" for n, level in enumerate(TERM_SETS)}
     term_set = pd.DataFrame({
         "label": [set_label[level] for level in TERM_SETS],
         "name": TERM_SETS,

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from etl import source
 from etl.config import Settings
 from etl.discovery import discover
-from etl.fixtures import BUCKET, NEW_RELEASE, OLD_RELEASE
+from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, TAXONOMY
 from etl.s3server import free_port, start_s3_server
 
 
@@ -29,9 +29,9 @@ def test_discovery_records_each_release_and_directory_once(settings: Settings, e
     assert first.new_releases == [OLD_RELEASE, NEW_RELEASE]
     assert first.bad_manifests == {}
     kinds = {(d.kind, d.dataset, d.version) for d in first.new_directories}
-    assert ("metadata", "Consensus-Mouse-WMB-10X", NEW_RELEASE) in kinds
+    assert ("metadata", CONSENSUS_WMB, NEW_RELEASE) in kinds
     assert ("expression_matrices", "WMB-10Xv3", "20230630") in kinds
-    assert ("metadata", "Consensus-Mouse-taxonoy", OLD_RELEASE) in kinds
+    assert ("metadata", TAXONOMY, OLD_RELEASE) in kinds
 
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
@@ -44,7 +44,7 @@ def test_discovery_records_each_release_and_directory_once(settings: Settings, e
     # The newer release pins the new consensus WMB metadata and keeps the WMB matrices.
     pinned = dict(((r.dataset, r.kind), r.version) for r in engine.connect().execute(sa.text(
         "SELECT dataset, kind, version FROM abc.release_directory WHERE release = :r"), {"r": NEW_RELEASE}))
-    assert pinned[("Consensus-Mouse-WMB-10X", "metadata")] == NEW_RELEASE
+    assert pinned[(CONSENSUS_WMB, "metadata")] == NEW_RELEASE
     assert pinned[("WMB-10Xv3", "expression_matrices")] == "20230630"
 
     second = discover(client, settings, engine)
