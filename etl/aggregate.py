@@ -62,6 +62,7 @@ TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expre
           "expression_file"]
 NORMALIZATIONS = ("log2", "raw")
 _ONE = np.uint64(1)
+_SUM, _SUM_SQ, _NONZERO = 0, 1, 2  # columns of GroupStats.values
 
 
 class AggregationError(ValueError):
@@ -121,8 +122,9 @@ def _slot(bitmap, offsets, group, gene):
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_values(bitmap, offsets, row_group, indptr, indices, data, n_nonzero, total, total_sq):
-    for row in range(row_group.shape[0]):
+def _add_values(bitmap, offsets, row_group, indptr, indices, data, values):
+    # Rows of a group one after the other: its slots stay in cache across its cells.
+    for row in np.argsort(row_group, kind="mergesort"):
         group = row_group[row]
         if group < 0:
             continue
@@ -131,23 +133,21 @@ def _add_values(bitmap, offsets, row_group, indptr, indices, data, n_nonzero, to
             if value == 0.0:
                 continue
             slot = _slot(bitmap, offsets, group, indices[k])
-            n_nonzero[slot] += 1
-            total[slot] += value
-            total_sq[slot] += value * value
+            values[slot, _SUM] += value
+            values[slot, _SUM_SQ] += value * value
+            values[slot, _NONZERO] += 1.0
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_stats(bitmap, offsets, row_group, indptr, indices, src_nonzero, src_sum, src_sum_sq,
-               n_nonzero, total, total_sq):
+def _add_stats(bitmap, offsets, row_group, indptr, indices, source, values):
     for row in range(row_group.shape[0]):
         group = row_group[row]
         if group < 0:
             continue
         for k in range(indptr[row], indptr[row + 1]):
             slot = _slot(bitmap, offsets, group, indices[k])
-            n_nonzero[slot] += src_nonzero[k]
-            total[slot] += src_sum[k]
-            total_sq[slot] += src_sum_sq[k]
+            for column in range(3):
+                values[slot, column] += source[k, column]
 
 
 @numba.njit(cache=True)
@@ -165,18 +165,16 @@ def _genes_of_bitmap(bitmap, n_pairs):
 
 
 @numba.njit(cache=True)
-def _drop_empty(indptr, indices, n_nonzero, total, total_sq):
+def _drop_empty(indptr, indices, values):
     """Remove pairs whose values were all explicit zeros, in place; return the new indptr."""
     new_indptr = np.empty_like(indptr)
     position = 0
     for group in range(indptr.shape[0] - 1):
         new_indptr[group] = position
         for k in range(indptr[group], indptr[group + 1]):
-            if n_nonzero[k] > 0:
+            if values[k, _NONZERO] > 0:
                 indices[position] = indices[k]
-                n_nonzero[position] = n_nonzero[k]
-                total[position] = total[k]
-                total_sq[position] = total_sq[k]
+                values[position, :] = values[k, :]
                 position += 1
     new_indptr[indptr.shape[0] - 1] = position
     return new_indptr
@@ -193,9 +191,19 @@ class GroupStats:
     genes: pd.DataFrame  # gene_identifier, gene_symbol
     indptr: np.ndarray
     indices: np.ndarray
-    n_nonzero: np.ndarray
-    sum: np.ndarray
-    sum_sq: np.ndarray
+    values: np.ndarray  # n_pairs x 3 float64: sum, sum of squares, cells with non-zero expression
+
+    @property
+    def sum(self) -> np.ndarray:
+        return self.values[:, _SUM]
+
+    @property
+    def sum_sq(self) -> np.ndarray:
+        return self.values[:, _SUM_SQ]
+
+    @property
+    def n_nonzero(self) -> np.ndarray:
+        return self.values[:, _NONZERO].astype(np.int32)
 
     def matrix(self, statistic: str) -> sp.csr_matrix:
         """One statistic as a groups x genes sparse matrix."""
@@ -219,27 +227,22 @@ class _Accumulator:
 
     def allocate(self) -> None:
         self.offsets, self.indptr = _rank(self.bitmap)
-        n_pairs = int(self.indptr[-1])
-        self.n_nonzero = np.zeros(n_pairs, np.int32)
-        self.sum = np.zeros(n_pairs, np.float64)
-        self.sum_sq = np.zeros(n_pairs, np.float64)
+        # One row of three per pair: an update touches one cache line, not three arrays.
+        self.values = np.zeros((int(self.indptr[-1]), 3), np.float64)
 
     def add_values(self, row_group, indptr, indices, data) -> None:
-        _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data,
-                    self.n_nonzero, self.sum, self.sum_sq)
+        _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data, self.values)
 
     def add_stats(self, row_group: np.ndarray, stats: GroupStats, indices: np.ndarray) -> None:
-        _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.n_nonzero,
-                   stats.sum, stats.sum_sq, self.n_nonzero, self.sum, self.sum_sq)
+        _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.values, self.values)
 
     def finish(self, grouping: str, groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
         indices = _genes_of_bitmap(self.bitmap, int(self.indptr[-1]))
         indptr = self.indptr
-        if (self.n_nonzero == 0).any():
-            indptr = _drop_empty(indptr, indices, self.n_nonzero, self.sum, self.sum_sq)
+        if (self.values[:, _NONZERO] == 0).any():
+            indptr = _drop_empty(indptr, indices, self.values)
         n = int(indptr[-1])
-        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n],
-                           self.n_nonzero[:n], self.sum[:n], self.sum_sq[:n])
+        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n], self.values[:n])
         del self.bitmap, self.offsets
         return stats
 
@@ -455,7 +458,7 @@ def _base_groupings(groupings: Sequence[str]) -> list[str]:
 
 # --- partials on disk --------------------------------------------------------------------------
 
-_STAT_ARRAYS = ("indptr", "indices", "n_nonzero", "sum", "sum_sq")
+_STAT_ARRAYS = ("indptr", "indices", "values")
 
 
 def save_partial(partial: Partial, path: Path) -> Path:
@@ -637,14 +640,15 @@ def _stage_grouping(conn: psycopg.Connection, release: str, dataset: str, stats:
                             names.get(row.group_label, row.group_label), row.region_of_interest_acronym,
                             int(row.n_cells)))
     columns = ["release", "dataset", "grouping"]
+    n_nonzero, total, total_sq = stats.n_nonzero, stats.sum, stats.sum_sq
     with _binary_copy(conn, staged["expression_group_major"],
                       [*columns, "group_index", "gene_index", "n_nonzero", "sum", "sum_sq"]) as row:
         for group in range(len(groups)):
             lo, hi = stats.indptr[group], stats.indptr[group + 1]
             if hi > lo:
                 row(*head, _int_field(group), _array_field(stats.indices[lo:hi], _INT4),
-                    _array_field(stats.n_nonzero[lo:hi], _INT4), _array_field(stats.sum[lo:hi], _FLOAT8),
-                    _array_field(stats.sum_sq[lo:hi], _FLOAT8))
+                    _array_field(n_nonzero[lo:hi], _INT4), _array_field(total[lo:hi], _FLOAT8),
+                    _array_field(total_sq[lo:hi], _FLOAT8))
     order = sp.csr_matrix((np.arange(stats.n_pairs, dtype=np.int64), stats.indices, stats.indptr),
                           shape=(len(groups), len(stats.genes))).tocsc()
     order.sort_indices()
@@ -655,8 +659,8 @@ def _stage_grouping(conn: psycopg.Connection, release: str, dataset: str, stats:
             if hi > lo:
                 pick = order.data[lo:hi]
                 row(*head, _int_field(gene), _array_field(order.indices[lo:hi], _INT4),
-                    _array_field(stats.n_nonzero[pick], _INT4), _array_field(stats.sum[pick], _FLOAT8),
-                    _array_field(stats.sum_sq[pick], _FLOAT8))
+                    _array_field(n_nonzero[pick], _INT4), _array_field(total[pick], _FLOAT8),
+                    _array_field(total_sq[pick], _FLOAT8))
     return stats.n_pairs
 
 
