@@ -113,7 +113,7 @@ def run_ours(matrix: Path, data: Path, groupings: list[str], chunk_cells: int) -
     with h5py.File(matrix, "r") as store:
         indptr = store["X/indptr"][:]
     chunk_nnz = int(np.diff(np.append(indptr[::chunk_cells], indptr[-1])).max())
-    bound = 20 * pairs + 2 * 12 * chunk_nnz + groups * 32000 / 4
+    bound = 28 * pairs + 16 * chunk_nnz + groups * 32000 / 4
     return {"tool": "etl.aggregate", "groupings": groupings, "cells": loaded.n_cells_in_file,
             "aggregated": loaded.n_cells_aggregated, "seconds": seconds, "persist_seconds": persist_seconds,
             "peak_rss_gb": peak, "peak_rss_with_persist_gb": _peak_gb(), "rss_before_gb": base_rss, "pairs": pairs,

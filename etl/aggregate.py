@@ -14,12 +14,13 @@ h5py (the next chunk is read while numba kernels digest the current one, without
 1. the first pass reads only column indices and sets one bit per (group, gene) pair present
    in a bitmap (groups x genes / 8 bytes: 27 MB for 6,756 clusters x 32,000 genes);
 2. the bitmap's prefix popcounts give every present pair a fixed slot, so the second pass adds
-   each non-zero value into flat arrays in place, 20 bytes per present pair (int32 count,
-   float64 sum, float64 sum of squares), with no re-allocation or merging.
+   each non-zero value into its slot in place, 24 bytes per present pair (float64 sum, sum of
+   squares and count, side by side), with no re-allocation or merging.
 
 Peak memory of :func:`aggregate_file` is therefore about
-``20 B x present (group, gene) pairs of the base groupings + 2 x 8 B x non-zeros of one chunk
-+ groups x genes / 4 B`` plus the interpreter; ``chunk_cells`` trades the middle term for speed.
+``28 B x present (group, gene) pairs of the base groupings (24 B of statistics, 4 B of gene index)
++ 2 x 8 B x non-zeros of one chunk + groups x genes / 4 B`` plus the interpreter; ``chunk_cells``
+trades the middle term for speed.
 """
 
 from __future__ import annotations
