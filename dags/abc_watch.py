@@ -1,7 +1,8 @@
 """Watch the ABC Atlas bucket: record new release manifests and dated dataset directories.
 
 Thin wiring over ``etl.discovery``; each newly recorded release is announced on the
-``abc://releases`` asset so that release processing can be triggered by it.
+``abc://releases`` asset as an event partitioned by the release (``YYYYMMDD``), so that
+``abc_release``, scheduled on that asset, runs once per new release.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def abc_watch():
             print(line)
         if report.new_releases:
             outlet_events[RELEASES_ASSET].extra = {"new_releases": report.new_releases}
+            outlet_events[RELEASES_ASSET].add_partitions(report.new_releases)
         return {
             "new_releases": report.new_releases,
             "changed_manifests": report.changed_manifests,

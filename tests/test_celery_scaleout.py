@@ -24,8 +24,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from etl import db
+from etl import db, source
+from etl.discovery import discover
+from etl.fixtures import OLD_RELEASE
 from tests.conftest import REPO, _database_url
+
+TRANSFER_POOL = "abc_transfers"
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 BROKER_URL = os.environ.get("ABC_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -149,9 +153,11 @@ def metadata_url() -> Iterator[str]:
     db.drop_database(url)
 
 
-def run_on_celery(cluster: CeleryCluster, dag_id: str, conf: dict) -> tuple[str, list]:
+def run_on_celery(cluster: CeleryCluster, dag_id: str, conf: dict, pools: dict[str, int]) -> tuple[str, list]:
     """Start the cluster, trigger ``dag_id`` once and wait for the run to finish; return its state and TIs."""
     cluster.airflow("db", "migrate")
+    for pool, slots in pools.items():
+        cluster.airflow("pools", "set", pool, str(slots), "scale-out test")
     cluster.start_all()
     cluster.wait_for("the api-server and both Celery workers", lambda: cluster.api_ready() and cluster.workers_ready(),
                      STARTUP_TIMEOUT)
@@ -186,24 +192,37 @@ def _run_state(engine: sa.Engine, dag_id: str, run_id: str) -> str | None:
 
 
 @pytest.mark.slow
-def test_mapped_tasks_spread_over_two_celery_workers(tmp_path, metadata_url):
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    (dags / "probe.py").write_text(
-        "import time, pendulum\nfrom airflow.sdk import dag, task\n"
-        "@dag(schedule=None, start_date=pendulum.datetime(2025, 1, 1))\n"
-        "def probe():\n"
-        "    @task\n    def work(i):\n        time.sleep(3)\n        return i\n"
-        "    work.expand(i=list(range(6)))\n"
-        "probe()\n")
-    cluster = CeleryCluster(tmp_path / "airflow", metadata_url, dags, {})
-    cluster.home.mkdir()
+def test_release_mirrors_on_two_celery_workers_and_publishes_once(tmp_path, metadata_url, settings, engine):
+    discover(source.make_client(settings), settings, engine)
+    with engine.connect() as conn:
+        total_bytes = conn.execute(sa.text("SELECT total_bytes FROM abc.release WHERE version = :r"),
+                                   {"r": OLD_RELEASE}).scalar_one()
+    home = tmp_path / "airflow"
+    home.mkdir()
+    cluster = CeleryCluster(home, metadata_url, REPO / "dags", {
+        "ABC_DATABASE_URL": settings.database_url,
+        "AWS_ENDPOINT_URL_S3": settings.endpoint_url,
+        "ABC_MIRROR_ROOT": settings.mirror_root,
+        "ABC_WORKERS": "2",
+    })
     try:
-        state, instances = run_on_celery(cluster, "probe", {})
-        assert state == "success", cluster.logs()
-        assert {ti.hostname for ti in instances} == set(WORKERS), (instances, cluster.logs())
+        # Six batches of the release's files: more mapped mirror tasks than workers.
+        state, instances = run_on_celery(cluster, "abc_release",
+                                         {"release": OLD_RELEASE, "batch_bytes": total_bytes // 6 + 1},
+                                         pools={TRANSFER_POOL: 4})
+        assert state == "success", instances
+        mirror_hosts = [ti.hostname for ti in instances if ti.task_id == "mirror"]
+        assert len(mirror_hosts) >= 2 and set(mirror_hosts) == set(WORKERS), instances
+        assert all(ti.state == "success" and ti.try_number == 1 for ti in instances), instances
     except AssertionError:
         print(cluster.logs())
         raise
     finally:
         cluster.stop()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM abc.release WHERE version = :r"),
+                            {"r": OLD_RELEASE}).scalar_one() == "published"
+        cells, distinct = conn.execute(sa.text(
+            "SELECT count(*), count(DISTINCT (dataset, cell_label)) FROM abc.cell WHERE release = :r"),
+            {"r": OLD_RELEASE}).one()
+    assert cells == distinct > 0

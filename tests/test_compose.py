@@ -62,3 +62,17 @@ def test_every_airflow_component_shares_one_configuration(compose):
         assert services[name]["image"] == compose["x-airflow-common"]["image"], name
         assert "mirror:/data/mirror" in services[name]["volumes"], name
 
+
+def test_workers_scale_and_init_prepares_both_databases(compose, airflow_home):
+    from tests.test_dag_watch import load_dag
+
+    worker = compose["services"]["airflow-worker"]
+    assert "container_name" not in worker and "ports" not in worker, "a fixed name or port blocks --scale"
+    assert worker["command"] == "celery worker"
+    init = "\n".join(compose["services"]["airflow-init"]["command"])
+    for step in ("airflow db migrate", "abc-mirror db upgrade", "connections add abc_postgres",
+                 "connections add aws_default", '"signature_version": "unsigned"'):
+        assert step in init, step
+    mirror_pools = {task.pool for task in load_dag("abc_release", "abc_release").tasks if task.task_id == "mirror"}
+    assert mirror_pools and all(f"pools set {pool} " in init for pool in mirror_pools)
+    assert "CREATE DATABASE abc" in (REPO / "docker" / "postgres-init.sql").read_text()

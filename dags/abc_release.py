@@ -1,0 +1,159 @@
+"""Process one ABC Atlas release end to end: mirror, verify, load, aggregate, publish.
+
+Scheduled on the ``abc://releases`` asset: ``abc_watch`` emits one event per new release,
+partitioned by the release, and each partition becomes one run of this DAG (its
+``partition_key`` is the release). It can also be triggered by hand with the ``release`` param.
+
+resolve -> plan -> mirror (mapped over batches of files, pool ``abc_transfers`` caps concurrent transfers)
+-> verify -> load_metadata (staged) -> aggregate (mapped per h5ad file) -> merge -> publish.
+
+Every task is idempotent, so clearing and re-running any of them is safe: the mirror skips
+files already verified on disk, loads and aggregations rebuild their staging tables, and
+publishing swaps partitions in (or does nothing when the release is already published).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
+
+# The asset abc_watch announces releases on (DAG files do not import each other; same definition).
+RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
+TRANSFER_POOL = "abc_transfers"
+
+
+@dag(
+    schedule=PartitionedAssetTimetable(assets=RELEASES_ASSET),
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["abc-mirror"],
+    params={
+        "release": Param("", type="string", pattern="^([0-9]{8})?$",
+                         description="YYYYMMDD; empty: the triggering asset partition, else the newest recorded"),
+        "datasets": Param([], type="array", description="only these datasets (empty: all)"),
+        "kinds": Param([], type="array", description="only these kinds, e.g. metadata (empty: all)"),
+        "target": Param("", type="string", description="mirror root: directory or s3://bucket/prefix "
+                                                          "(empty: ABC_MIRROR_ROOT)"),
+        "batch_bytes": Param(None, type=["null", "integer"], minimum=1,
+                             description="bytes per mirror batch, one mapped task each (empty: 8 GiB)"),
+    },
+    default_args={
+        "retries": 3,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=30),
+    },
+    doc_md=__doc__,
+)
+def abc_release():
+    @task
+    def resolve(params=None, dag_run=None) -> str:
+        from etl import db, pipeline
+
+        engine = db.make_engine(_settings(params).database_url)
+        try:
+            return pipeline.resolve_release(engine, params["release"] or dag_run.partition_key)
+        finally:
+            engine.dispose()
+
+    @task
+    def plan(release: str, params=None) -> list[list[str]]:
+        from etl import db, pipeline
+
+        engine = db.make_engine(_settings(params).database_url)
+        try:
+            files = pipeline.release_files(engine, release, params["datasets"], params["kinds"])
+        finally:
+            engine.dispose()
+        batches = pipeline.plan_batches(files, params["batch_bytes"] or pipeline.DEFAULT_BATCH_BYTES)
+        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes, {len(batches)} batches")
+        return batches
+
+    @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
+    def mirror(keys: list[str], release: str, params=None) -> dict:
+        from etl import db
+        from etl.mirror import mirror_release
+
+        settings = _settings(params)
+        engine = db.make_engine(settings.database_url)
+        try:
+            report = mirror_release(settings, engine, release, keys=keys)
+        finally:
+            engine.dispose()
+        for line in report.lines():
+            print(line)
+        if report.failed:
+            raise RuntimeError(f"release {release}: {len(report.failed)} of {report.selected} files of this batch "
+                               f"failed: {sorted(report.failed)[:5]}")
+        return {"files": report.selected, "fetched": report.fetched, "bytes_fetched": report.bytes_fetched}
+
+    @task
+    def verify(release: str, params=None) -> int:
+        from etl import db
+        from etl.mirror import release_files_on_disk
+
+        settings = _settings(params)
+        engine = db.make_engine(settings.database_url)
+        try:
+            files = release_files_on_disk(settings, engine, release, params["datasets"], params["kinds"])
+        finally:
+            engine.dispose()
+        print(f"release {release}: {len(files)} files mirrored and verified in {settings.mirror_root}")
+        return len(files)
+
+    @task
+    def load_metadata(release: str, params=None) -> list[dict]:
+        from etl import aggregate, db
+        from etl.load import load_mirrored_release
+
+        settings = _settings(params)
+        if params["kinds"] and "metadata" not in params["kinds"]:
+            return []
+        report = load_mirrored_release(settings, release, params["datasets"] or None, publish_now=False)
+        for line in report.lines():
+            print(line)
+        with db.copy_connection(settings.database_url) as conn:
+            return aggregate.plan_release(settings, conn, release, params["datasets"] or None)
+
+    @task(max_active_tis_per_dagrun=4)
+    def aggregate(item: dict, release: str, params=None) -> dict:
+        from etl.aggregate import aggregate_item, default_work_dir
+
+        settings = _settings(params)
+        return aggregate_item(settings, release, item, default_work_dir(settings, release))
+
+    @task
+    def merge(done: list[dict], release: str, params=None) -> dict:
+        from etl.aggregate import publish_items
+
+        return publish_items(_settings(params), release, list(done))
+
+    @task
+    def publish(release: str, params=None) -> bool:
+        from etl import db, pipeline
+
+        settings = _settings(params)
+        with db.copy_connection(settings.database_url) as conn:
+            published_now = pipeline.publish_release(conn, release)
+        print(f"release {release}: {'published' if published_now else 'already published'}")
+        return published_now
+
+    release = resolve()
+    mirrored = mirror.partial(release=release).expand(keys=plan(release))
+    work = load_metadata(release)
+    partials = aggregate.partial(release=release).expand(item=work)
+    mirrored >> verify(release) >> work
+    merge(partials, release) >> publish(release)
+
+
+def _settings(params: dict):
+    """Settings of a task: the environment and connections, with the run's ``target`` mirror root."""
+    from etl.config import settings_for_airflow_task
+
+    return settings_for_airflow_task().with_overrides(mirror_root=params["target"] or None)
+
+
+release_dag = abc_release()

@@ -1,0 +1,137 @@
+"""The release DAG runs for real with dag.test(): rclone-served S3, PostgreSQL, a local mirror."""
+
+from __future__ import annotations
+
+import pendulum
+import pytest
+import sqlalchemy as sa
+
+from etl import db, pipeline, source
+from etl.discovery import discover
+from etl.fixtures import NEW_RELEASE, OLD_RELEASE
+from tests.test_dag_watch import load_dag
+
+
+@pytest.fixture
+def release_env(airflow_home, settings, monkeypatch):
+    """The environment a task's settings come from, and the releases recorded by discovery."""
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    monkeypatch.setenv("ABC_WORKERS", "4")
+    engine = db.make_engine(settings.database_url)
+    discover(source.make_client(settings), settings, engine)
+    engine.dispose()
+    return settings
+
+
+def _release_dag():
+    dag = load_dag("abc_release", "abc_release")
+    for task in dag.tasks:  # a failure must fail the run here, not wait out the retry delay
+        task.retries = 0
+    return dag
+
+
+def _published(engine: sa.Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT version, status FROM abc.release ORDER BY version")).all())
+
+
+def _counts(engine: sa.Engine, release: str) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            "cells": conn.execute(sa.text("SELECT count(*) FROM abc.cell WHERE release = :r"), {"r": release}).scalar(),
+            "distinct_cells": conn.execute(sa.text("SELECT count(DISTINCT (dataset, cell_label)) FROM abc.cell "
+                                                   "WHERE release = :r"), {"r": release}).scalar(),
+            "expression_groups": conn.execute(sa.text(
+                "SELECT count(*) FROM abc.expression_group WHERE release = :r"), {"r": release}).scalar(),
+            "expression_files": conn.execute(sa.text(
+                "SELECT count(*) FROM abc.expression_file WHERE release = :r"), {"r": release}).scalar(),
+        }
+
+
+def _cells_in_mirrored_csvs(settings, engine: sa.Engine, release: str) -> int:
+    from etl.mirror import release_files_on_disk
+
+    files = release_files_on_disk(settings, engine, release, kinds=["metadata"])
+    return sum(sum(1 for _ in path.open()) - 1 for key, path in files.items() if key.endswith("/cell_metadata.csv"))
+
+
+def test_release_dag_is_wired_for_production(airflow_home):
+    from airflow.sdk import PartitionedAssetTimetable
+
+    dag = load_dag("abc_release", "abc_release")
+    assert isinstance(dag.timetable, PartitionedAssetTimetable)
+    (announced,) = load_dag("abc_watch", "abc_watch").get_task("discover_releases").outlets
+    assert dag.timetable.asset_condition == announced
+    tasks = {t.task_id: t for t in dag.tasks}
+    assert tasks["mirror"].pool == "abc_transfers"
+    assert all(t.retries >= 3 and t.retry_exponential_backoff for t in tasks.values())
+    assert set(dag.params) >= {"release", "datasets", "kinds", "target"}
+
+
+def test_plan_batches_are_even_and_bounded():
+    files = [pipeline.PlannedFile(f"k{i}", size) for i, size in enumerate([90, 50, 40, 10, 10, 1])]
+    batches = pipeline.plan_batches(files, batch_bytes=60)
+    assert sorted(k for b in batches for k in b) == sorted(f.key for f in files)
+    assert len(batches) == 4
+    assert pipeline.plan_batches(files, batch_bytes=1, max_batches=3) and len(
+        pipeline.plan_batches(files, batch_bytes=1, max_batches=3)) == 3
+
+
+def test_both_releases_publish_through_the_dag(release_env, engine):
+    dag = _release_dag()
+    for release in (OLD_RELEASE, NEW_RELEASE):
+        run = dag.test(run_conf={"release": release, "batch_bytes": 1 << 20})
+        assert run.state == "success", release
+    assert _published(engine) == {OLD_RELEASE: "published", NEW_RELEASE: "published"}
+    for release in (OLD_RELEASE, NEW_RELEASE):
+        counts = _counts(engine, release)
+        assert counts["cells"] == counts["distinct_cells"] > 0
+        assert counts["expression_groups"] > 0 and counts["expression_files"] > 0
+
+
+def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine, monkeypatch):
+    from etl import aggregate
+
+    real_merge = aggregate.merge_and_publish
+
+    def broken_merge(*args, **kwargs):
+        raise RuntimeError("injected: the warehouse went away during merge")
+
+    monkeypatch.setattr(aggregate, "merge_and_publish", broken_merge)
+    dag = _release_dag()
+    logical_date = pendulum.datetime(2026, 4, 1, tz="UTC")
+    conf = {"release": OLD_RELEASE, "batch_bytes": 1 << 20}
+    failed = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    assert failed.state == "failed"
+    assert _published(engine)[OLD_RELEASE] != "published"
+
+    monkeypatch.setattr(aggregate, "merge_and_publish", real_merge)
+    # The same run: dag.test() clears its task instances (the failed one included) and runs them again.
+    rerun = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    assert rerun.state == "success"
+    assert rerun.run_id == failed.run_id
+    first = _counts(engine, OLD_RELEASE)
+    assert first["cells"] == first["distinct_cells"] == _cells_in_mirrored_csvs(release_env, engine, OLD_RELEASE)
+
+    again = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
+    assert again.state == "success"
+    assert _counts(engine, OLD_RELEASE) == first
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release WHERE status = 'published'")).scalar() == 1
+
+
+def test_watch_emits_one_partitioned_event_per_new_release(airflow_home, s3_server, database_url, monkeypatch):
+    from airflow import settings as airflow_settings
+    from airflow.models.asset import AssetEvent, AssetModel
+
+    monkeypatch.setenv("ABC_DATABASE_URL", database_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    run = load_dag("abc_watch", "abc_watch").test()
+    assert run.state == "success"
+    with airflow_settings.Session() as session:
+        keys = session.execute(
+            sa.select(AssetEvent.partition_key).join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetModel.uri == "abc://releases/", AssetEvent.source_run_id == run.run_id)).scalars().all()
+    assert sorted(keys) == [OLD_RELEASE, NEW_RELEASE]
