@@ -7,6 +7,7 @@ prints what the warehouse holds.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from etl import db
-from etl.fixtures import FixtureSpec, make_bucket
+from etl.fixtures import NEW_RELEASE, OLD_RELEASE, FixtureSpec, make_bucket
 from etl.s3server import start_s3_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +67,9 @@ def main() -> None:
         airflow(env, "db", "migrate")
         step("airflow dags test abc_watch")
         airflow(env, "dags", "test", "abc_watch")
+        for release in (OLD_RELEASE, NEW_RELEASE):
+            step(f"airflow dags test abc_release (release {release}): mirror, load, aggregate, publish")
+            airflow(env, "dags", "test", "abc_release", "--conf", json.dumps({"release": release}))
 
         step("releases recorded in abc.release")
         engine = db.make_engine(DATABASE_URL)
