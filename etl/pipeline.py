@@ -48,17 +48,11 @@ def resolve_release(engine: Engine, requested: str | None) -> str:
 
 def release_files(engine: Engine, release: str, datasets: list[str] | None = None,
                   kinds: list[str] | None = None) -> list[PlannedFile]:
-    """The manifest's files of ``release``, optionally only some datasets and kinds, by key."""
-    query = "SELECT relative_path, size FROM abc.release_file WHERE release = :r"
-    params: dict[str, object] = {"r": release}
-    if datasets:
-        query += " AND dataset = ANY(:datasets)"
-        params["datasets"] = list(datasets)
-    if kinds:
-        query += " AND kind = ANY(:kinds)"
-        params["kinds"] = list(kinds)
+    """The manifest's files of ``release``, selected exactly as the mirror selects them, by key."""
+    from etl.mirror import _selected_release_files
+
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(query + " ORDER BY relative_path"), params).all()
+        rows = _selected_release_files(conn, release, datasets, kinds, None)
     if not rows:
         raise PlanError(f"release {release}: no file matches datasets={datasets or 'all'} kinds={kinds or 'all'}")
     return [PlannedFile(row.relative_path, row.size) for row in rows]
