@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Publication order: the tables a foreign key references come before the ones referencing them.
 METADATA_TABLES = ["cluster_annotation_term_set", "cluster_annotation_term", "cluster", "cluster_membership",
-                   "gene", "donor", "library", "cell"]
+                   "gene", "donor", "library", "cell", "cell_cluster_membership", "cell_embedding", "value_set"]
 # Manifest tag (file stem) -> table.
 TABLE_OF_TAG = {
     "cell_metadata": "cell",
@@ -47,14 +47,21 @@ TABLE_OF_TAG = {
     "cluster_annotation_term_set": "cluster_annotation_term_set",
     "cluster_annotation_term": "cluster_annotation_term",
     "cluster_to_cluster_annotation_membership": "cluster_membership",
+    "cell_to_cluster_membership": "cell_cluster_membership",
+    "value_sets": "value_set",
 }
+# cell_2d_embedding_coordinates and <neighborhood>_cell_2d_embedding_coordinates: one table, the stem as a column.
+EMBEDDING_SUFFIX = "cell_2d_embedding_coordinates"
+STEM_COLUMN = {"cell_embedding": "embedding"}
 # Header names that differ from the column they fill.
-RENAMED_COLUMNS = {"cluster_annotation_term_set": {"order": "term_set_order"}}
+RENAMED_COLUMNS = {"cluster_annotation_term_set": {"order": "term_set_order"},
+                   "value_set": {"table": "table_name", "order": "value_order"}}
 SKIPPED_TAGS = {
     "cluster_to_cluster_annotation_membership_pivoted":
         "derivable: abc.cluster_taxonomy pivots abc.cluster_membership",
     "cluster_to_cluster_annotation_membership_color":
         "derivable: abc.cluster_taxonomy carries each level's color_hex_triplet",
+    "example_gene_expression": "derivable: a few genes' expression per cell, from the expression matrices",
 }
 BOOKKEEPING_COLUMNS = ("release", "dataset", "extra")
 CHUNK_BYTES = 1 << 20
@@ -118,6 +125,8 @@ def classify(files: dict[str, Path]) -> list[MetadataFile]:
             found.append(MetadataFile(relative_path, path, dataset, tag, None, SKIPPED_TAGS[tag]))
         elif tag in TABLE_OF_TAG:
             found.append(MetadataFile(relative_path, path, dataset, tag, TABLE_OF_TAG[tag]))
+        elif tag.endswith(EMBEDDING_SUFFIX):
+            found.append(MetadataFile(relative_path, path, dataset, tag, "cell_embedding"))
         else:
             found.append(MetadataFile(relative_path, path, dataset, tag, None, "no table for this file yet"))
     return found
@@ -128,7 +137,7 @@ def typed_columns(conn: psycopg.Connection, table: str) -> list[str]:
     rows = conn.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
         "ORDER BY attnum", (f"abc.{table}",)).fetchall()
-    return [name for (name,) in rows if name not in BOOKKEEPING_COLUMNS]
+    return [name for (name,) in rows if name not in BOOKKEEPING_COLUMNS and name != STEM_COLUMN.get(table)]
 
 
 def _read_header(path: Path) -> list[str]:
@@ -182,8 +191,9 @@ def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known
     keep = [i for i, c in enumerate(columns) if c in known]
     unknown = [(i, header[i]) for i, c in enumerate(columns) if c not in known]
     target = sql.Identifier(STAGING_SCHEMA, staging_name(file.table, release))
-    conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN release SET DEFAULT {}, ALTER COLUMN dataset SET DEFAULT {}")
-                 .format(target, sql.Literal(release), sql.Literal(file.dataset)))
+    conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(
+        sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(sql.Identifier(column), sql.Literal(value))
+        for column, value in _file_constants(release, file).items()))
     if unknown:
         statement = _copy_statement(target, [columns[i] for i in keep] + ["extra"])
         chunks = _transformed_chunks(file, keep, unknown)
@@ -202,6 +212,14 @@ def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known
         log.warning("%s: columns not in abc.%s kept in extra: %s", file.relative_path, file.table,
                     ", ".join(name for _, name in unknown))
     return FileLoad(file, rows, [name for _, name in unknown], time.perf_counter() - started)
+
+
+def _file_constants(release: str, file: MetadataFile) -> dict[str, str]:
+    """Columns every row of the file shares, filled as column defaults during its COPY."""
+    constants = {"release": release, "dataset": file.dataset}
+    if file.table in STEM_COLUMN:
+        constants[STEM_COLUMN[file.table]] = file.tag
+    return constants
 
 
 def _describe_copy_error(exc: psycopg.Error) -> str:
@@ -268,7 +286,7 @@ def _index_or_report_duplicates(conn: psycopg.Connection, table: str, release: s
         with conn.transaction():
             index_staging_table(conn, table, release)
     except psycopg.errors.UniqueViolation:
-        key = [c for c in _key_columns(conn, table) if c != "dataset"]
+        key = [c for c in _key_columns(conn, table) if c not in ("dataset", STEM_COLUMN.get(table))]
         names = sql.SQL(", ").join(map(sql.Identifier, key))
         values = _text_tuples(conn, sql.SQL(
             "SELECT {} FROM {} GROUP BY {} HAVING count(*) > 1 ORDER BY 1 LIMIT {}").format(
@@ -402,8 +420,10 @@ def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[st
         known = typed_columns(conn, table)
         for file in by_table.get(table, []):
             loads[table].append(_copy_file(conn, release, file, known))
-        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN release DROP DEFAULT, ALTER COLUMN dataset DROP DEFAULT")
-                     .format(target))
+        if by_table.get(table):
+            conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(
+                sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(sql.Identifier(column))
+                for column in _file_constants(release, by_table[table][0])))
         if datasets:
             conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
                 target, sql.Identifier("abc", table)), (release, datasets))
@@ -436,14 +456,24 @@ def publish_staged_metadata(conn: psycopg.Connection, release: str) -> None:
 def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd.DataFrame:
     """Cells of one dataset of a release with their cluster, region and matrix, staged or published.
 
-    The staged table is read when there is one (a load not yet published), else the partition.
+    The staged tables are read when there are (a load not yet published), else the partitions. A
+    cell's cluster is its own ``cluster_alias`` or the taxonomy's cell_to_cluster_membership row,
+    its region its own or its library's, as the consensus release keeps them there.
     """
     staged = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{staging_name('cell', release)}",)).fetchone()
-    source = _staged("cell", release) if staged[0] is not None else sql.Identifier("abc", "cell")
+
+    def source(table: str) -> sql.Identifier:
+        return _staged(table, release) if staged[0] is not None else sql.Identifier("abc", table)
+
     query = sql.SQL(
-        "COPY (SELECT cell_label, cluster_alias, region_of_interest_acronym, feature_matrix_label FROM {} "
-        "WHERE release = {} AND dataset = {} ORDER BY cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
-        source, sql.Literal(release), sql.Literal(dataset))
+        "COPY (SELECT c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias, "
+        "coalesce(c.region_of_interest_acronym, l.region_of_interest_acronym) AS region_of_interest_acronym, "
+        "c.feature_matrix_label FROM {} c "
+        "LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
+        "LEFT JOIN {} l ON l.release = c.release AND l.dataset = c.dataset AND l.library_label = c.library_label "
+        "WHERE c.release = {} AND c.dataset = {} ORDER BY c.cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
+        source("cell"), source("cell_cluster_membership"), source("library"), sql.Literal(release),
+        sql.Literal(dataset))
     buffer = io.BytesIO()
     with conn.cursor().copy(query) as copy:
         for data in copy:

@@ -85,6 +85,8 @@ CREATE TABLE abc.donor (
     donor_label      text NOT NULL,
     donor_genotype   text,
     donor_sex        text,
+    donor_age        text,
+    origin_dataset   text,
     extra            jsonb,
     PRIMARY KEY (release, dataset, donor_label)
 ) PARTITION BY LIST (release);
@@ -95,7 +97,9 @@ CREATE TABLE abc.library (
     library_label                text NOT NULL,
     library_method               text,
     region_of_interest_acronym   text,
+    anatomical_division_label    text,
     donor_label                  text,
+    alignment_id                 text,
     extra                        jsonb,
     PRIMARY KEY (release, dataset, library_label)
 ) PARTITION BY LIST (release);
@@ -129,6 +133,50 @@ CREATE TABLE abc.cell (
 ) PARTITION BY LIST (release);
 CREATE INDEX cell_cluster_idx ON abc.cell (release, cluster_alias);
 CREATE INDEX cell_region_idx ON abc.cell (release, region_of_interest_acronym);
+
+-- The consensus release keeps each cell's cluster in the taxonomy directory
+-- (cell_to_cluster_membership.csv), not in cell_metadata.csv; abc.cell_annotated and
+-- etl.load.cell_assignments take a cell's cluster from abc.cell.cluster_alias or from here.
+CREATE TABLE abc.cell_cluster_membership (
+    release          text NOT NULL,
+    dataset          text NOT NULL,
+    cell_label       text NOT NULL,
+    cluster_alias    integer NOT NULL,
+    extra            jsonb,
+    PRIMARY KEY (release, cell_label),
+    FOREIGN KEY (release, cluster_alias) REFERENCES abc.cluster (release, cluster_alias)
+) PARTITION BY LIST (release);
+CREATE INDEX cell_cluster_membership_cluster_idx ON abc.cell_cluster_membership (release, cluster_alias);
+
+-- cell_2d_embedding_coordinates.csv and its per-neighborhood variants
+-- (<neighborhood>_cell_2d_embedding_coordinates.csv); `embedding` is the file stem.
+CREATE TABLE abc.cell_embedding (
+    release          text NOT NULL,
+    dataset          text NOT NULL,
+    embedding        text NOT NULL,
+    cell_label       text NOT NULL,
+    x                double precision,
+    y                double precision,
+    extra            jsonb,
+    PRIMARY KEY (release, embedding, cell_label)
+) PARTITION BY LIST (release);
+
+-- value_sets.csv: labels, order and colours of categorical values (donor_sex, anatomical divisions, ...).
+CREATE TABLE abc.value_set (
+    release               text NOT NULL,
+    dataset               text NOT NULL,
+    table_name            text NOT NULL,
+    field                 text NOT NULL,
+    label                 text NOT NULL,
+    description           text,
+    value_order           integer,
+    external_identifier   text,
+    parent_label          text,
+    color_hex_triplet     text,
+    comment               text,
+    extra                 jsonb,
+    PRIMARY KEY (release, dataset, table_name, field, label)
+) PARTITION BY LIST (release);
 
 -- What the last load of each release read: every metadata file of the manifest it was given,
 -- the table it went to (NULL: not a table we load, with the reason) and the columns it kept in

@@ -98,12 +98,9 @@ def test_release_loads_every_table_with_exact_counts(generated_bucket, discovere
     row = conn.execute("SELECT cluster_alias, x, umi_count, extra FROM abc.cell WHERE cell_label = %s",
                        (first.cell_label,)).fetchone()
     assert row == (first.cluster_alias, pytest.approx(first.x), first.umi_count, None)
-    # Derivable and unknown files are reported, not loaded.
-    skipped = {f.tag: f.note for f in report.ignored}
-    assert "derivable" in skipped["cluster_to_cluster_annotation_membership_pivoted"]
-    recorded = conn.execute("SELECT count(*) FROM abc.metadata_file WHERE release = %s AND table_name IS NULL",
+    recorded = conn.execute("SELECT count(*) FROM abc.metadata_file WHERE release = %s AND table_name IS NOT NULL",
                             (OLD_RELEASE,)).fetchone()[0]
-    assert recorded == len(report.ignored) > 0
+    assert recorded == len(report.loaded) == len([p for p in files.values() if p.stem in CSV_OF_TABLE.values()])
     assert conn.execute("SELECT count(*) FROM abc.cluster WHERE dataset = %s", (TAXONOMY,)).fetchone()[0] > 0
 
 
@@ -145,6 +142,9 @@ def test_unknown_column_is_kept_in_extra_and_reported(generated_bucket, discover
     frame.insert(3, "population_sampling, new", [f"p{i % 3}" for i in range(len(frame))])
     frame = frame[list(reversed(frame.columns))]  # columns in any order
     frame.to_csv(path, index=False)
+    unknown_file = path.with_name("region_of_interest_metadata.csv")
+    unknown_file.write_text("acronym,name\nHY,Hypothalamus\n")
+    files[f"metadata/{MACOSKO}/{OLD_RELEASE}/region_of_interest_metadata.csv"] = unknown_file
 
     report = load_release_metadata(discovered, OLD_RELEASE, files)
     (cells,) = [x for x in report.loaded if x.file.relative_path.endswith(f"{MACOSKO}/{OLD_RELEASE}/cell_metadata.csv")]
@@ -158,6 +158,10 @@ def test_unknown_column_is_kept_in_extra_and_reported(generated_bucket, discover
     recorded = conn.execute("SELECT unknown_columns FROM abc.metadata_file WHERE relative_path = %s",
                             (cells.file.relative_path,)).fetchone()[0]
     assert recorded == ["population_sampling, new"]
+    assert "region_of_interest_metadata" in [f.tag for f in report.ignored]
+    note = conn.execute("SELECT note FROM abc.metadata_file WHERE relative_path LIKE %s AND table_name IS NULL",
+                        ("%region_of_interest_metadata.csv",)).fetchone()[0]
+    assert note == "no table for this file yet"
 
 
 def _damage(path: Path, line: int, column: str, value: str) -> None:
@@ -255,7 +259,7 @@ def test_loading_one_dataset_keeps_the_others(generated_bucket, discovered, conn
 # The example queries of docs/schema.md.
 CELLS_PER_CLASS = """SELECT dataset, class_name, count(*) AS cells FROM abc.current_cell_annotated
                      GROUP BY dataset, class_name ORDER BY dataset, class_name"""
-CLUSTERS_IN_BOTH = """SELECT cluster_alias FROM abc.current_cell GROUP BY cluster_alias
+CLUSTERS_IN_BOTH = """SELECT cluster_alias FROM abc.current_cell_annotated GROUP BY cluster_alias
                       HAVING count(DISTINCT dataset) = 2 ORDER BY cluster_alias"""
 CELLS_OF_A_REGION = """SELECT cell_label, subclass_name FROM abc.current_cell_annotated
                        WHERE region_of_interest_acronym = %s"""
@@ -265,8 +269,10 @@ def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
     files = metadata_files(generated_bucket, OLD_RELEASE)
     load_release_metadata(discovered, OLD_RELEASE, files)
     cells = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "cell_metadata.csv"])
-    membership = pd.read_csv(next(p for p in files.values() if p.name.endswith("membership_pivoted.csv")))
-    expected = (cells.merge(membership, on="cluster_alias").groupby(["dataset_label", "class"]).size())
+    membership = pd.read_csv(next(p for p in files.values() if p.stem == "cluster_to_cluster_annotation_membership"))
+    classes = membership[membership.cluster_annotation_term_set_name == "class"]
+    expected = cells.merge(classes, on="cluster_alias").groupby(["dataset_label", "cluster_annotation_term_name"])
+    expected = expected.size()
     per_class = {(d, c): n for d, c, n in conn.execute(CELLS_PER_CLASS).fetchall()}
     assert per_class == expected.to_dict()
     both = [a for (a,) in conn.execute(CLUSTERS_IN_BOTH).fetchall()]
@@ -294,3 +300,48 @@ def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
         with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
             conn.execute("SET LOCAL ROLE abc_reader")
             conn.execute(statement)
+
+
+def test_consensus_layout_cluster_and_coordinates_from_the_taxonomy(generated_bucket, discovered, conn, tmp_path):
+    """As in the real consensus release: cell_metadata.csv without cluster, region or coordinates; the
+    taxonomy directory holds cell_to_cluster_membership.csv and the 2-D embeddings; value_sets.csv."""
+    files = copied_files(generated_bucket, OLD_RELEASE, tmp_path)
+    cells = []
+    for dataset in (MACOSKO, CONSENSUS_WMB):
+        path = files[f"metadata/{dataset}/{OLD_RELEASE}/cell_metadata.csv"]
+        frame = pd.read_csv(path, keep_default_na=False)
+        frame[["cell_label", "cell_barcode", "barcoded_cell_sample_label", "library_label", "dataset_label",
+               "feature_matrix_label"]].to_csv(path, index=False)
+        cells.append(frame)
+    cells = pd.concat(cells)
+    taxonomy = tmp_path / f"metadata/{TAXONOMY}/{OLD_RELEASE}"
+    extra = {"cell_to_cluster_membership": cells[["cell_label", "cluster_alias"]],
+             "cell_2d_embedding_coordinates": cells[["cell_label", "x", "y"]],
+             "Pallium-Glut_cell_2d_embedding_coordinates": cells[["cell_label", "x", "y"]].head(10)}
+    for stem, frame in extra.items():
+        frame.to_csv(taxonomy / f"{stem}.csv", index=False)
+        files[f"metadata/{TAXONOMY}/{OLD_RELEASE}/{stem}.csv"] = taxonomy / f"{stem}.csv"
+    value_sets = tmp_path / f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/value_sets.csv"
+    value_sets.write_text("label,field,table,description,order,external_identifier,parent_label,color_hex_triplet,"
+                          "comment\nFemale,donor_sex,donor,Female,1,,,#565353,\nMale,donor_sex,donor,Male,2,,,#ADC4C3,\n")
+    files[f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/value_sets.csv"] = value_sets
+
+    load_release_metadata(discovered, OLD_RELEASE, files)
+    assert conn.execute("SELECT count(cluster_alias) FROM abc.cell").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM abc.cell_embedding").fetchone()[0] == len(cells) + 10
+    assert conn.execute("SELECT label, value_order FROM abc.value_set ORDER BY 2").fetchall() == [
+        ("Female", 1), ("Male", 2)]
+    libraries = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "library.csv"])
+    region_of_library = dict(zip(libraries.library_label, libraries.region_of_interest_acronym, strict=True))
+    annotated = pd.DataFrame(conn.execute(
+        "SELECT cell_label, cluster_alias, region_of_interest_acronym, x, class_name FROM abc.current_cell_annotated"
+    ).fetchall(), columns=["cell_label", "cluster_alias", "region", "x", "class_name"]).set_index("cell_label")
+    expected = cells.set_index("cell_label").loc[annotated.index]
+    assert (annotated.cluster_alias == expected.cluster_alias).all()
+    assert (annotated.region == expected.library_label.map(region_of_library)).all()
+    assert annotated.x.to_numpy() == pytest.approx(expected.x.to_numpy())
+    assert annotated.class_name.notna().all()
+    assigned = cell_assignments(conn, OLD_RELEASE, MACOSKO).set_index("cell_label")
+    macosko = cells[cells.dataset_label == MACOSKO].set_index("cell_label").loc[assigned.index]
+    assert (assigned.cluster_alias == macosko.cluster_alias).all()
+    assert (assigned.region_of_interest_acronym == macosko.library_label.map(region_of_library)).all()
