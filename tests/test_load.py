@@ -345,3 +345,18 @@ def test_consensus_layout_cluster_and_coordinates_from_the_taxonomy(generated_bu
     macosko = cells[cells.dataset_label == MACOSKO].set_index("cell_label").loc[assigned.index]
     assert (assigned.cluster_alias == macosko.cluster_alias).all()
     assert (assigned.region_of_interest_acronym == macosko.library_label.map(region_of_library)).all()
+
+
+def test_cli_loads_from_the_mirror_only(generated_bucket, settings, engine, discovered, conn, monkeypatch, capsys):
+    from etl.cli import EXIT_OK, EXIT_UNUSABLE, main
+    from etl.mirror import mirror_release
+
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    args = ["load", "--release", OLD_RELEASE, "--database-url", discovered]
+    assert main(args) == EXIT_UNUSABLE  # nothing mirrored yet: never read around the mirror
+    assert "are not mirrored and verified" in capsys.readouterr().err and current(conn) is None
+
+    mirror_release(settings, engine, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert main(args) == EXIT_OK
+    assert f"release {OLD_RELEASE} published" in capsys.readouterr().out
+    assert counts(conn, OLD_RELEASE) == expected_rows(metadata_files(generated_bucket, OLD_RELEASE))

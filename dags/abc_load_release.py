@@ -1,0 +1,46 @@
+"""Load one mirrored release's metadata (cells, genes, donors, libraries, taxonomy) into the warehouse.
+
+Thin wiring over ``etl.load.load_mirrored_release``: triggered with the ``release`` param (and
+optionally ``datasets``); the release becomes visible to analysts atomically when the task
+succeeds, and a failed or retried run leaves the previously published state as it was.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["abc-mirror"],
+    params={
+        "release": Param(type="string", pattern="^[0-9]{8}$", description="release version YYYYMMDD"),
+        "datasets": Param(None, type=["null", "array"], description="only these datasets; others are kept"),
+    },
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    doc_md=__doc__,
+)
+def abc_load_release():
+    @task
+    def load_metadata(params=None) -> dict:
+        from etl.config import settings_for_airflow_task
+        from etl.load import load_mirrored_release
+
+        report = load_mirrored_release(settings_for_airflow_task(), params["release"], params["datasets"] or None)
+        for line in report.lines():
+            print(line)
+        return {"release": report.release, "published": report.published, "table_rows": report.table_rows,
+                "unknown_columns": {x.file.relative_path: x.unknown_columns for x in report.loaded
+                                    if x.unknown_columns},
+                "ignored": {f.relative_path: f.note for f in report.ignored}}
+
+    load_metadata()
+
+
+load_release_dag = abc_load_release()
