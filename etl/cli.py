@@ -102,6 +102,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import db, lineage
+    from etl.mirror import target_name
+
+    engine = db.make_engine(settings.database_url)
+    print("\n".join(lineage.tree_lines(engine, args.release, target_name(settings.mirror_root))))
+    return EXIT_OK
+
+
 def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     from etl.fixtures import FixtureSpec, make_bucket
 
@@ -198,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--target", help="mirror target (env ABC_MIRROR_ROOT)")
     database_flag(status)
     status.set_defaults(handler=cmd_status)
+
+    lineage = commands.add_parser("lineage", help="a release's lineage: manifest, steps, files read, tables written")
+    lineage.add_argument("--release", required=True, help="release version YYYYMMDD")
+    database_flag(lineage)
+    lineage.set_defaults(handler=cmd_lineage)
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)

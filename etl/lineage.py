@@ -1,0 +1,348 @@
+"""Lineage per release: every step records what it read and wrote, in PostgreSQL and as OpenLineage events.
+
+Use from any stage (CLI or Airflow task alike)::
+
+    from etl import lineage
+
+    with lineage.step(engine, release="20251031", step="load_metadata",
+                      inputs=["metadata/Consensus-WMB-AIBS-10X/20251031/cell_metadata.csv"],
+                      input_tables=["abc.cluster"]) as s:
+        n = load_cells(...)
+        s.wrote("abc.cell", partition="20251031", rows=n)
+
+Entering records an ``abc.lineage_run`` row (who ran it: Airflow dag_id/run_id/task_id or the
+command line, code version, start) with its inputs, and emits an OpenLineage START event; leaving
+records the outputs with their row counts and emits COMPLETE, or, when the block raises, records the
+error and emits FAIL before the exception goes on. ``inputs`` are bucket keys (source objects), as
+listed in the release's manifest; ``input_tables`` warehouse tables the step read. The database is
+the record an auditor queries (``abc.lineage_sources(relation, release)``, see docs/lineage.md);
+events go wherever the OpenLineage client is configured (``OPENLINEAGE_URL``,
+``OPENLINEAGE__TRANSPORT__*``, ``openlineage.yml``; the console when nothing is), and an emitter that
+fails only logs a warning: lineage never fails the work it describes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from botocore.client import BaseClient
+from openlineage.client import OpenLineageClient
+from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+from openlineage.client.facet_v2 import (
+    dataset_version_dataset,
+    error_message_run,
+    output_statistics_output_dataset,
+    parent_run,
+)
+from sqlalchemy.engine import Engine
+
+from etl.config import Settings
+from etl.source import list_objects
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "https://github.com/abc-mirror/abc-mirror"
+JOB_NAMESPACE = os.environ.get("OPENLINEAGE_NAMESPACE", "abc-mirror")
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def code_version() -> str:
+    """The installed package version, plus the git commit (``.dirty`` with local changes) when run from a checkout."""
+    try:
+        version = importlib.metadata.version("abc-mirror")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit[:12]}" + (".dirty" if dirty else "")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who runs a step: an Airflow task instance or a command line."""
+
+    orchestrator: str
+    dag_id: str | None = None
+    dag_run_id: str | None = None
+    task_id: str | None = None
+    try_number: int | None = None
+    invocation: str | None = None
+
+    @classmethod
+    def cli(cls, argv: list[str] | None = None) -> RunContext:
+        args = sys.argv if argv is None else argv
+        return cls("cli", invocation=" ".join([Path(args[0]).name, *args[1:]]) if args else "python")
+
+    @classmethod
+    def from_airflow_or_cli(cls) -> RunContext:
+        """The running Airflow task when there is one, else this process's command line."""
+        try:
+            from airflow.sdk import get_current_context
+
+            ti = get_current_context()["ti"]
+        except Exception:  # not inside an Airflow task (or Airflow not installed)
+            return cls.cli()
+        return cls("airflow", dag_id=ti.dag_id, dag_run_id=ti.run_id, task_id=ti.task_id,
+                   try_number=ti.try_number)
+
+    @property
+    def ref(self) -> str:
+        if self.orchestrator == "airflow":
+            return f"airflow {self.dag_id}/{self.dag_run_id}/{self.task_id} try {self.try_number}"
+        return f"cli {self.invocation}"
+
+
+class Emitter:
+    """OpenLineage emission that never raises: a transport that fails only logs a warning."""
+
+    def __init__(self, client: OpenLineageClient | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> OpenLineageClient:
+        if self._client is None:
+            self._client = OpenLineageClient()
+        return self._client
+
+    def emit(self, event: RunEvent) -> bool:
+        try:
+            self.client.emit(event)
+            return True
+        except Exception as exc:
+            log.warning("OpenLineage %s event of %s not emitted: %s", event.eventType.value, event.job.name, exc)
+            return False
+
+
+@functools.cache
+def default_emitter() -> Emitter:
+    return Emitter()
+
+
+def warehouse_namespace(engine: Engine) -> str:
+    """OpenLineage dataset namespace of the warehouse: ``postgres://host:port``."""
+    url = engine.url
+    return f"postgres://{url.host or 'localhost'}:{url.port or 5432}"
+
+
+@dataclass
+class Step:
+    """A running step: call :meth:`wrote` for each table (partition) it writes."""
+
+    run_id: int
+    run_uuid: str
+    release: str
+    name: str
+    context: RunContext
+    inputs: list[str]
+    input_tables: list[str]
+    outputs: dict[tuple[str, str], int | None] = field(default_factory=dict)
+
+    def wrote(self, table: str, partition: str = "", rows: int | None = None) -> None:
+        if "." not in table:
+            raise ValueError(f"table {table!r}: give it with its schema, e.g. abc.cell")
+        self.outputs[(table, partition)] = rows
+
+
+class _Events:
+    """The OpenLineage events of one step."""
+
+    def __init__(self, step: Step, bucket: str, database: str, warehouse: str) -> None:
+        self.step, self.bucket, self.database, self.warehouse = step, bucket, database, warehouse
+
+    def _version(self) -> dict:
+        return {"version": dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion=self.step.release,
+                                                                              producer=PRODUCER)}
+
+    def _inputs(self) -> list[InputDataset]:
+        objects = [InputDataset(namespace=f"s3://{self.bucket}", name=key, facets=self._version())
+                   for key in self.step.inputs]
+        tables = [InputDataset(namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version())
+                  for table in self.step.input_tables]
+        return objects + tables
+
+    def _outputs(self) -> list[OutputDataset]:
+        return [OutputDataset(
+            namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version(),
+            outputFacets={"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+                rowCount=rows, producer=PRODUCER)} if rows is not None else {})
+            for (table, _), rows in self.step.outputs.items()]
+
+    def _run(self, error: BaseException | None = None) -> Run:
+        facets: dict = {}
+        context = self.step.context
+        if context.orchestrator == "airflow":
+            facets["parent"] = parent_run.ParentRunFacet(
+                run=parent_run.Run(runId=_airflow_task_run_id(context)),
+                job=parent_run.Job(namespace=JOB_NAMESPACE, name=f"{context.dag_id}.{context.task_id}"),
+                producer=PRODUCER)
+        if error is not None:
+            facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+                message=f"{type(error).__name__}: {error}", programmingLanguage="python", producer=PRODUCER)
+        return Run(runId=self.step.run_uuid, facets=facets)
+
+    def event(self, state: RunState, error: BaseException | None = None) -> RunEvent:
+        return RunEvent(eventType=state, eventTime=datetime.now(UTC).isoformat(), run=self._run(error),
+                        job=Job(namespace=JOB_NAMESPACE, name=f"abc_mirror.{self.step.name}"),
+                        inputs=self._inputs(), outputs=self._outputs() if state != RunState.START else [],
+                        producer=PRODUCER)
+
+
+def _airflow_task_run_id(context: RunContext) -> str:
+    """A stable UUID for the Airflow task try, so every step of one task shares a parent run."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL,
+                          f"airflow:{context.dag_id}/{context.dag_run_id}/{context.task_id}/{context.try_number}"))
+
+
+def _start(engine: Engine, release: str, name: str, context: RunContext, inputs: list[str],
+           input_tables: list[str]) -> Step:
+    run_uuid = str(uuid.uuid4())
+    with engine.begin() as conn:
+        run_id = conn.execute(sa.text("""
+            INSERT INTO abc.lineage_run (run_uuid, release, step, orchestrator, dag_id, dag_run_id, task_id,
+                                         try_number, invocation, code_version)
+            VALUES (:u, :r, :s, :o, :dag, :run, :task, :try, :inv, :code) RETURNING id"""),
+            {"u": run_uuid, "r": release, "s": name, "o": context.orchestrator, "dag": context.dag_id,
+             "run": context.dag_run_id, "task": context.task_id, "try": context.try_number,
+             "inv": context.invocation, "code": code_version()}).scalar_one()
+        rows = [{"id": run_id, "k": "object", "n": key} for key in dict.fromkeys(inputs)]
+        rows += [{"id": run_id, "k": "table", "n": table} for table in dict.fromkeys(input_tables)]
+        if rows:
+            conn.execute(sa.text("INSERT INTO abc.lineage_input (run_id, kind, name) VALUES (:id, :k, :n)"), rows)
+    return Step(run_id, run_uuid, release, name, context, list(dict.fromkeys(inputs)),
+                list(dict.fromkeys(input_tables)))
+
+
+def _finish(engine: Engine, s: Step, error: BaseException | None) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE abc.lineage_run SET finished_at = now(), status = :st, error = :e WHERE id = :id"),
+                     {"id": s.run_id, "st": "failed" if error else "succeeded",
+                      "e": f"{type(error).__name__}: {error}" if error else None})
+        if s.outputs:
+            conn.execute(sa.text("INSERT INTO abc.lineage_output (run_id, table_name, partition, row_count) "
+                                 "VALUES (:id, :t, :p, :n)"),
+                         [{"id": s.run_id, "t": t, "p": p, "n": n} for (t, p), n in s.outputs.items()])
+
+
+@contextmanager
+def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (), input_tables: Iterable[str] = (),
+         run: RunContext | None = None, emitter: Emitter | None = None, bucket: str | None = None) -> Iterator[Step]:
+    """Record and emit one step of ``release``; see the module docstring."""
+    emitter = emitter or default_emitter()
+    s = _start(engine, release, step, run or RunContext.from_airflow_or_cli(), list(inputs), list(input_tables))
+    events = _Events(s, bucket or Settings.from_env().bucket, engine.url.database or "abc",
+                     warehouse_namespace(engine))
+    emitter.emit(events.event(RunState.START))
+    try:
+        yield s
+    except BaseException as exc:
+        _finish(engine, s, exc)
+        emitter.emit(events.event(RunState.FAIL, exc))
+        raise
+    _finish(engine, s, None)
+    emitter.emit(events.event(RunState.COMPLETE))
+
+
+def record_source_objects(engine: Engine, client: BaseClient, settings: Settings, release: str) -> int:
+    """List the directories ``release`` pins and record each object's size, ETag and Last-Modified.
+
+    One listing per directory (no request per object); returns the number of objects recorded.
+    """
+    with engine.connect() as conn:
+        prefixes = conn.execute(sa.text("SELECT relative_path FROM abc.release_directory WHERE release = :r"),
+                                {"r": release}).scalars().all()
+    rows = [{"k": obj["Key"], "s": obj["Size"], "e": obj.get("ETag", "").strip('"') or None,
+             "m": obj.get("LastModified")}
+            for prefix in prefixes for obj in list_objects(client, settings.bucket, prefix.rstrip("/") + "/")]
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO abc.source_object (relative_path, size, etag, last_modified) VALUES (:k, :s, :e, :m)
+                ON CONFLICT (relative_path) DO UPDATE SET size = EXCLUDED.size, etag = EXCLUDED.etag,
+                    last_modified = EXCLUDED.last_modified, listed_at = now()"""), rows)
+    return len(rows)
+
+
+def sources_of(engine: Engine, relation: str, release: str) -> list[sa.Row]:
+    """``abc.lineage_sources``: the source objects behind ``relation`` (table or view) of ``release``."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT * FROM abc.lineage_sources(:rel, :r)"),
+                            {"rel": relation, "r": release}).all()
+
+
+def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[str]:
+    """``abc-mirror lineage``: the release's graph as a tree: manifest, steps, what each read and wrote."""
+    with engine.connect() as conn:
+        rel = conn.execute(sa.text("SELECT * FROM abc.release WHERE version = :r"), {"r": release}).first()
+        if rel is None:
+            return [f"release {release} is not recorded"]
+        runs = conn.execute(sa.text("SELECT * FROM abc.lineage_run WHERE release = :r ORDER BY started_at, id"),
+                            {"r": release}).all()
+        inputs = conn.execute(sa.text("""
+            SELECT i.run_id, i.kind, i.name, rf.size, rf.md5, so.etag, so.last_modified,
+                   mo.local_path, mo.verified_at
+            FROM abc.lineage_input i JOIN abc.lineage_run run ON run.id = i.run_id AND run.release = :r
+            LEFT JOIN abc.release_file rf ON rf.release = :r AND rf.relative_path = i.name
+            LEFT JOIN abc.source_object so ON so.relative_path = i.name
+            LEFT JOIN LATERAL (SELECT o.local_path, o.verified_at FROM abc.mirror_object o
+                               WHERE o.relative_path = i.name AND o.md5 = rf.md5
+                                     AND (CAST(:t AS text) IS NULL OR o.target = :t)
+                               ORDER BY o.verified_at DESC LIMIT 1) mo ON true
+            ORDER BY i.kind, i.name"""), {"r": release, "t": target}).all()
+        outputs = conn.execute(sa.text("""
+            SELECT o.* FROM abc.lineage_output o JOIN abc.lineage_run run ON run.id = o.run_id AND run.release = :r
+            ORDER BY o.table_name, o.partition"""), {"r": release}).all()
+    out = [f"release {release} ({rel.status})",
+           f"└─ manifest {rel.manifest_key} md5 {rel.manifest_md5}, {rel.n_files} files, {rel.total_bytes} bytes"]
+    if not runs:
+        out.append("   (no step recorded)")
+    for i, run in enumerate(runs):
+        last = i == len(runs) - 1
+        out.append(f"   {'└─' if last else '├─'} {run.step} [{run.status}] {RunContext(**_context_fields(run)).ref}; "
+                   f"code {run.code_version}; {run.started_at:%Y-%m-%d %H:%M:%S}"
+                   + (f" → {run.finished_at:%H:%M:%S}" if run.finished_at else ""))
+        children = [_input_line(x) for x in inputs if x.run_id == run.id]
+        children += [f"wrote {o.table_name}" + (f" [{o.partition}]" if o.partition else "")
+                     + (f": {o.row_count} rows" if o.row_count is not None else "")
+                     for o in outputs if o.run_id == run.id]
+        if run.error:
+            children.append(f"error: {run.error}")
+        pad = "      " if last else "   │  "
+        out += [f"{pad}{'└─' if j == len(children) - 1 else '├─'} {line}" for j, line in enumerate(children)]
+    return out
+
+
+def _context_fields(run: sa.Row) -> dict:
+    return {"orchestrator": run.orchestrator, "dag_id": run.dag_id, "dag_run_id": run.dag_run_id,
+            "task_id": run.task_id, "try_number": run.try_number, "invocation": run.invocation}
+
+
+def _input_line(x: sa.Row) -> str:
+    if x.kind == "table":
+        return f"read table {x.name}"
+    line = f"read {x.name}"
+    if x.md5:
+        line += f" ({x.size} bytes, md5 {x.md5}"
+        line += f", etag {x.etag}" if x.etag else ""
+        line += f", modified {x.last_modified:%Y-%m-%d %H:%M:%S}" if x.last_modified else ""
+        line += ")"
+    if x.local_path:
+        line += f" → {x.local_path} verified {x.verified_at:%Y-%m-%d %H:%M:%S}"
+    return line

@@ -1,0 +1,202 @@
+"""Lineage on a generated release: recorded steps, the auditor's SQL answer, OpenLineage events, the tree."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openlineage.client import OpenLineageClient
+from openlineage.client.transport import Transport
+from openlineage.client.transport.file import FileConfig, FileTransport
+
+from etl import lineage, source
+from etl.cli import main
+from etl.discovery import discover
+from etl.fixtures import OLD_RELEASE
+from etl.load import load_release_metadata
+from etl.mirror import mirror_release
+
+# The RunEvent of the OpenLineage spec (2-0-2), as JSON Schema: the client ships only attrs classes
+# generated from the spec, not the spec itself, so the parts our events use are spelled out here.
+_FACET = {"type": "object", "required": ["_producer", "_schemaURL"],
+          "properties": {"_producer": {"type": "string", "minLength": 1},
+                         "_schemaURL": {"type": "string", "pattern": "^https://openlineage.io/spec/"}}}
+_DATASET = {"type": "object", "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string", "minLength": 1}, "name": {"type": "string", "minLength": 1},
+                           "facets": {"type": "object", "additionalProperties": _FACET,
+                                      "properties": {"version": {"allOf": [_FACET, {
+                                          "required": ["datasetVersion"],
+                                          "properties": {"datasetVersion": {"type": "string"}}}]}}}}}
+RUN_EVENT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["eventTime", "producer", "schemaURL", "eventType", "run", "job"],
+    "properties": {
+        "eventTime": {"type": "string", "minLength": 1},
+        "producer": {"type": "string", "minLength": 1},
+        "schemaURL": {"type": "string", "pattern": "^https://openlineage.io/spec/.*#/\\$defs/RunEvent$"},
+        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
+        "run": {"type": "object", "required": ["runId"],
+                "properties": {"runId": {"type": "string", "format": "uuid"},
+                               "facets": {"type": "object", "additionalProperties": _FACET}}},
+        "job": {"type": "object", "required": ["namespace", "name"],
+                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"},
+                               "facets": {"type": "object", "additionalProperties": _FACET}}},
+        "inputs": {"type": "array", "items": _DATASET},
+        "outputs": {"type": "array", "items": {"allOf": [_DATASET, {"properties": {"outputFacets": {
+            "type": "object", "additionalProperties": _FACET,
+            "properties": {"outputStatistics": {"allOf": [_FACET, {
+                "required": ["rowCount"], "properties": {"rowCount": {"type": "integer", "minimum": 0}}}]}}}}}]}},
+    },
+}
+EXPRESSION_TABLES = ["abc.expression_gene", "abc.expression_group", "abc.expression_gene_major",
+                     "abc.expression_group_major"]
+
+
+def file_emitter(path: Path) -> lineage.Emitter:
+    return lineage.Emitter(OpenLineageClient(transport=FileTransport(FileConfig(log_file_path=str(path),
+                                                                                append=True))))
+
+
+def read_events(path: Path) -> list[dict]:
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    validator = jsonschema.Draft202012Validator(RUN_EVENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    for event in events:
+        validator.validate(event)
+        datetime.fromisoformat(event["eventTime"])
+    return events
+
+
+@pytest.fixture
+def lineage_graph(settings, engine, generated_bucket, tmp_path):
+    """The older release discovered, its metadata mirrored and loaded, and an aggregation step recorded."""
+    release = OLD_RELEASE
+    events = tmp_path / "events.jsonl"
+    emitter = file_emitter(events)
+    cli = lineage.RunContext.cli(["abc-mirror", "load", "--release", release])
+    discover(source.make_client(settings), settings, engine)
+    assert lineage.record_source_objects(engine, source.make_client(settings), settings, release) == \
+        len(generated_bucket.files[release])
+    metadata = [k for k in generated_bucket.files[release] if k.startswith("metadata/")]
+    matrices = [k for k in generated_bucket.files[release] if k.endswith("-log2.h5ad")]
+    with lineage.step(engine, release=release, step="mirror", inputs=metadata, run=cli, emitter=emitter) as s:
+        report = mirror_release(settings, engine, release, kinds=["metadata"], progress=False)
+        s.wrote("abc.mirror_object", rows=report.ok)
+    with lineage.step(engine, release=release, step="load_metadata", inputs=metadata, run=cli,
+                      emitter=emitter) as s:
+        loaded = load_release_metadata(settings.database_url, release,
+                                       {k: generated_bucket.bucket_dir / k for k in metadata})
+        for table, rows in loaded.table_rows.items():
+            s.wrote(f"abc.{table}", partition=release, rows=rows)
+    airflow = lineage.RunContext("airflow", dag_id="abc_release", dag_run_id="manual__1", task_id="merge",
+                                 try_number=1)
+    with lineage.step(engine, release=release, step="aggregate", inputs=matrices, run=airflow, emitter=emitter,
+                      input_tables=["abc.cell", "abc.cluster_membership"]) as s:
+        for table in EXPRESSION_TABLES:
+            s.wrote(table, partition=release, rows=7)
+    return release, metadata, matrices, events, emitter
+
+
+def test_one_sql_statement_names_the_source_files_and_code_version(lineage_graph, engine, settings, generated_bucket):
+    release, metadata, matrices, _, _ = lineage_graph
+    rows = lineage.sources_of(engine, "abc.expression_by_cluster", release)
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row.step, set()).add(row.source_key)
+    # the matrices the aggregation read, and the metadata files behind abc.cell and the taxonomy
+    assert by_step == {"aggregate": set(matrices), "load_metadata": set(metadata)}
+    assert {row.code_version for row in rows} == {lineage.code_version()}
+    manifest = json.loads((generated_bucket.bucket_dir / "releases" / release / "manifest.json").read_text())
+    for row in rows:
+        assert row.manifest_key == f"releases/{release}/manifest.json"
+        assert row.md5 and row.size > 0 and row.etag and row.last_modified
+        assert manifest["version"] == release
+        if row.step == "load_metadata":
+            assert row.mirror_path == str(Path(settings.mirror_root).resolve() / row.source_key)
+            assert row.verified_at is not None
+    assert {row.run_ref for row in rows if row.step == "aggregate"} == {"airflow abc_release/manual__1/merge try 1"}
+    assert {row.run_ref for row in rows if row.step == "load_metadata"} == {f"cli abc-mirror load --release {release}"}
+    # a table the aggregation did not feed: only the metadata load
+    assert {row.step for row in lineage.sources_of(engine, "abc.cell_annotated", release)} == {"load_metadata"}
+
+
+def test_events_are_valid_openlineage_with_inputs_outputs_and_row_counts(lineage_graph, generated_bucket):
+    release, metadata, matrices, events_path, _ = lineage_graph
+    events = read_events(events_path)
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        ("abc_mirror.mirror", "START"), ("abc_mirror.mirror", "COMPLETE"),
+        ("abc_mirror.load_metadata", "START"), ("abc_mirror.load_metadata", "COMPLETE"),
+        ("abc_mirror.aggregate", "START"), ("abc_mirror.aggregate", "COMPLETE")]
+    load_start, load_done = events[2], events[3]
+    assert load_start["run"]["runId"] == load_done["run"]["runId"]
+    assert {(d["namespace"], d["name"]) for d in load_done["inputs"]} == \
+        {("s3://allen-brain-cell-atlas", key) for key in metadata}
+    assert all(d["facets"]["version"]["datasetVersion"] == release for d in load_done["inputs"] + load_done["outputs"])
+    cells = [d for d in load_done["outputs"] if d["name"].endswith(".abc.cell")]
+    expected_cells = sum(len((generated_bucket.bucket_dir / k).read_text().splitlines()) - 1
+                         for k in metadata if k.endswith("/cell_metadata.csv"))
+    assert cells[0]["outputFacets"]["outputStatistics"]["rowCount"] == expected_cells
+    assert cells[0]["namespace"] == "postgres://127.0.0.1:5432"
+    aggregate_done = events[5]
+    assert {d["name"].split(".", 1)[1] for d in aggregate_done["inputs"] if d["namespace"].startswith("postgres")} \
+        == {"abc.cell", "abc.cluster_membership"}
+    parent = aggregate_done["run"]["facets"]["parent"]
+    assert parent["job"]["name"] == "abc_release.merge" and uuid.UUID(parent["run"]["runId"])
+
+
+def test_failed_step_is_recorded_and_emits_fail(lineage_graph, engine, tmp_path):
+    release = lineage_graph[0]
+    events_path = tmp_path / "fail.jsonl"
+    with pytest.raises(ValueError, match="bad row"), lineage.step(
+            engine, release=release, step="load_metadata", inputs=["metadata/x.csv"], emitter=file_emitter(events_path),
+            run=lineage.RunContext.cli(["abc-mirror", "load"])) as s:
+        s.wrote("abc.cell", partition=release, rows=1)
+        raise ValueError("bad row")
+    start, fail = read_events(events_path)
+    assert (start["eventType"], fail["eventType"]) == ("START", "FAIL")
+    assert fail["run"]["facets"]["errorMessage"]["message"] == "ValueError: bad row"
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT status, error FROM abc.lineage_run ORDER BY id DESC LIMIT 1").one()
+    assert tuple(row) == ("failed", "ValueError: bad row")
+    # the failed run's output is not what abc.cell holds: the earlier load still answers
+    assert {r.step for r in lineage.sources_of(engine, "abc.cell", release)} == {"load_metadata"}
+    assert "metadata/x.csv" not in {r.source_key for r in lineage.sources_of(engine, "abc.cell", release)}
+
+
+def test_failing_transport_only_warns(engine, settings, monkeypatch):
+    discover(source.make_client(settings), settings, engine)
+
+    class Down(Transport):
+        kind = "down"
+
+        def emit(self, event):
+            raise ConnectionError("lineage backend down")
+
+    warnings = []
+    monkeypatch.setattr(lineage.log, "warning", lambda message, *args: warnings.append(message % args))
+    with lineage.step(engine, release=OLD_RELEASE, step="discover", emitter=lineage.Emitter(OpenLineageClient(
+            transport=Down())), inputs=[f"releases/{OLD_RELEASE}/manifest.json"]) as s:
+        s.wrote("abc.release_file", partition=OLD_RELEASE, rows=3)
+    assert warnings == [f"OpenLineage {state} event of abc_mirror.discover not emitted: lineage backend down"
+                        for state in ("START", "COMPLETE")]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT status FROM abc.lineage_run").scalar_one() == "succeeded"
+
+
+def test_cli_prints_the_tree(lineage_graph, settings, capsys, monkeypatch):
+    release, metadata, matrices, _, _ = lineage_graph
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    assert main(["lineage", "--release", release]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"release {release} (published)\n└─ manifest releases/{release}/manifest.json md5 ")
+    assert "├─ load_metadata [succeeded] cli abc-mirror load --release" in out
+    assert "└─ aggregate [succeeded] airflow abc_release/manual__1/merge try 1" in out
+    for key in metadata:
+        assert f"read {key} (" in out and str(Path(settings.mirror_root).resolve() / key) in out
+    assert f"wrote abc.cell [{release}]: " in out
+    assert sum(f"read {key}" in out for key in matrices) == len(matrices)
