@@ -95,10 +95,13 @@ def cmd_mirror(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from etl import db
     from etl.mirror import status_lines, target_name
+    from etl.monitor import status_lines as release_table
 
     settings = settings.with_overrides(mirror_root=args.target)
-    print("\n".join(status_lines(db.make_engine(settings.database_url), target_name(settings.mirror_root),
-                                 args.release)))
+    engine = db.make_engine(settings.database_url)
+    target = target_name(settings.mirror_root)
+    print("\n".join(release_table(engine, target)))
+    print("\n".join(status_lines(engine, target, args.release)))
     return EXIT_OK
 
 
@@ -108,6 +111,21 @@ def cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = db.make_engine(settings.database_url)
     print("\n".join(lineage.tree_lines(engine, args.release, target_name(settings.mirror_root))))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import diff
+
+    settings = settings.with_overrides(mirror_root=args.target)
+    result = diff.diff(diff.release_content(settings.database_url, args.old),
+                       diff.release_content(settings.database_url, args.new))
+    print(diff.release_notes_markdown(result), end="")
+    if not args.no_store:
+        diff.store(settings.database_url, result)
+        if settings.mirror_is_local:
+            for path in diff.write_release_notes(result, settings.mirror_path):
+                print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -212,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--release", required=True, help="release version YYYYMMDD")
     database_flag(lineage)
     lineage.set_defaults(handler=cmd_lineage)
+
+    diff = commands.add_parser("diff", help="what changed between two loaded releases; stores it, writes release notes")
+    diff.add_argument("old", help="older release YYYYMMDD")
+    diff.add_argument("new", help="newer release YYYYMMDD")
+    diff.add_argument("--no-store", action="store_true", help="only print: store nothing, write no release notes")
+    diff.add_argument("--target", help="mirror root the release notes go beside (env ABC_MIRROR_ROOT)")
+    database_flag(diff)
+    diff.set_defaults(handler=cmd_diff)
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)

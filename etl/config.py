@@ -25,6 +25,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ABC_MIRROR_ROOT": ("./var/mirror", "local directory or s3://bucket/prefix of the mirror"),
     "ABC_WORKERS": ("16", "parallel transfers"),
     "ABC_WEBHOOK_URL": ("", "JSON webhook for alerts (empty: none)"),
+    "ABC_MAX_LAG_HOURS": ("72", "alert when the newest published release trails upstream's for longer than this"),
 }
 
 
@@ -42,6 +43,7 @@ class Settings:
     mirror_root: str = "./var/mirror"
     workers: int = 16
     webhook_url: str | None = None
+    max_lag_hours: float = 72.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,6 +56,7 @@ class Settings:
             mirror_root=_env("ABC_MIRROR_ROOT"),
             workers=int(_env("ABC_WORKERS")),
             webhook_url=_env("ABC_WEBHOOK_URL") or None,
+            max_lag_hours=float(_env("ABC_MAX_LAG_HOURS")),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:

@@ -138,7 +138,7 @@ CREATE TABLE abc.release_diff_item (
     FOREIGN KEY (old_release, new_release) REFERENCES abc.release_diff (old_release, new_release)
         ON DELETE CASCADE
 );
-COMMENT ON COLUMN abc.release_diff_item.old_value IS 'file: MD5; directory: version; cell: cluster_alias';
+COMMENT ON COLUMN abc.release_diff_item.old_value IS 'file: MD5 (moved: old key); directory: version; cell: cluster_alias';
 
 -- Data-quality checks after a load: one row per release and check, replaced when run again.
 CREATE TABLE abc.quality_check (

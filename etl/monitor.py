@@ -1,0 +1,257 @@
+"""Release monitoring: status of every release, lag behind upstream, data-quality checks, and the alerts.
+
+- :func:`status_lines`: one table of every release (upstream seen, mirrored files ok/failed and
+  bytes, loaded, published, checks, last error) and the lag: newest upstream vs newest published.
+- :func:`run_quality_checks`: checks of a loaded release (staged or published), stored per
+  release in ``abc.quality_check``; :func:`require_passing` is what a publish step calls to refuse
+  a release whose checks failed.
+- :func:`check_release`, :func:`check_lag`, :func:`announce_new_releases`, :func:`record_diff`:
+  the monitoring DAG's (and the load step's) units of work, each alerting through ``etl.alerts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.engine import Engine
+
+from etl import db
+from etl.alerts import Alert, already_sent, send
+from etl.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class QualityCheckFailed(RuntimeError):
+    """A release failed data-quality checks and must not be published."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    failing: int = 0
+    details: str = ""
+
+
+# name -> (what it guards, SQL giving (failing count, details) over {cell}, {cluster}, ... of the release)
+CHECKS: dict[str, tuple[str, str]] = {
+    "cell_cluster_in_taxonomy": (
+        "every cell's cluster_alias is a cluster of the release's taxonomy",
+        """SELECT count(*), string_agg(DISTINCT c.cluster_alias::text, ', ') FROM {cell} c
+           WHERE c.release = %(r)s AND c.cluster_alias IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM {cluster} k WHERE k.release = c.release
+                             AND k.cluster_alias = c.cluster_alias)"""),
+    "cell_label_unique": (
+        "no cell_label appears twice in a release",
+        """SELECT count(*), string_agg(cell_label, ', ') FROM (
+               SELECT cell_label FROM {cell} WHERE release = %(r)s GROUP BY cell_label HAVING count(*) > 1
+               ORDER BY cell_label LIMIT 1000) d"""),
+    "row_counts_match_files": (
+        "each loaded table holds, per dataset, exactly the rows of the files loaded into it",
+        """SELECT count(*), string_agg(format('abc.%%s %%s: %%s rows, files hold %%s', f.table_name, f.dataset,
+                                              coalesce(t.n, 0), f.rows), '; ') FROM (
+               SELECT table_name, dataset, sum(row_count) AS rows FROM abc.metadata_file
+               WHERE release = %(r)s AND table_name IS NOT NULL GROUP BY table_name, dataset) f
+           LEFT JOIN (SELECT 'cell' AS table_name, dataset, count(*) AS n FROM {cell} WHERE release = %(r)s
+                      GROUP BY dataset
+                      UNION ALL SELECT 'gene', dataset, count(*) FROM {gene} WHERE release = %(r)s GROUP BY dataset
+                      UNION ALL SELECT 'cluster', dataset, count(*) FROM {cluster} WHERE release = %(r)s
+                      GROUP BY dataset) t
+             ON t.table_name = f.table_name AND t.dataset = f.dataset
+           WHERE f.table_name IN ('cell', 'gene', 'cluster') AND coalesce(t.n, 0) <> f.rows"""),
+    "gene_symbol_present": (
+        "every gene has a symbol",
+        """SELECT count(*), string_agg(gene_identifier, ', ') FROM (
+               SELECT gene_identifier FROM {gene} WHERE release = %(r)s AND coalesce(btrim(gene_symbol), '') = ''
+               ORDER BY gene_identifier LIMIT 1000) g"""),
+    "expression_cells_match_metadata": (
+        "aggregated expression counts, per dataset and cluster, the cells the metadata assigns to it",
+        """SELECT count(*), string_agg(format('%%s %%s: %%s aggregated, %%s in metadata',
+                                              coalesce(e.dataset, m.dataset), coalesce(e.group_label, m.label),
+                                              coalesce(e.n_cells, 0), coalesce(m.n, 0)), '; ') FROM
+               (SELECT dataset, group_label, n_cells FROM {expression_group}
+                WHERE release = %(r)s AND grouping = 'cluster') e
+           FULL JOIN (SELECT c.dataset, t.cluster_annotation_term_label AS label, count(*) AS n FROM {cell} c
+                      JOIN {cluster_membership} t ON t.release = c.release AND t.cluster_alias = c.cluster_alias
+                           AND t.cluster_annotation_term_set_name = 'cluster'
+                      WHERE c.release = %(r)s
+                        AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
+                      GROUP BY 1, 2) m
+             ON m.dataset = e.dataset AND m.label = e.group_label
+           WHERE coalesce(e.n_cells, 0) <> coalesce(m.n, 0)"""),
+}
+
+
+def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
+    """Run every check on ``release`` (its staged load when not yet published) and store the results."""
+    from etl.aggregate import _staged_or_published
+
+    tables = ["cell", "cluster", "gene", "cluster_membership", "expression_group"]
+    results = []
+    with db.copy_connection(database_url) as conn:
+        relations = {t: _staged_or_published(conn, t, release) for t in tables}
+        for name, (_, query) in CHECKS.items():
+            failing, details = conn.execute(sql.SQL(query).format(**relations), {"r": release}).fetchone()
+            results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))
+        with conn.transaction():
+            conn.execute("DELETE FROM abc.quality_check WHERE release = %s", (release,))
+            with conn.cursor() as cursor:
+                cursor.executemany("INSERT INTO abc.quality_check (release, name, passed, failing, details) "
+                                   "VALUES (%s, %s, %s, %s, %s)",
+                                   [(release, r.name, r.passed, r.failing, r.details) for r in results])
+    for r in results:
+        (log.info if r.passed else log.error)("release %s check %s: %s%s", release, r.name,
+                                              "passed" if r.passed else f"FAILED ({r.failing})",
+                                              f": {r.details}" if r.details else "")
+    return results
+
+
+def require_passing(results: list[CheckResult], release: str) -> None:
+    """Raise :class:`QualityCheckFailed` naming the failed checks; publish steps call this first."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise QualityCheckFailed(f"release {release}: " + "; ".join(
+            f"{r.name} failed ({r.failing}): {r.details}" for r in failed))
+
+
+def check_release(settings: Settings, engine: Engine, release: str) -> list[CheckResult]:
+    """Run and store the checks of ``release``; alert once per run when any failed."""
+    results = run_quality_checks(settings.database_url, release)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        send(Alert("failed_check", f"release {release}: {len(failed)} data-quality check(s) failed: "
+                   + ", ".join(r.name for r in failed), release,
+                   {"checks": [{"name": r.name, "failing": r.failing, "details": r.details} for r in failed]}),
+             settings.webhook_url, engine)
+    return results
+
+
+@dataclass(frozen=True)
+class Lag:
+    newest_upstream: str | None
+    newest_published: str | None
+    behind_since: datetime | None  # when the oldest unpublished newer release was seen upstream
+
+    def hours(self, now: datetime | None = None) -> float:
+        if self.behind_since is None:
+            return 0.0
+        return ((now or datetime.now(UTC)) - self.behind_since).total_seconds() / 3600
+
+
+def lag(engine: Engine) -> Lag:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("""
+            SELECT (SELECT max(version) FROM abc.release) AS upstream,
+                   (SELECT release FROM abc.current_release) AS published,
+                   (SELECT min(discovered_at) FROM abc.release WHERE version > coalesce(
+                        (SELECT release FROM abc.current_release), '')) AS since""")).one()
+    return Lag(row.upstream, row.published, row.since)
+
+
+def check_lag(settings: Settings, engine: Engine, now: datetime | None = None) -> Lag:
+    """Alert when the mirror's newest published release has trailed upstream's for over ``max_lag_hours``."""
+    current = lag(engine)
+    hours = current.hours(now)
+    if hours > settings.max_lag_hours:
+        send(Alert("lag", f"newest published release {current.newest_published or '(none)'} trails upstream "
+                   f"{current.newest_upstream} for {hours:.1f} h (allowed {settings.max_lag_hours:g} h)",
+                   current.newest_upstream,
+                   {"newest_upstream": current.newest_upstream, "newest_published": current.newest_published,
+                    "behind_since": current.behind_since, "lag_hours": round(hours, 2),
+                    "max_lag_hours": settings.max_lag_hours}),
+             settings.webhook_url, engine)
+    return current
+
+
+def announce_new_releases(settings: Settings, engine: Engine) -> list[str]:
+    """Alert each recorded release that was not announced yet (delivered); returns those announced now."""
+    if not settings.webhook_url:
+        log.info("no webhook configured (ABC_WEBHOOK_URL): new releases not announced")
+        return []
+    with engine.connect() as conn:
+        releases = conn.execute(sa.text("SELECT version, n_files, total_bytes, manifest_key FROM abc.release "
+                                        "ORDER BY version")).all()
+    announced = []
+    for r in releases:
+        if already_sent(engine, "new_release", r.version):
+            continue
+        if send(Alert("new_release", f"new upstream release {r.version}: {r.n_files} files, {r.total_bytes} bytes",
+                      r.version, {"manifest_key": r.manifest_key, "n_files": r.n_files,
+                                  "total_bytes": r.total_bytes}), settings.webhook_url, engine):
+            announced.append(r.version)
+    return announced
+
+
+def record_diff(settings: Settings, engine: Engine, release: str, old: str | None = None) -> tuple[Path, Path] | None:
+    """Diff ``release`` against ``old`` (default: the previous loaded release), store it, write release notes.
+
+    Release notes go beside a local mirror (``<mirror_root>/releases/<release>/``); returns their
+    paths, or None when there is no earlier release or the mirror is not a local directory.
+    """
+    from etl import diff
+
+    old = old or diff.previous_release(engine, release)
+    if old is None:
+        log.info("release %s: no earlier loaded release to diff against", release)
+        return None
+    result = diff.diff(diff.release_content(settings.database_url, old),
+                       diff.release_content(settings.database_url, release))
+    diff.store(settings.database_url, result)
+    if not settings.mirror_is_local:
+        log.info("release notes of %s not written: mirror %s is not a local directory", release, settings.mirror_root)
+        return None
+    return diff.write_release_notes(result, settings.mirror_path)
+
+
+def status_lines(engine: Engine, target: str, now: datetime | None = None) -> list[str]:
+    """``abc-mirror status``: every release in one table, then the lag behind upstream."""
+    query = """
+        SELECT r.version, r.status, r.discovered_at, r.loaded_at, r.published_at, r.last_error, r.n_files,
+               r.total_bytes,
+               (SELECT count(*) FROM abc.release_file rf JOIN abc.mirror_object o ON o.target = :t
+                    AND o.relative_path = rf.relative_path AND o.md5 = rf.md5 AND o.size = rf.size
+                WHERE rf.release = r.version) AS files_ok,
+               (SELECT coalesce(sum(rf.size), 0) FROM abc.release_file rf JOIN abc.mirror_object o ON o.target = :t
+                    AND o.relative_path = rf.relative_path AND o.md5 = rf.md5 AND o.size = rf.size
+                WHERE rf.release = r.version) AS bytes_ok,
+               (SELECT files_failed FROM abc.mirror_run m WHERE m.release = r.version AND m.target = :t
+                ORDER BY started_at DESC, id DESC LIMIT 1) AS files_failed,
+               (SELECT count(*) FILTER (WHERE passed) || '/' || count(*) FROM abc.quality_check q
+                WHERE q.release = r.version) AS checks
+        FROM abc.release r ORDER BY r.version"""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(query), {"t": target}).all()
+    if not rows:
+        return ["no release recorded: run `abc-mirror discover` first"]
+
+    def when(value: datetime | None) -> str:
+        return f"{value:%Y-%m-%d %H:%M}" if value else "-"
+
+    header = ["release", "status", "upstream seen", "mirrored ok/failed/of", "bytes ok", "loaded", "published",
+              "checks", "last error"]
+    table = [[r.version, r.status, when(r.discovered_at), f"{r.files_ok}/{r.files_failed or 0}/{r.n_files}",
+              _size(r.bytes_ok), when(r.loaded_at), when(r.published_at), r.checks if r.checks != "0/0" else "-",
+              (r.last_error or "")[:60]] for r in rows]
+    widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
+    out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *table]]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    current = lag(engine)
+    hours = current.hours(now)
+    out.append(f"lag: newest upstream {current.newest_upstream}, newest published {current.newest_published or '-'}"
+               + (f", behind for {hours:.1f} h" if current.behind_since else ", up to date"))
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+

@@ -1,0 +1,226 @@
+"""Monitoring on the two generated releases: diff, release notes, quality checks, status, lag, webhook alerts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from etl import alerts, diff, monitor, source
+from etl.cli import main
+from etl.discovery import discover
+from etl.fixtures import CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE
+from etl.load import load_release_metadata
+
+
+class Webhook:
+    """A local HTTP receiver on 127.0.0.1 collecting the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def kinds(self) -> list[str]:
+        return [body["kind"] for body in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
+def load(settings, generated_bucket, release: str) -> None:
+    files = {k: generated_bucket.bucket_dir / k for k in generated_bucket.files[release] if k.startswith("metadata/")}
+    load_release_metadata(settings.database_url, release, files)
+
+
+@pytest.fixture
+def both_loaded(settings, engine, generated_bucket):
+    discover(source.make_client(settings), settings, engine)
+    for release in generated_bucket.releases:
+        load(settings, generated_bucket, release)
+    return settings
+
+
+def manifest_files(generated_bucket, release: str) -> dict[tuple, tuple[str, str]]:
+    """(dataset, kind, tag, normalization) -> (key, md5), read straight from the manifest JSON."""
+    manifest = json.loads((generated_bucket.bucket_dir / "releases" / release / "manifest.json").read_text())
+    out = {}
+    for dataset, kinds in manifest["file_listing"].items():
+        for kind, tags in kinds.items():
+            for tag, entry in tags.items():
+                for norm, sub in ([("", entry)] if "files" in entry else entry.items()):
+                    for file_type, f in sub["files"].items():
+                        out[(dataset, kind, tag, norm, file_type)] = (f["relative_path"], f["file_hash"])
+    return out
+
+
+def metadata_csv(generated_bucket, release: str, dataset: str, stem: str) -> pd.DataFrame:
+    (key,) = [k for k in generated_bucket.files[release] if k.startswith(f"metadata/{dataset}/")
+              and k.endswith(f"/{stem}.csv")]
+    return pd.read_csv(generated_bucket.bucket_dir / key, dtype={"cell_label": str})
+
+
+def test_cell_diff_on_generated_csvs_matches_the_generator(generated_bucket):
+    frames = {r: metadata_csv(generated_bucket, r, CONSENSUS_WMB, "cell_metadata").assign(dataset=CONSENSUS_WMB)
+              for r in generated_bucket.releases}
+    items = diff.diff_cells(frames[OLD_RELEASE], frames[NEW_RELEASE])
+    changes = generated_bucket.changes[CONSENSUS_WMB]
+    for change, expected in (("reassigned", changes.reassigned), ("removed", changes.removed),
+                             ("added", changes.added)):
+        assert sorted(items[items.change == change].item) == sorted(expected)
+    moved = items[items.change == "reassigned"]
+    assert (moved.old_value != moved.new_value).all()
+
+
+def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine, generated_bucket):
+    settings = both_loaded
+    md, html = monitor.record_diff(settings, engine, NEW_RELEASE)
+    assert (md, html) == (settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.md",
+                          settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.html")
+
+    old, new = manifest_files(generated_bucket, OLD_RELEASE), manifest_files(generated_bucket, NEW_RELEASE)
+    expected_files = {
+        "added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys()),
+        "changed": sum(old[k][1] != new[k][1] for k in old.keys() & new.keys()),
+        "moved": sum(old[k][1] == new[k][1] and old[k][0] != new[k][0] for k in old.keys() & new.keys())}
+    assert expected_files["changed"] > 0 and expected_files["moved"] > 0  # the fixture exercises both
+    changes = generated_bucket.changes[CONSENSUS_WMB]
+    genes = {r: set(metadata_csv(generated_bucket, r, CONSENSUS_WMB, "gene").gene_identifier)
+             for r in generated_bucket.releases}
+    with engine.connect() as conn:
+        summary = conn.execute(sa.text("SELECT summary FROM abc.release_diff WHERE old_release = :o "
+                                       "AND new_release = :n"), {"o": OLD_RELEASE, "n": NEW_RELEASE}).scalar_one()
+        stored = conn.execute(sa.text("SELECT subject, change, count(*) FROM abc.release_diff_item "
+                                      "GROUP BY 1, 2")).all()
+    result = diff.diff(diff.release_content(settings.database_url, OLD_RELEASE),
+                       diff.release_content(settings.database_url, NEW_RELEASE))
+    assert summary == result.counts()
+    assert {(s, c): n for s, c, n in stored} == result.items.groupby(["subject", "change"]).size().to_dict()
+    assert {c: result.count("file", c) for c in expected_files} == expected_files
+    assert summary[CONSENSUS_WMB]["cell"] == {"added": len(changes.added), "removed": len(changes.removed),
+                                              "reassigned": len(changes.reassigned)}
+    assert result.count("cell", "added") == len(changes.added)  # no other dataset's cells changed
+    assert result.count("cluster", "added") + result.count("cluster", "removed") == 0
+    assert result.count("gene", "added") == len(genes[NEW_RELEASE] - genes[OLD_RELEASE])
+    assert result.count("gene", "removed") == len(genes[OLD_RELEASE] - genes[NEW_RELEASE])
+    assert summary[CONSENSUS_WMB]["directory"] == {"changed": 1}
+
+    notes = md.read_text()
+    assert notes.startswith(f"# Release {NEW_RELEASE}: changes since {OLD_RELEASE}\n")
+    assert (f"| {CONSENSUS_WMB} | cell | {len(changes.added)} | {len(changes.removed)} | 0 | 0 | "
+            f"{len(changes.reassigned)} |") in notes
+    assert f"- changed: `{CONSENSUS_WMB}: metadata` {OLD_RELEASE} → {NEW_RELEASE}" in notes
+    per_class = result.cells_per_class
+    assert per_class.new.sum() - per_class.old.sum() == len(changes.added) - len(changes.removed)
+    page = html.read_text()
+    assert page.count('<rect class="new"') == page.count('<rect class="old"') == len(per_class)
+    assert "<script" not in page and "http://www.w3.org/2000/svg" in page
+
+
+def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, webhook):
+    settings = both_loaded
+    results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
+    assert [r.name for r in results] == list(monitor.CHECKS)
+    assert all(r.passed for r in results), results
+    monitor.require_passing(results, OLD_RELEASE)
+
+    with engine.begin() as conn:
+        broken = conn.execute(sa.text("UPDATE abc.gene SET gene_symbol = '' WHERE release = :r AND gene_identifier IN "
+                                      "(SELECT gene_identifier FROM abc.gene WHERE release = :r "
+                                      "ORDER BY gene_identifier LIMIT 2) RETURNING gene_identifier"),
+                              {"r": OLD_RELEASE}).scalars().all()
+    settings = settings.with_overrides(webhook_url=webhook.url)
+    results = monitor.check_release(settings, engine, OLD_RELEASE)
+    failed = [r for r in results if not r.passed]
+    assert [(r.name, r.failing) for r in failed] == [("gene_symbol_present", len(broken))]
+    assert set(failed[0].details.split(", ")) == set(broken)
+    with pytest.raises(monitor.QualityCheckFailed, match="gene_symbol_present failed"):
+        monitor.require_passing(results, OLD_RELEASE)
+    (body,) = webhook.received
+    assert body["kind"] == "failed_check" and body["release"] == OLD_RELEASE
+    assert body["details"]["checks"][0]["name"] == "gene_symbol_present"
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.text("SELECT name, passed FROM abc.quality_check WHERE release = :r"),
+                                   {"r": OLD_RELEASE}).all())
+    assert stored == {r.name: r.passed for r in results}
+
+
+def test_new_release_and_lag_alerts(settings, engine, generated_bucket, webhook):
+    discover(source.make_client(settings), settings, engine)
+    load(settings, generated_bucket, OLD_RELEASE)
+    settings = settings.with_overrides(webhook_url=webhook.url, max_lag_hours=24.0)
+
+    assert monitor.announce_new_releases(settings, engine) == generated_bucket.releases
+    assert monitor.announce_new_releases(settings, engine) == []  # each release once
+    assert [b["release"] for b in webhook.received] == generated_bucket.releases
+
+    current = monitor.check_lag(settings, engine)
+    assert (current.newest_upstream, current.newest_published) == (NEW_RELEASE, OLD_RELEASE)
+    assert webhook.kinds() == ["new_release", "new_release"]  # seen minutes ago: within the allowed lag
+    monitor.check_lag(settings, engine, now=datetime.now(UTC) + timedelta(hours=25))
+    lag = webhook.received[-1]
+    assert lag["kind"] == "lag" and lag["details"]["newest_published"] == OLD_RELEASE
+    assert lag["details"]["lag_hours"] > 24
+
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE delivered")).scalar_one() == 3
+
+
+def test_down_webhook_only_warns(engine, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(alerts.log, "warning", lambda message, *args: warnings.append(message % args))
+    alert = alerts.Alert("failed_run", "task abc_release.load failed", OLD_RELEASE)
+    assert alerts.send(alert, closed_port_url(), engine) is False
+    assert len(warnings) == 1 and "did not take the failed_run alert" in warnings[0]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT kind, delivered FROM abc.alert")).one() == ("failed_run", False)
+
+
+def test_status_and_diff_commands(both_loaded, engine, capsys, monkeypatch):
+    settings = both_loaded
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["release", "status", "upstream"]
+    rows = {line.split()[0]: line.split() for line in lines[2:4]}
+    assert rows.keys() == {OLD_RELEASE, NEW_RELEASE} and rows[NEW_RELEASE][1] == "published"
+    assert f"lag: newest upstream {NEW_RELEASE}, newest published {NEW_RELEASE}, up to date" in lines
+
+    assert main(["diff", OLD_RELEASE, NEW_RELEASE]) == 0
+    out = capsys.readouterr().out
+    assert out == (Path(settings.mirror_root).resolve() / "releases" / NEW_RELEASE / "release-notes.md").read_text()
