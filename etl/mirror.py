@@ -299,7 +299,7 @@ class _LocalTarget:
     def write_manifest(self, key: str, body: bytes) -> None:
         path = self.root.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}")
         tmp.write_bytes(body)
         os.replace(tmp, path)
 

@@ -12,6 +12,7 @@ targets and at a bounded number of parts for S3 targets, whatever the file size.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -170,6 +171,25 @@ def file_md5(path: Path) -> tuple[str, os.stat_result]:
         os.close(fd)
 
 
+def _lock_partial(partial: Path, final: Path, job: FileJob) -> int | None:
+    """The ``.partial`` of ``final``, opened and locked; None if a concurrent run placed the file meanwhile.
+
+    Two runs (releases sharing a key, mirrored at once) must not write one ``.partial`` together:
+    the second waits for the lock, then finds the file placed, or continues what the first left.
+    """
+    while True:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(partial).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # renamed into place or discarded by the other run while we waited
+        if final.is_file() and final.stat().st_size == job.size and file_md5(final)[0] == job.md5:
+            return None
+
+
 def _unlink(*paths: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
@@ -324,12 +344,14 @@ class Transfer:
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)
         final.parent.mkdir(parents=True, exist_ok=True)
-        # A .partial left by an earlier run is continued with the part size it was started with.
-        sidecar = _Sidecar.load(sidecar_path, partial, job, self.part_size_for(job.size, 0))
-        if job.size <= sidecar.part_size and not sidecar.done:
-            return self._download_whole(job, final, partial, sidecar_path)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock_partial(partial, final, job)
+        if fd is None:
+            return ""
         try:
+            # A .partial left by an earlier run is continued with the part size it was started with.
+            sidecar = _Sidecar.load(sidecar_path, partial, job, self.part_size_for(job.size, 0))
+            if job.size <= sidecar.part_size and not sidecar.done:
+                return self._download_whole(job, fd, final, partial, sidecar_path)
             if not sidecar.done:
                 os.ftruncate(fd, job.size)
 
@@ -357,29 +379,27 @@ class Transfer:
                 raise self._discard(f"MD5 {md5} of the fetched bytes differs from the manifest's {job.md5}",
                                     partial, sidecar_path)
             os.fsync(fd)
+            os.replace(partial, final)
+            _unlink(sidecar_path)
         finally:
-            os.close(fd)
-        os.replace(partial, final)
-        _unlink(sidecar_path)
+            os.close(fd)  # releases the lock, after the rename
         return next(iter(known), "")
 
-    def _download_whole(self, job: FileJob, final: Path, partial: Path, sidecar: Path) -> str:
-        """Small files: one GET, hashed while it streams; nothing to resume."""
+    def _download_whole(self, job: FileJob, fd: int, final: Path, partial: Path, sidecar: Path) -> str:
+        """Small files: one GET, hashed while it streams (retries continue at the next byte: in order)."""
         _unlink(sidecar)
+        os.ftruncate(fd, 0)
         digest = hashlib.md5()
-        with open(partial, "wb") as handle:
 
-            def write(_pos: int, chunk: bytes) -> None:  # retries continue at the next byte: always in order
-                handle.write(chunk)
-                digest.update(chunk)
+        def write(pos: int, chunk: bytes) -> None:
+            os.pwrite(fd, chunk, pos)
+            digest.update(chunk)
 
-            etag = self.read_range(job.key, 0, job.size, job.size, write) if job.size else self._head_etag(job)
-            if digest.hexdigest() != job.md5:
-                handle.close()
-                raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
-                                    f"{job.md5}", partial)
-            handle.flush()
-            os.fsync(handle.fileno())
+        etag = self.read_range(job.key, 0, job.size, job.size, write) if job.size else self._head_etag(job)
+        if digest.hexdigest() != job.md5:
+            raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
+                                f"{job.md5}", partial)
+        os.fsync(fd)
         os.replace(partial, final)
         return etag
 

@@ -169,6 +169,20 @@ def test_selection_by_dataset_kind_and_normalization(msettings, engine):
         release_files_on_disk(msettings, engine, OLD_RELEASE, kinds=["metadata"])
 
 
+def test_two_releases_mirrored_at_once_share_their_files(msettings, engine, mirror_source):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda r: mirror_release(msettings, engine, r, part_size=SMALL_PARTS, progress=False),
+                                [OLD_RELEASE, NEW_RELEASE]))
+    assert all(r.failed == {} for r in reports)
+    for release in (OLD_RELEASE, NEW_RELEASE):
+        manifest = _manifest_files(mirror_source / BUCKET, release)
+        files = release_files_on_disk(msettings, engine, release)
+        assert set(files) == set(manifest) and all(md5_of_file(p) == manifest[k].md5 for k, p in files.items())
+    assert not list(msettings.mirror_path.rglob("*.partial*"))
+
+
 def test_killed_download_resumes_from_its_partial(msettings, engine, mirror_source):
     env = {**os.environ, "ABC_DATABASE_URL": msettings.database_url, "AWS_ENDPOINT_URL_S3": msettings.endpoint_url}
     command = [sys.executable, "-m", "etl.cli", "mirror", "--release", OLD_RELEASE, "--target", msettings.mirror_root,
