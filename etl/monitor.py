@@ -255,3 +255,26 @@ def _size(n: int) -> str:
         n /= 1000
     return f"{n} B"
 
+
+
+def releases_to_check(engine: Engine) -> list[str]:
+    """Loaded or published releases whose last load is newer than their last quality checks."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("""
+            SELECT version FROM abc.release r WHERE status IN ('loaded', 'published')
+              AND NOT EXISTS (SELECT 1 FROM abc.quality_check q WHERE q.release = r.version
+                              AND q.checked_at >= coalesce(r.loaded_at, r.published_at))
+            ORDER BY version""")).scalars().all()
+
+
+def releases_without_diff(engine: Engine) -> list[tuple[str, str]]:
+    """(previous, release) pairs of loaded or published releases whose diff is not stored yet."""
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text("""
+            SELECT prev.version, r.version FROM abc.release r
+            CROSS JOIN LATERAL (SELECT max(p.version) AS version FROM abc.release p
+                                WHERE p.version < r.version AND p.status IN ('loaded', 'published')) prev
+            WHERE r.status IN ('loaded', 'published') AND prev.version IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM abc.release_diff d WHERE d.old_release = prev.version
+                              AND d.new_release = r.version)
+            ORDER BY r.version""")).all()]

@@ -1,0 +1,79 @@
+"""The daily monitoring DAG runs for real with dag.test(): alerts reach a local webhook."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from etl import source
+from etl.discovery import discover
+from etl.fixtures import NEW_RELEASE, OLD_RELEASE
+from tests.conftest import REPO
+from tests.test_dag_watch import load_dag
+from tests.test_monitor import Webhook, closed_port_url, load
+
+
+def _monitor_dag(monkeypatch, settings, webhook_url: str, max_lag_hours: str):
+    monkeypatch.syspath_prepend(str(REPO / "plugins"))  # what Airflow does with its plugins folder
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    monkeypatch.setenv("ABC_WEBHOOK_URL", webhook_url)
+    monkeypatch.setenv("ABC_MAX_LAG_HOURS", max_lag_hours)
+    return load_dag("abc_monitor", "abc_monitor")
+
+
+def test_monitor_dag_alerts_new_release_failed_check_and_lag(airflow_home, settings, engine, generated_bucket,
+                                                              monkeypatch):
+    discover(source.make_client(settings), settings, engine)
+    load(settings, generated_bucket, OLD_RELEASE)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE abc.gene SET gene_symbol = NULL WHERE release = :r AND gene_identifier = "
+                             "(SELECT min(gene_identifier) FROM abc.gene WHERE release = :r)"), {"r": OLD_RELEASE})
+    webhook = Webhook()
+    try:
+        dag = _monitor_dag(monkeypatch, settings, webhook.url, "0")
+        assert dag.schedule == "@daily" or str(dag.timetable.summary) == "@daily"
+        run = dag.test()
+        assert run.state == "success"
+        by_kind = {}
+        for body in webhook.received:
+            by_kind.setdefault(body["kind"], []).append(body)
+        assert sorted(b["release"] for b in by_kind["new_release"]) == [OLD_RELEASE, NEW_RELEASE]
+        (failed,) = by_kind["failed_check"]
+        assert failed["release"] == OLD_RELEASE and failed["details"]["checks"][0]["name"] == "gene_symbol_present"
+        (lag,) = by_kind["lag"]
+        assert (lag["details"]["newest_upstream"], lag["details"]["newest_published"]) == (NEW_RELEASE, OLD_RELEASE)
+        assert set(by_kind) == {"new_release", "failed_check", "lag"}
+
+        load(settings, generated_bucket, NEW_RELEASE)  # a newer load: checked and diffed by the next run
+        webhook.received.clear()
+        assert dag.test().state == "success"
+        assert webhook.kinds() == []  # announced once; the new release passes; nothing lags now
+        notes = settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.md"
+        assert notes.read_text().startswith(f"# Release {NEW_RELEASE}: changes since {OLD_RELEASE}")
+    finally:
+        webhook.close()
+
+
+def test_failed_task_alerts_through_the_notifier(airflow_home, settings, engine, monkeypatch):
+    webhook = Webhook()
+    try:
+        dag = _monitor_dag(monkeypatch, settings, webhook.url, "24")
+        with engine.begin() as conn:  # break the warehouse under the tasks: every task fails
+            conn.execute(sa.text("DROP TABLE abc.quality_check, abc.alert"))
+        for task in dag.tasks:  # fail now instead of waiting out the retry delay
+            task.retries = 0
+        run = dag.test()
+        assert run.state == "failed"
+        failed = [b for b in webhook.received if b["kind"] == "failed_run"]
+        assert {b["details"]["task_id"] for b in failed} >= {"check_releases"}
+        assert all(b["details"]["dag_id"] == "abc_monitor" and b["details"]["error"] for b in failed)
+    finally:
+        webhook.close()
+
+
+def test_down_webhook_does_not_fail_the_run(airflow_home, settings, engine, generated_bucket, monkeypatch):
+    discover(source.make_client(settings), settings, engine)
+    dag = _monitor_dag(monkeypatch, settings, closed_port_url(), "0")
+    assert dag.test().state == "success"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE NOT delivered")).scalar_one() > 0
