@@ -2,8 +2,9 @@
 --
 -- Every table is LIST-partitioned by release: a load COPYs into staging tables shaped like these
 -- and etl/publish.py attaches them as the release's partitions in one transaction. `dataset` is
--- the manifest's dataset directory the row came from (e.g. 'Consensus-Mouse-WMB-10X'). Columns a
--- file has beyond the typed ones are kept, by their header name, in `extra`.
+-- the manifest's dataset directory the row came from (e.g. 'Consensus-WMB-AIBS-10X'). Columns a
+-- file has beyond the typed ones are kept, by their header name, in `extra`. Secondary indexes
+-- leave out `release`: each partition holds one release, so it would only widen every entry.
 
 CREATE TABLE abc.cluster_annotation_term_set (
     release                 text NOT NULL,
@@ -25,6 +26,7 @@ CREATE TABLE abc.cluster_annotation_term (
     cluster_annotation_term_set_label   text,
     cluster_annotation_term_set_name    text,
     parent_term_label                   text,
+    parent_term_name                    text,
     parent_term_set_label               text,
     term_set_order                      integer,
     term_order                          integer,
@@ -35,7 +37,7 @@ CREATE TABLE abc.cluster_annotation_term (
         REFERENCES abc.cluster_annotation_term_set (release, label)
 ) PARTITION BY LIST (release);
 CREATE INDEX cluster_annotation_term_set_name_idx
-    ON abc.cluster_annotation_term (release, cluster_annotation_term_set_name);
+    ON abc.cluster_annotation_term (cluster_annotation_term_set_name);
 
 CREATE TABLE abc.cluster (
     release          text NOT NULL,
@@ -64,7 +66,7 @@ CREATE TABLE abc.cluster_membership (
     FOREIGN KEY (release, cluster_annotation_term_label)
         REFERENCES abc.cluster_annotation_term (release, label)
 ) PARTITION BY LIST (release);
-CREATE INDEX cluster_membership_term_idx ON abc.cluster_membership (release, cluster_annotation_term_label);
+CREATE INDEX cluster_membership_term_idx ON abc.cluster_membership (cluster_annotation_term_label);
 
 CREATE TABLE abc.gene (
     release                  text NOT NULL,
@@ -77,7 +79,7 @@ CREATE TABLE abc.gene (
     extra                    jsonb,
     PRIMARY KEY (release, dataset, gene_identifier)
 ) PARTITION BY LIST (release);
-CREATE INDEX gene_symbol_idx ON abc.gene (release, gene_symbol);
+CREATE INDEX gene_symbol_idx ON abc.gene (gene_symbol);
 
 CREATE TABLE abc.donor (
     release          text NOT NULL,
@@ -131,8 +133,8 @@ CREATE TABLE abc.cell (
     PRIMARY KEY (release, cell_label),
     FOREIGN KEY (release, cluster_alias) REFERENCES abc.cluster (release, cluster_alias)
 ) PARTITION BY LIST (release);
-CREATE INDEX cell_cluster_idx ON abc.cell (release, cluster_alias);
-CREATE INDEX cell_region_idx ON abc.cell (release, region_of_interest_acronym);
+CREATE INDEX cell_cluster_idx ON abc.cell (cluster_alias);
+CREATE INDEX cell_region_idx ON abc.cell (region_of_interest_acronym);
 
 -- The consensus release keeps each cell's cluster in the taxonomy directory
 -- (cell_to_cluster_membership.csv), not in cell_metadata.csv; abc.cell_annotated and
@@ -146,7 +148,7 @@ CREATE TABLE abc.cell_cluster_membership (
     PRIMARY KEY (release, cell_label),
     FOREIGN KEY (release, cluster_alias) REFERENCES abc.cluster (release, cluster_alias)
 ) PARTITION BY LIST (release);
-CREATE INDEX cell_cluster_membership_cluster_idx ON abc.cell_cluster_membership (release, cluster_alias);
+CREATE INDEX cell_cluster_membership_cluster_idx ON abc.cell_cluster_membership (cluster_alias);
 
 -- cell_2d_embedding_coordinates.csv and its per-neighborhood variants
 -- (<neighborhood>_cell_2d_embedding_coordinates.csv); `embedding` is the file stem.
