@@ -15,6 +15,7 @@ from botocore.client import BaseClient
 from sqlalchemy.engine import Engine
 
 from etl.config import Settings
+from etl.lineage import record_discovery
 from etl.manifest import Manifest, ManifestError, parse_manifest
 from etl.source import (
     DatedDirectory,
@@ -138,6 +139,7 @@ def discover(client: BaseClient, settings: Settings, engine: Engine) -> Discover
             continue
         with engine.begin() as conn:
             _record_release(conn, fetched, manifest)
+        record_discovery(engine, client, settings, fetched.key, manifest)
         (report.changed_manifests if version in known else report.new_releases).append(version)
         log.info("recorded release %s (%d files, %d bytes)", version, len(manifest.files),
                  manifest.total_bytes)

@@ -49,6 +49,7 @@ from openlineage.client.facet_v2 import (
 from sqlalchemy.engine import Engine
 
 from etl.config import Settings
+from etl.manifest import Manifest
 from etl.source import list_objects
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class RunContext:
     @classmethod
     def from_airflow_or_cli(cls) -> RunContext:
         """The running Airflow task when there is one, else this process's command line."""
+        if "airflow.sdk" not in sys.modules:  # a task runs with Airflow loaded; importing it here would configure it
+            return cls.cli()
         try:
             from airflow.sdk import get_current_context
 
@@ -278,6 +281,15 @@ def record_source_objects(engine: Engine, client: BaseClient, settings: Settings
                 ON CONFLICT (relative_path) DO UPDATE SET size = EXCLUDED.size, etag = EXCLUDED.etag,
                     last_modified = EXCLUDED.last_modified, listed_at = now()"""), rows)
     return len(rows)
+
+
+def record_discovery(engine: Engine, client: BaseClient, settings: Settings, manifest_key: str,
+                     manifest: Manifest) -> None:
+    """The discovery step of a release: its manifest in, its file listing and source objects out."""
+    with step(engine, release=manifest.version, step="discover", inputs=[manifest_key], bucket=settings.bucket) as s:
+        s.wrote("abc.release_file", partition=manifest.version, rows=len(manifest.files))
+        s.wrote("abc.release_directory", partition=manifest.version, rows=len(manifest.directories))
+        s.wrote("abc.source_object", rows=record_source_objects(engine, client, settings, manifest.version))
 
 
 def sources_of(engine: Engine, relation: str, release: str) -> list[sa.Row]:

@@ -77,3 +77,19 @@ def test_down_webhook_does_not_fail_the_run(airflow_home, settings, engine, gene
     assert dag.test().state == "success"
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE NOT delivered")).scalar_one() > 0
+
+
+def test_discovery_under_airflow_records_the_task_in_lineage(airflow_home, settings, engine, monkeypatch):
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
+    monkeypatch.setenv("OPENLINEAGE_DISABLED", "true")
+    run = load_dag("abc_watch", "abc_watch").test()
+    assert run.state == "success"
+    with engine.connect() as conn:
+        runs = conn.execute(sa.text("SELECT release, orchestrator, dag_id, dag_run_id, task_id, status "
+                                    "FROM abc.lineage_run WHERE step = 'discover' ORDER BY release")).all()
+        objects = conn.execute(sa.text("SELECT count(*) FROM abc.source_object WHERE etag IS NOT NULL "
+                                       "AND last_modified IS NOT NULL")).scalar_one()
+    assert [tuple(r) for r in runs] == [(release, "airflow", "abc_watch", run.run_id, "discover_releases", "succeeded")
+                                        for release in (OLD_RELEASE, NEW_RELEASE)]
+    assert objects > 0
