@@ -29,24 +29,11 @@ from airflow.sdk import Param, dag, task
 def abc_mirror_release():
     @task
     def mirror(params=None) -> dict:
-        from etl import db
         from etl.config import settings_for_airflow_task
-        from etl.mirror import mirror_release
+        from etl.mirror import mirror_task
 
-        settings = settings_for_airflow_task()
-        engine = db.make_engine(settings.database_url)
-        try:
-            report = mirror_release(settings, engine, params["release"], datasets=params["datasets"] or None,
-                                    kinds=params["kinds"] or None, progress=False)
-        finally:
-            engine.dispose()
-        for line in report.lines():
-            print(line)
-        if report.failed:
-            raise RuntimeError(f"release {report.release}: {len(report.failed)} files failed: "
-                               f"{', '.join(sorted(report.failed)[:10])}")
-        return {"release": report.release, "target": report.target, "ok": report.ok, "fetched": report.fetched,
-                "copied": report.copied, "skipped": report.skipped, "bytes_fetched": report.bytes_fetched}
+        return mirror_task(settings_for_airflow_task(), params["release"], datasets=params["datasets"] or None,
+                           kinds=params["kinds"] or None)
 
     mirror()
 

@@ -78,11 +78,8 @@ def cmd_mirror(args: argparse.Namespace, settings: Settings) -> int:
             settings, engine, args.release, datasets=args.dataset, kinds=args.kind, normalizations=args.normalization,
             verify=args.verify, dry_run=args.dry_run, max_bandwidth=parse_rate(args.max_bandwidth),
             part_size=args.part_size << 20 if args.part_size else None, target_endpoint_url=args.target_endpoint_url,
-            progress=False if args.no_progress else None)
-    except InsufficientSpaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except ClientError as exc:
+            progress=False if args.no_progress else None, durable=not args.no_fsync)
+    except (InsufficientSpaceError, ClientError) as exc:
         print(f"error: release {args.release}: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     print("\n".join(report.lines()))
@@ -216,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("--part-size", type=int, help="MiB per ranged GET of a large file (default 32)")
     mirror.add_argument("--target-endpoint-url", help="S3 endpoint of an s3:// target, if not the default")
     mirror.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    mirror.add_argument("--no-fsync", action="store_true", help="do not fsync files before their rename (faster; "
+                        "after a power cut run with --verify)")
     source_flags(mirror)
     database_flag(mirror)
     mirror.set_defaults(handler=cmd_mirror)

@@ -317,7 +317,7 @@ class _LocalTarget:
             log.info("%s: on disk with MD5 %s, the manifest says %s: fetching again", f.relative_path, md5, f.md5)
         if work.action == "copy":
             try:
-                copy_verified(work.copy_from, job, work.path)
+                copy_verified(work.copy_from, job, work.path, transfer.durable)
                 return _Outcome(f.relative_path, "copied", record=self._record(work, None))
             except (OSError, TransferError) as exc:
                 log.info("%s: local copy from %s failed (%s): fetching", f.relative_path, work.copy_from, exc)
@@ -475,7 +475,7 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
                    kinds: list[str] | None = None, normalizations: list[str] | None = None,
                    keys: list[str] | None = None, verify: bool = False, dry_run: bool = False,
                    workers: int | None = None, max_bandwidth: float | None = None, part_size: int | None = None,
-                   progress: bool | None = None, target_endpoint_url: str | None = None,
+                   progress: bool | None = None, target_endpoint_url: str | None = None, durable: bool = True,
                    free_space: Callable[[Path], int] = _disk_free) -> MirrorReport:
     """Mirror the selected files of ``release`` into ``settings.mirror_root``; see the module docstring.
 
@@ -515,13 +515,13 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
         return report
     target.preflight(todo, free_space)
 
+    target.write_manifest(fetched_manifest.key, fetched_manifest.body)
     run_id, previous = _start_run(engine, release, target.name,
                                   {"datasets": datasets, "kinds": kinds, "normalizations": normalizations,
                                    "keys": len(keys) if keys is not None else None}, verify)
-    target.write_manifest(fetched_manifest.key, fetched_manifest.body)
     meter = Progress(f"mirror {release}", report.bytes_to_fetch, progress)
     transfer = Transfer(client, settings.bucket, workers=workers, max_bandwidth=max_bandwidth,
-                        on_bytes=meter.add, **({"part_size": part_size} if part_size else {}))
+                        on_bytes=meter.add, durable=durable, **({"part_size": part_size} if part_size else {}))
     records: list[dict] = []
     saved_at = time.monotonic()
     try:
@@ -555,6 +555,29 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
     report.seconds = time.monotonic() - started
     _finish_run(engine, run_id, report, previous)
     return report
+
+
+class MirrorFailedError(RuntimeError):
+    """Files of a release could not be placed; the message names them (a failed Airflow task)."""
+
+
+def mirror_task(settings: Settings, release: str, **options: object) -> dict:
+    """An orchestrator's mirror step: run, print the report, raise naming failed files, return a summary."""
+    from etl import db
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        report = mirror_release(settings, engine, release, progress=False, **options)
+    finally:
+        engine.dispose()
+    for line in report.lines():
+        print(line)
+    if report.failed:
+        raise MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files failed: "
+                                f"{_name_some(sorted(report.failed))}")
+    return {"release": release, "target": report.target, "files": report.selected, "ok": report.ok,
+            "fetched": report.fetched, "copied": report.copied, "skipped": report.skipped,
+            "bytes_fetched": report.bytes_fetched}
 
 
 def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Transfer) -> _Outcome:

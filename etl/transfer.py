@@ -136,14 +136,17 @@ class _Sidecar:
         except (OSError, ValueError, KeyError, TypeError):
             return fresh
 
-    def save(self, fd: int) -> None:
-        os.fdatasync(fd)  # the ranges listed must really be on disk
+    def save(self, fd: int, durable: bool) -> None:
+        """Without ``durable`` a power cut may lose listed ranges: the MD5 check then discards the file."""
+        if durable:
+            os.fdatasync(fd)  # the ranges listed must really be on disk
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as handle:
             json.dump({"size": self.size, "md5": self.md5, "part_size": self.part_size, "etag": self.etag,
                        "done": sorted(self.done)}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, self.path)
 
 
@@ -199,13 +202,15 @@ class Transfer:
     """One mirror run's transfer machinery: source client, part pool, bandwidth cap, byte counter."""
 
     def __init__(self, client: BaseClient, bucket: str, *, workers: int, part_size: int = PART_SIZE,
-                 max_bandwidth: float | None = None, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+                 max_bandwidth: float | None = None, on_bytes: Callable[[int], None] = lambda n: None,
+                 durable: bool = True) -> None:
         self.client = client
         self.bucket = bucket
         self.workers = workers
         self.part_size = part_size
         self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
         self.on_bytes = on_bytes
+        self.durable = durable  # fsync each file before its rename (and .partial ranges before listing them)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirror-part")
         self.stopped = threading.Event()  # set on interrupt: transfers stop at the next chunk
         # S3 targets hold parts in memory until hashed and uploaded: at most this many at once.
@@ -367,7 +372,7 @@ class Transfer:
 
             def persist(done: set[int]) -> None:
                 sidecar.done = done
-                sidecar.save(fd)
+                sidecar.save(fd, self.durable)
 
             md5, etags = self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hash_part,
                                          persist, None)
@@ -378,7 +383,8 @@ class Transfer:
             if md5 != job.md5:
                 raise self._discard(f"MD5 {md5} of the fetched bytes differs from the manifest's {job.md5}",
                                     partial, sidecar_path)
-            os.fsync(fd)
+            if self.durable:
+                os.fsync(fd)
             os.replace(partial, final)
             _unlink(sidecar_path)
         finally:
@@ -399,7 +405,8 @@ class Transfer:
         if digest.hexdigest() != job.md5:
             raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
                                 f"{job.md5}", partial)
-        os.fsync(fd)
+        if self.durable:
+            os.fsync(fd)
         os.replace(partial, final)
         return etag
 
@@ -457,7 +464,7 @@ class Transfer:
         return next(iter(etags), "")
 
 
-def copy_verified(source: Path, job: FileJob, final: Path) -> None:
+def copy_verified(source: Path, job: FileJob, final: Path, durable: bool = True) -> None:
     """Place a local copy of identical content (same MD5 and size under another key), verified as it is copied."""
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -467,7 +474,8 @@ def copy_verified(source: Path, job: FileJob, final: Path) -> None:
             digest.update(chunk)
             dst.write(chunk)
         dst.flush()
-        os.fsync(dst.fileno())
+        if durable:
+            os.fsync(dst.fileno())
     if digest.hexdigest() != job.md5 or partial.stat().st_size != job.size:
         _unlink(partial)
         raise TransferError(f"local copy source {source} no longer matches MD5 {job.md5}", retry_file=True)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,9 @@ def mirror_server(mirror_source):
 
 
 @pytest.fixture
-def msettings(mirror_server: S3Server, database_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database_url, endpoint_url=mirror_server.endpoint_url,
-                    mirror_root=str(tmp_path / "mirror"), workers=4)
+def msettings(mirror_server: S3Server, settings: Settings) -> Settings:
+    """The test's settings (own database and mirror root) pointed at the bucket with the volume."""
+    return replace(settings, endpoint_url=mirror_server.endpoint_url)
 
 
 def _manifest_files(bucket_dir: Path, release: str) -> dict[str, dict]:
