@@ -12,7 +12,12 @@ Every tool copies the whole bucket into a fresh directory (abc-mirror through th
 manifest, with its records cleared between runs), rounds interleaved with a rotating order;
 then each tool, on its own complete copy of the small bucket, re-syncs it with nothing to do.
 Each tool runs as a child process under GNU time: wall time, the tool's own peak RSS and CPU
-seconds (the rclone server's CPU is not included, but it shares the same 2 cores).
+seconds; the rclone server's CPU seconds during the run are read from /proc (it shares the cores).
+Before each timed run the page cache is synced and the benchmark waits (``--quiet``, at most
+``--max-wait`` s) until other processes use less than half a core, and records what they used
+and the load average. The CPU cost of MD5 over every byte (what abc-mirror must do and the peers
+do not) is measured once, and abc-mirror's own transfer time from its report separates start-up
+and bookkeeping from moving bytes.
 
     .venv/bin/python benchmarks/bench_mirror.py --rounds 3
 """
@@ -20,7 +25,9 @@ seconds (the rclone server's CPU is not included, but it shares the same 2 cores
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -78,19 +85,67 @@ def tree_size(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def run(command: list[str], env: dict[str, str], rss_file: Path) -> tuple[float, float, float]:
+def run(command: list[str], env: dict[str, str], rss_file: Path,
+        stdout: list[str] | None = None) -> tuple[float, float, float]:
     """Run a child under GNU time; (seconds, peak RSS MiB, CPU seconds user+sys). Fails loudly if it fails.
 
     GNU time forks and execs the tool itself, so the peak RSS is the tool's own, not this process's.
+    The child's standard output is appended to ``stdout`` if given (abc-mirror's report line).
     """
     started = time.monotonic()
     done = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *command], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          capture_output=True)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
+    if stdout is not None:
+        stdout.append(done.stdout.decode(errors="replace"))
     rss, user, system = rss_file.read_text().split()[-3:]
     return seconds, int(rss) / 1024, float(user) + float(system)
+
+
+def _cpu_ticks(pid: int | None = None) -> float:
+    """CPU seconds: of process ``pid`` (user + sys), or busy seconds of the whole machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    if pid is not None:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / tick  # all but idle and iowait
+
+
+def others_cpu(seconds: float = 2.0) -> float:
+    """Cores busy over ``seconds`` while this benchmark's own tools are idle: everyone else's load."""
+    before, started = _cpu_ticks(), time.monotonic()
+    time.sleep(seconds)
+    return (_cpu_ticks() - before) / (time.monotonic() - started)
+
+
+def wait_quiet(limit: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until others use under ``limit`` cores; returns what was last measured."""
+    deadline = time.monotonic() + max_wait
+    busy = others_cpu()
+    while busy >= limit and time.monotonic() < deadline:
+        busy = others_cpu(5.0)
+    return busy
+
+
+def fetch_seconds(report: str) -> float | None:
+    """abc-mirror's own transfer time from its report line (``... bytes fetched in 4.2 s``)."""
+    found = re.search(r"bytes fetched in ([0-9.]+) s", report)
+    return float(found.group(1)) if found else None
+
+
+def md5_cpu_seconds(root: Path) -> tuple[float, int]:
+    """CPU seconds hashlib's MD5 takes over every file under ``root`` (page cache warm), and the bytes hashed."""
+    total, cpu = 0, 0.0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        started = time.process_time()
+        hashlib.md5(data).hexdigest()
+        cpu += time.process_time() - started
+        total += len(data)
+    return cpu, total
 
 
 class Tools:
@@ -138,6 +193,9 @@ def main() -> None:
     parser.add_argument("--tools", default="abc-mirror,abc-mirror --no-fsync,s5cmd,s5cmd cp + md5sum,rclone,"
                         "aws s3 sync")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--quiet", type=float, default=0.5,
+                        help="before each timed run, wait until other processes use fewer cores than this")
+    parser.add_argument("--max-wait", type=float, default=120, help="seconds to wait for --quiet at most")
     args = parser.parse_args()
     tools_order = args.tools.split(",")
     data, out = args.workdir / "served", args.workdir / "out"
@@ -152,12 +210,16 @@ def main() -> None:
     db.upgrade(db.make_engine(database_url))
     server = start_s3_server(data)
     tools = Tools(server.endpoint_url, database_url, args.workers)
-    results: dict[str, list[tuple[float, float, float]]] = {t: [] for t in tools_order}
+    # (wall s, peak RSS MiB, client CPU s, server CPU s, others' cores before, abc-mirror's own transfer s)
+    results: dict[str, list[tuple[float, float, float, float, float, float | None]]] = {t: [] for t in tools_order}
     rss_file = args.workdir / "rss.txt"
     try:
         # Untimed warm-up: the first reads after the server starts are slower for whoever comes first.
         run(*tools.command("s5cmd", BUCKET, out / "warm-up", sync=False), rss_file)
         shutil.rmtree(out / "warm-up")
+        md5_cpu, md5_bytes = md5_cpu_seconds(data / BUCKET)
+        print(f"MD5 alone (hashlib, one core, page cache warm): {md5_cpu:.2f} CPU-s for {md5_bytes} bytes "
+              f"({md5_bytes / md5_cpu / 1e6:.0f} MB/s)", flush=True)
         for round_number in range(args.rounds):
             shift = round_number % len(tools_order)
             for tool in tools_order[shift:] + tools_order[:shift]:
@@ -165,12 +227,20 @@ def main() -> None:
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
                 tools.forget(dest)
+                os.sync()  # no earlier run's dirty pages left for this one to wait on
                 command, env = tools.command(tool, BUCKET, dest, sync=False)
-                seconds, rss, cpu = run(command, env, rss_file)
+                others = wait_quiet(args.quiet, args.max_wait)
+                load = os.getloadavg()[0]
+                server_before, report = _cpu_ticks(server.process.pid), []
+                seconds, rss, cpu = run(command, env, rss_file, report)
+                server_cpu = _cpu_ticks(server.process.pid) - server_before
+                fetch = fetch_seconds("".join(report)) if tool.startswith("abc-mirror") else None
                 got = tree_size(dest)
                 print(f"round {round_number + 1} {tool}: {seconds:.2f} s, {bytes_big / seconds / 1e6:.0f} MB/s, "
-                      f"peak RSS {rss:.0f} MiB, CPU {cpu:.1f} s, {got[0]} files {got[1]} bytes", flush=True)
-                results[tool].append((seconds, rss, cpu))
+                      f"peak RSS {rss:.0f} MiB, CPU {cpu:.1f} s, server CPU {server_cpu:.1f} s, "
+                      f"{got[0]} files {got[1]} bytes; before: others {others:.2f} cores, load {load:.2f}"
+                      + (f"; own transfer time {fetch:.2f} s" if fetch is not None else ""), flush=True)
+                results[tool].append((seconds, rss, cpu, server_cpu, others, fetch))
         shutil.rmtree(out / "big", ignore_errors=True)
 
         small: dict[str, tuple[float, float, float]] = {}
@@ -179,7 +249,9 @@ def main() -> None:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
             tools.forget(dest)
+            wait_quiet(args.quiet, args.max_wait)
             first = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)[0]
+            wait_quiet(args.quiet, args.max_wait)
             noop, rss, _ = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)
             print(f"small {tool}: first copy {first:.2f} s, no-op re-sync {noop:.2f} s, peak RSS {rss:.0f} MiB",
                   flush=True)
@@ -192,17 +264,29 @@ def main() -> None:
         db.drop_database(database_url)
 
     best = {t: min(x[0] for x in r) for t, r in results.items()}
-    peers = [v for t, v in best.items() if not t.startswith("abc-mirror") and "md5sum" not in t]
-    fastest_peer = min(peers) if peers else min(best.values())
-    print(f"\n{n_big} objects, {bytes_big / 2**30:.2f} GiB; {args.rounds} interleaved rounds; best and median\n")
-    print("| tool | best s | MB/s (best) | median s | MB/s (median) | client CPU s (median) | peak RSS MiB | "
-          "vs fastest peer (best) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    medians = {t: statistics.median(x[0] for x in r) for t, r in results.items()}
+    peers = [t for t in best if not t.startswith("abc-mirror") and "md5sum" not in t]
+    fastest_best = min((best[t] for t in peers), default=min(best.values()))
+    fastest_median = min((medians[t] for t in peers), default=min(medians.values()))
+    others = [r[4] for runs in results.values() for r in runs]
+    print(f"\n{n_big} objects, {bytes_big / 2**30:.2f} GiB; {args.rounds} interleaved rounds; best and median; "
+          f"other processes used {min(others):.2f}-{max(others):.2f} cores before the runs\n")
+    print("| tool | best s | MB/s (best) | median s | MB/s (median) | client CPU s (median) | server CPU s (median) "
+          "| peak RSS MiB | vs fastest peer (best) | vs fastest peer (median) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for tool, runs in results.items():
-        median = statistics.median(r[0] for r in runs)
+        median = medians[tool]
         print(f"| {tool} | {best[tool]:.2f} | {bytes_big / best[tool] / 1e6:.0f} | {median:.2f} | "
               f"{bytes_big / median / 1e6:.0f} | {statistics.median(r[2] for r in runs):.1f} | "
-              f"{max(r[1] for r in runs):.0f} | {fastest_peer / best[tool]:.2f}× |")
+              f"{statistics.median(r[3] for r in runs):.1f} | {max(r[1] for r in runs):.0f} | "
+              f"{fastest_best / best[tool]:.2f}× | {fastest_median / median:.2f}× |")
+    for tool, runs in results.items():
+        own = [r[5] for r in runs if r[5] is not None]
+        if own:
+            print(f"\n{tool}: own transfer time (its report, after start-up, manifest and records) median "
+                  f"{statistics.median(own):.2f} s, best {min(own):.2f} s; the rest of its wall time is "
+                  f"start-up and bookkeeping (median {statistics.median(r[0] - r[5] for r in runs if r[5]):.2f} s)")
+    print(f"\nMD5 of every byte alone: {md5_cpu:.2f} CPU-s (hashlib)")
     print(f"\n{n_small} objects of 1-4 KiB\n")
     print("| tool | first copy s | no-op re-sync s | peak RSS MiB (re-sync) |")
     print("| --- | ---: | ---: | ---: |")

@@ -4,19 +4,35 @@ Every transfer is checked against the manifest's size and MD5 before anything be
 a local file is renamed from ``<name>.partial`` only after its whole content hashed right, and an
 S3 upload is completed only then (a multipart upload is aborted otherwise). Large files are split
 into byte ranges fetched by a shared pool of threads and written in place with ``os.pwrite``;
-the MD5 is computed in order by the file's own thread while later ranges still arrive. The
-ranges already on disk are listed in ``<name>.partial.json`` (written after an fdatasync), so an
-interrupted download continues where it stopped. Memory stays at a few MiB per thread for local
-targets and at a bounded number of parts for S3 targets, whatever the file size.
+the MD5 is computed in order while later ranges still arrive: the range holding the next unhashed
+byte is hashed in line as it arrives, ranges that finished ahead of their turn are read back from
+the page cache once their turn comes. The ranges already on disk are listed in
+``<name>.partial.json`` (written after an fdatasync), so an interrupted download continues where
+it stopped. Memory stays at a few MiB per thread for local targets and at a bounded number of parts
+for S3 targets, whatever the file size.
+
+Requests to a public bucket are unsigned; those GETs skip botocore and go over plain
+``http.client`` keep-alive connections (one per thread), reading the socket straight into a reused
+buffer, with the same retries (backoff on throttling, 5xx and dropped connections, continuing from
+the last byte received). Signed requests keep botocore.
+
+Durability (``durable``, the default): a file is fdatasynced before its rename, so a placed file
+survives a power cut; each range is handed to the kernel's writeback (``sync_file_range``) as soon
+as it is written, so that fdatasync finds little left to wait for.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
+import ssl
 import threading
 import time
 from base64 import b64encode
@@ -25,7 +41,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
+from botocore import UNSIGNED
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -114,6 +132,113 @@ def _content_total(response: dict) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+class _HttpError(Exception):
+    """A non-2xx answer to a GET: the HTTP status and the S3 error code from its body."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} {code}".strip())
+        self.status, self.code = status, code
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_CODES or self.status == 429 or self.status >= 500
+
+
+class _HttpSource:
+    """Unsigned ranged GETs over plain ``http.client``: one keep-alive connection per thread.
+
+    The public bucket needs no signature, so the request is a bare GET with a Range header. Bytes go
+    from the socket straight into a caller's buffer (``readinto``), skipping botocore's per-request
+    machinery and urllib3's buffering. The URL of each key comes from the botocore client's own
+    unsigned URL for the bucket (same endpoint, addressing style and key quoting).
+    """
+
+    def __init__(self, client: BaseClient, bucket: str) -> None:
+        marker = "abc-mirror-key-marker"
+        url = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": marker}))
+        if url.query or not url.path.endswith(marker) or url.scheme not in ("http", "https"):
+            raise ValueError(f"unexpected unsigned URL {url.geturl()}")
+        self.https = url.scheme == "https"
+        self.host, self.port = url.hostname, url.port
+        self.prefix = url.path[: -len(marker)]
+        self.timeout = client.meta.config.read_timeout or 60
+        self.context = ssl.create_default_context() if self.https else None
+        self.local = threading.local()
+        self.connections: list[http.client.HTTPConnection] = []
+        self.lock = threading.Lock()
+
+    @classmethod
+    def for_client(cls, client: BaseClient, bucket: str) -> _HttpSource | None:
+        """The fast path when requests are unsigned; None (botocore for every GET) otherwise."""
+        if client.meta.config.signature_version is not UNSIGNED:
+            return None
+        try:
+            return cls(client, bucket)
+        except (ValueError, AttributeError):
+            return None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            if self.https:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.local.conn = conn
+            with self.lock:
+                self.connections.append(conn)
+        return conn
+
+    def drop(self) -> None:
+        """Forget this thread's connection (after an error it may be mid-response)."""
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self.local.conn = None
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.connections:
+                conn.close()
+            self.connections.clear()
+
+    def get(self, key: str, start: int, end: int) -> http.client.HTTPResponse:
+        """The response to GET bytes [start, end) of ``key``, its body unread; raises :class:`_HttpError`."""
+        conn = self._connection()
+        conn.request("GET", self.prefix + quote(key, safe="/~"),
+                     headers={"Range": f"bytes={start}-{end - 1}", "User-Agent": "abc-mirror"})
+        response = conn.getresponse()
+        if response.status not in (200, 206):
+            body = response.read(64 << 10)
+            found = re.search(rb"<Code>([^<]*)</Code>", body)
+            raise _HttpError(response.status, found.group(1).decode(errors="replace") if found else "")
+        content_range = response.getheader("Content-Range")
+        if content_range is None:  # the whole object: fine only if that is what was asked for
+            ok = start == 0 and response.length == end
+        else:
+            ok = content_range.removeprefix("bytes ").partition("/")[0] == f"{start}-{end - 1}"
+        if not ok:
+            response.close()
+            raise _HttpError(response.status, f"RangeIgnored ({content_range or 'no Content-Range'})")
+        return response
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if hasattr(os, "fdatasync") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, start: int, length: int) -> None:
+    """Ask the kernel to start writing [start, start + length) to disk now, without waiting (Linux).
+
+    A later fdatasync then has little left to wait for: the disk works while the download goes on.
+    Elsewhere (or if the call is missing) this does nothing and fdatasync does all the work.
+    """
+    func = getattr(_libc, "sync_file_range", None)
+    if func is not None:
+        func(ctypes.c_int(fd), ctypes.c_longlong(start), ctypes.c_longlong(length),
+             ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
 @dataclass
 class _Sidecar:
     """What a ``.partial`` holds: the ranges that reached disk, for the manifest entry it was started for."""
@@ -198,6 +323,107 @@ def _unlink(*paths: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class _GroupSync:
+    """Durability for many small files at the cost of few syncs: one ``syncfs`` serves every waiting file.
+
+    A file whose bytes are written takes a ticket and waits until a filesystem sync that started
+    after its ticket has finished (its bytes are then on disk); the first waiter runs the sync
+    for everyone who took a ticket before it started, later arrivals wait for the next one. This
+    replaces thousands of per-file fsyncs (each a journal commit) by a few. Without ``syncfs``
+    (not Linux) each file is fsynced on its own.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.tickets = 0  # tickets handed out
+        self.synced = 0  # every ticket up to this one is durable
+        self.running = False
+        self.syncs = 0
+
+    def sync(self, fd: int) -> None:
+        func = getattr(_libc, "syncfs", None)
+        if func is None:
+            os.fsync(fd)
+            return
+        with self.cond:
+            self.tickets += 1
+            ticket = self.tickets
+            while self.synced < ticket:
+                if not self.running:
+                    break
+                self.cond.wait()
+            else:
+                return
+            self.running, covered = True, self.tickets
+        ok = False
+        try:
+            if func(ctypes.c_int(fd)) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs failed")
+            ok = True
+        finally:
+            with self.cond:
+                self.running = False
+                self.syncs += 1
+                if ok:
+                    self.synced = max(self.synced, covered)
+                self.cond.notify_all()
+
+
+class _InOrderMd5:
+    """The MD5 of a file whose ranges arrive out of order, mostly hashed in line as the bytes arrive.
+
+    The thread fetching the range that holds the next unhashed byte hashes each chunk right after
+    writing it (its own earlier bytes it reads back first, if it only just became that range);
+    ranges that completed ahead of their turn are read back from the page cache once every byte
+    before them is hashed. MD5 is sequential, so one lock per file serialises the hashing.
+    """
+
+    def __init__(self, fd: int, size: int, part_size: int, complete: set[int]) -> None:
+        self.fd, self.size, self.part_size = fd, size, part_size
+        self.complete = set(complete)  # parts wholly on disk
+        self.digest = hashlib.md5()
+        self.pos = 0  # bytes hashed
+        self.lock = threading.Lock()
+        self.read_back = 0  # bytes hashed from the file rather than in line
+
+    def _hash_from_file(self, end: int) -> None:
+        for chunk in read_chunks(self.fd, self.pos, end):
+            self.digest.update(chunk)
+        self.read_back += end - self.pos
+        self.pos = end
+
+    def arrived(self, pos: int, chunk: memoryview | bytes) -> None:
+        """``chunk`` was just written at ``pos`` by the thread fetching its range, after the range's earlier bytes."""
+        start = pos - pos % self.part_size
+        if not start <= self.pos <= pos or not self.lock.acquire(blocking=False):
+            return  # not this range's turn yet (or another thread is hashing): read back later
+        try:
+            if start <= self.pos <= pos:
+                if self.pos < pos:
+                    self._hash_from_file(pos)
+                self.digest.update(chunk)
+                self.pos = pos + len(chunk)
+        finally:
+            self.lock.release()
+
+    def completed(self, i: int) -> None:
+        """Part ``i`` is on disk: hash every whole part now next in order."""
+        with self.lock:
+            self.complete.add(i)
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        while self.pos < self.size and self.pos // self.part_size in self.complete:
+            self._hash_from_file(min(self.size, (self.pos // self.part_size + 1) * self.part_size))
+
+    def hexdigest(self) -> str:
+        with self.lock:
+            self._catch_up()
+            if self.pos != self.size:
+                raise TransferError(f"hashed {self.pos} of {self.size} bytes: parts missing")
+            return self.digest.hexdigest()
+
+
 class Transfer:
     """One mirror run's transfer machinery: source client, part pool, bandwidth cap, byte counter."""
 
@@ -211,6 +437,10 @@ class Transfer:
         self.limiter = RateLimiter(max_bandwidth) if max_bandwidth else None
         self.on_bytes = on_bytes
         self.durable = durable  # fsync each file before its rename (and .partial ranges before listing them)
+        self.http = _HttpSource.for_client(client, bucket)  # unsigned GETs without botocore
+        self.local = threading.local()  # each thread's read buffer
+        self.read_back = 0  # bytes hashed from the page cache rather than in line (ranges done out of order)
+        self.group_sync = _GroupSync()  # small files: one syncfs for all files waiting, before their renames
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirror-part")
         self.stopped = threading.Event()  # set on interrupt: transfers stop at the next chunk
         # S3 targets hold parts in memory until hashed and uploaded: at most this many at once.
@@ -218,6 +448,8 @@ class Transfer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.http is not None:
+            self.http.close()
 
     def part_size_for(self, size: int, minimum: int) -> int:
         """Parts of ``part_size`` (at least ``minimum``), larger when a file would need too many."""
@@ -227,12 +459,15 @@ class Transfer:
     # -- reading the source -------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, end: int, expected_total: int,
-                   write: Callable[[int, bytes], None]) -> str:
+                   write: Callable[[int, memoryview | bytes], None]) -> str:
         """GET bytes [start, end) of ``key``, handing each chunk and its offset to ``write``; returns the ETag.
 
+        A chunk may be a view of a buffer reused for the next one: ``write`` must use it at once.
         Transient failures (throttling, 5xx, dropped connections) are retried with backoff,
         continuing from the last byte received rather than from the start of the range.
         """
+        if self.http is not None:
+            return self._read_range_http(key, start, end, expected_total, write)
         pos, attempt = start, 0
         while True:
             try:
@@ -266,6 +501,52 @@ class Transfer:
                     raise
                 attempt = self._after_failure(key, attempt, exc)
 
+    def _buffer(self) -> memoryview:
+        view = getattr(self.local, "buffer", None)
+        if view is None:
+            view = self.local.buffer = memoryview(bytearray(READ_CHUNK))
+        return view
+
+    def _read_range_http(self, key: str, start: int, end: int, expected_total: int,
+                         write: Callable[[int, memoryview], None]) -> str:
+        """:meth:`read_range` over :class:`_HttpSource`: the socket reads into one reused buffer per thread."""
+        pos, attempt = start, 0
+        buffer = self._buffer()
+        while True:
+            try:
+                response = self.http.get(key, pos, end)
+                total = _content_total({"ContentRange": response.getheader("Content-Range")})
+                if total is None and response.status == 200:
+                    total = response.length
+                if total is not None and total != expected_total:
+                    raise TransferError(f"source object is {total} bytes, the manifest says {expected_total}")
+                etag = (response.getheader("ETag") or "").strip('"')
+                while pos < end:
+                    n = response.readinto(buffer[:min(READ_CHUNK, end - pos)])
+                    if self.stopped.is_set():
+                        raise TransferError("interrupted")
+                    if not n:
+                        raise _ShortRead(f"{key}: connection ended at byte {pos} of range {start}-{end}")
+                    if self.limiter:
+                        self.limiter.acquire(n)
+                    write(pos, buffer[:n])
+                    pos += n
+                    self.on_bytes(n)
+                if not response.isclosed():  # the body is complete: the connection is ready for reuse
+                    response.read()
+                return etag
+            except TransferError:
+                self.http.drop()
+                raise
+            except _HttpError as exc:
+                self.http.drop()
+                if not exc.retryable:
+                    raise TransferError(f"GET failed: {exc.code or exc}") from exc
+                attempt = self._after_failure(key, attempt, exc)
+            except (OSError, http.client.HTTPException, _ShortRead) as exc:
+                self.http.drop()
+                attempt = self._after_failure(key, attempt, exc)
+
     def _after_failure(self, key: str, attempt: int, exc: Exception) -> int:
         attempt += 1
         if attempt >= PART_ATTEMPTS:
@@ -286,13 +567,16 @@ class Transfer:
     # -- parts in parallel, hashed in order ---------------------------------------------------
 
     def _run_parts(self, job: FileJob, part_size: int, done: set[int], fetch_part: Callable[[int], tuple],
-                   hash_part: Callable[[int, object], Iterator[bytes]], persist: Callable[[set[int]], None] | None,
+                   hash_part: Callable[[int, object], Iterator[bytes]] | _InOrderMd5,
+                   persist: Callable[[set[int]], None] | None,
                    slots: threading.Semaphore | None) -> tuple[str, set[str]]:
         """Fetch the parts not in ``done`` through the pool and MD5 all parts in order; return (md5, etags).
 
         ``fetch_part(i)`` returns (etag, payload); ``hash_part(i, payload)`` yields part i's bytes
-        (payload is None for parts already on disk). ``slots`` bounds parts held in memory.
+        (payload is None for parts already on disk), or is an :class:`_InOrderMd5` the parts feed
+        themselves. ``slots`` bounds parts held in memory.
         """
+        hasher = hash_part if isinstance(hash_part, _InOrderMd5) else None
         n_parts = max(1, -(-job.size // part_size))
         todo = deque(i for i in range(n_parts) if i not in done)
         pending: dict[Future, int] = {}
@@ -311,7 +595,9 @@ class Transfer:
                         held.add(todo[0])
                     i = todo.popleft()
                     pending[self.pool.submit(fetch_part, i)] = i
-                while hashed < n_parts and hashed in done:
+                if hasher is not None:  # the parts hash themselves: only wait for them all
+                    hashed = n_parts if not todo and not pending else 0
+                while hasher is None and hashed < n_parts and hashed in done:
                     for chunk in hash_part(hashed, payloads.pop(hashed, None)):
                         digest.update(chunk)
                     if hashed in held:
@@ -340,7 +626,7 @@ class Transfer:
         finally:
             for _ in held:
                 slots.release()
-        return digest.hexdigest(), etags
+        return (hasher.hexdigest() if hasher is not None else digest.hexdigest()), etags
 
     # -- into a local file --------------------------------------------------------------------
 
@@ -360,22 +646,29 @@ class Transfer:
             if not sidecar.done:
                 os.ftruncate(fd, job.size)
 
+            hasher = _InOrderMd5(fd, job.size, sidecar.part_size, sidecar.done)
+
+            def write(pos: int, chunk: memoryview | bytes) -> None:
+                os.pwrite(fd, chunk, pos)
+                hasher.arrived(pos, chunk)
+
             def fetch_part(i: int) -> tuple[str, None]:
                 start = i * sidecar.part_size
                 end = min(job.size, start + sidecar.part_size)
-                etag = self.read_range(job.key, start, end, job.size, lambda pos, chunk: os.pwrite(fd, chunk, pos))
+                etag = self.read_range(job.key, start, end, job.size, write)
                 sidecar.etag = sidecar.etag or etag
+                if self.durable:
+                    start_writeback(fd, start, end - start)
+                hasher.completed(i)
                 return etag, None
-
-            def hash_part(i: int, _payload: object) -> Iterator[bytes]:
-                return read_chunks(fd, i * sidecar.part_size, min(job.size, (i + 1) * sidecar.part_size))
 
             def persist(done: set[int]) -> None:
                 sidecar.done = done
                 sidecar.save(fd, self.durable)
 
-            md5, etags = self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hash_part,
+            md5, etags = self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hasher,
                                          persist, None)
+            self.read_back += hasher.read_back
             known = etags | ({sidecar.etag} if sidecar.etag else set())
             if len(known) > 1:
                 raise self._discard(f"the object changed during the download (ETags {sorted(known)})",
@@ -406,7 +699,7 @@ class Transfer:
             raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
                                 f"{job.md5}", partial)
         if self.durable:
-            os.fsync(fd)
+            self.group_sync.sync(fd)
         os.replace(partial, final)
         return etag
 

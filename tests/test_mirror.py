@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +23,11 @@ from botocore.client import BaseClient
 from etl import cli, source
 from etl.config import Settings
 from etl.discovery import discover
-from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, md5_of_file, write_manifest
+from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, TAXONOMY, md5_of_file, write_manifest
 from etl.manifest import ManifestError, UnsafeKeyError
 from etl.mirror import InsufficientSpaceError, LocalRoot, NotMirroredError, mirror_release, release_files_on_disk
 from etl.s3server import S3Server, start_s3_server
+from etl.transfer import FileJob, Transfer, TransferError
 from tests.conftest import REPO
 
 VOLUME = "image_volumes/Test-Volume/20251031/sub/volume.nii.gz"
@@ -102,10 +106,11 @@ def test_full_mirror_then_nothing_then_only_what_changed(msettings, engine, mirr
 
     new_files = _manifest_files(bucket_dir, NEW_RELEASE)
     changed = {k for k in new_files if k not in old_files}
-    assert changed and all(k.startswith(f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/") for k in changed)
+    new_directories = (f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/", f"metadata/{TAXONOMY}/{NEW_RELEASE}/")
+    assert changed and all(k.startswith(new_directories) for k in changed)
     newer = mirror_release(msettings, engine, NEW_RELEASE, progress=False)
     assert newer.failed == {} and newer.skipped == len(new_files) - len(changed)
-    # gene.csv did not change between the directories: copied locally, not downloaded.
+    # donor.csv, library.csv, ... did not change between the directories: copied locally, not downloaded.
     assert newer.copied >= 1 and newer.fetched + newer.copied == len(changed)
     assert newer.bytes_fetched < sum(new_files[k].size for k in changed)
     assert all(md5_of_file(root / k) == new_files[k].md5 for k in changed)
@@ -350,11 +355,96 @@ def test_release_files_on_disk_requires_verified_records(settings, engine, gener
     assert all(path.read_bytes() == (generated_bucket.bucket_dir / key).read_bytes() for key, path in files.items())
     raw = release_files_on_disk(settings, engine, OLD_RELEASE, kinds=["expression_matrices"], normalizations=["raw"])
     assert raw and all(key.endswith("-raw.h5ad") for key in raw)
-    # The newer release pins a new consensus WMB metadata directory that nobody mirrored.
-    with pytest.raises(NotMirroredError, match=f"release {NEW_RELEASE}: 4 of"):
+    # The newer release pins new consensus WMB and taxonomy metadata directories that nobody mirrored.
+    unmirrored = [k for k in generated_bucket.files[NEW_RELEASE]
+                  if k.startswith("metadata/") and k not in generated_bucket.files[OLD_RELEASE]]
+    selected = [k for k in generated_bucket.files[NEW_RELEASE] if k.startswith("metadata/")]
+    assert len(unmirrored) > 4
+    with pytest.raises(NotMirroredError, match=f"release {NEW_RELEASE}: {len(unmirrored)} of {len(selected)} "):
         release_files_on_disk(settings, engine, NEW_RELEASE, kinds=["metadata"])
     victim = next(iter(files.values()))
     with victim.open("ab") as handle:
         handle.write(b"tampered")
     with pytest.raises(NotMirroredError, match="1 of"):
         release_files_on_disk(settings, engine, OLD_RELEASE, kinds=["metadata"])
+
+
+class _FlakyS3(http.server.BaseHTTPRequestHandler):
+    """Serves ``/bucket/<key>`` with Range support; the first requests fail (503 SlowDown, a cut body)."""
+
+    protocol_version = "HTTP/1.1"
+    data = b""
+    failures: list[str] = []
+    seen: list[str] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Range", ""))
+        if not self.path.startswith("/bucket/blob"):
+            body = b"<Error><Code>NoSuchKey</Code></Error>"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+        body = self.data[first:last + 1]
+        failure = self.failures.pop(0) if self.failures else ""
+        if failure == "503":
+            error = b"<Error><Code>SlowDown</Code></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.data)}")
+        self.send_header("ETag", '"flaky"')
+        self.end_headers()
+        if failure == "cut":  # half the body, then the connection drops
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def flaky_s3():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_unsigned_gets_retry_throttling_and_dropped_connections(flaky_s3, tmp_path, monkeypatch):
+    """The plain-HTTP GET path: 503 SlowDown and a body cut short are retried (from the byte reached), MD5 checked."""
+    monkeypatch.setattr("etl.transfer.backoff_delay", lambda attempt: 0.0)
+    data = hashlib.shake_256(b"flaky").digest(3 * (1 << 20) + 777)
+    _FlakyS3.data, _FlakyS3.failures, _FlakyS3.seen = data, ["503", "cut", "503", "cut"], []
+    client = source.make_client(Settings(endpoint_url=flaky_s3))
+    transfer = Transfer(client, "bucket", workers=3, part_size=1 << 20, durable=True)
+    try:
+        assert transfer.http is not None  # unsigned: no botocore per GET
+        job = FileJob("blob", len(data), hashlib.md5(data).hexdigest())
+        assert transfer.download(job, tmp_path / "blob") == "flaky"
+        assert (tmp_path / "blob").read_bytes() == data and not list(tmp_path.glob("*.partial*"))
+        assert _FlakyS3.failures == [] and len(_FlakyS3.seen) == 4 + 4  # 4 parts, 4 failed attempts
+        # A dropped connection continues where it stopped, not at the start of the range.
+        assert any(int(r.removeprefix("bytes=").split("-")[0]) % (1 << 20) for r in _FlakyS3.seen)
+        with pytest.raises(TransferError, match="GET failed: NoSuchKey"):
+            transfer.download(FileJob("missing", 10, "0" * 32), tmp_path / "missing")
+        wrong = FileJob("blob", len(data), "0" * 32)
+        with pytest.raises(TransferError, match="differs from the manifest") as failed:
+            transfer.download(wrong, tmp_path / "wrong")
+        assert failed.value.retry_file and not list(tmp_path.glob("wrong*"))
+    finally:
+        transfer.close()
+    signed = source.make_client(Settings(endpoint_url=flaky_s3, unsigned=False))
+    assert Transfer(signed, "bucket", workers=1).http is None  # signed requests keep botocore
