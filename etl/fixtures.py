@@ -6,9 +6,16 @@ AnnData ``.h5ad`` matrices (CSR, ``-raw`` counts and ``-log2`` values, split by 
 by ``cell_label``, var by ``gene_identifier``) for the consensus mouse datasets and the WMB
 matrices they reuse.
 
-Two releases are written. The newer one pins a new dated directory of the consensus WMB cell
-metadata (some cells re-assigned, some dropped, some added) and keeps every other directory, so
-most keys are shared between releases exactly as in the real bucket.
+The consensus metadata follow the real release file by file and column by column (docs/layout.md):
+``cell_metadata.csv`` holds only label, barcode, sample, library, dataset and matrix columns; a
+cell's region is its library's (``library.csv``), its donor's sex and age are in ``donor.csv``, its
+cluster and 2-D coordinates in the integrated taxonomy's ``cell_to_cluster_membership.csv`` and
+``*cell_2d_embedding_coordinates.csv``.
+
+Two releases are written. The newer one pins new dated directories of the consensus AIBS cell
+metadata (some cells dropped, some added) and of the taxonomy (those cells, and some re-assigned to
+another cluster, in ``cell_to_cluster_membership.csv``) and keeps every other directory, so most
+keys are shared between releases exactly as in the real bucket.
 
 Expression is a generative model meant to make aggregation meaningful: every taxonomy node
 (class, subclass, supertype, cluster) owns marker genes; a cell's UMIs are drawn from a heavy
@@ -50,8 +57,31 @@ WMB_V3 = "WMB-10Xv3"
 # also has Isocortex-3/4, 10Xv3 alone CB, MY, P, PAL, STR).
 WMB_REGIONS = ["CTXsp", "HPF", "HY", "MB", "OLF", "TH", "Isocortex-1", "Isocortex-2"]
 MACOSKO_REGIONS = ["CB", "HPF", "HY", "Isocortex", "MB", "MY-Pons-BS", "OLF", "PAL", "STR", "TH"]
-TERM_SETS = ["class", "subclass", "supertype", "cluster"]
+TERM_SETS = ["class", "subclass", "supertype", "cluster"]  # the hierarchy the expression model follows
 TAXONOMY_PREFIX = "CCN20251031"  # term sets; terms are CS20251031_*
+# The real term sets, in their order: neurotransmitter (flat), then neighborhood > class > ... > cluster.
+TERM_SET_LABELS = {"neurotransmitter": f"{TAXONOMY_PREFIX}_NEUR", "neighborhood": f"{TAXONOMY_PREFIX}_LEVEL_0",
+                   "class": f"{TAXONOMY_PREFIX}_LEVEL_1", "subclass": f"{TAXONOMY_PREFIX}_LEVEL_2",
+                   "supertype": f"{TAXONOMY_PREFIX}_LEVEL_3", "cluster": f"{TAXONOMY_PREFIX}_LEVEL_4"}
+TERM_CODES = {"neurotransmitter": "NEUR", "neighborhood": "NBHD", "class": "CLAS", "subclass": "SUBC",
+              "supertype": "SUPT", "cluster": "CLUS"}
+# Neighborhood names of the consensus taxonomy (each has a <name>_cell_2d_embedding_coordinates.csv).
+NEIGHBORHOODS = ["Pallium-Glut", "Subpallium-GABA", "HY-EA-Glut-GABA", "MB-GABA", "MB-Glut-Dopa-Sero",
+                 "NN-IMN", "P-MY-CB-GABA", "P-MY-CB-Glut", "TH-EPI-Glut"]
+NEUROTRANSMITTERS = ["Glut", "GABA", "Glut-GABA", "Dopa", "Chol", "Sero", "NN"]
+EMBEDDING = "cell_2d_embedding_coordinates"
+# The columns of the real consensus cell_metadata.csv, in their order.
+CELL_METADATA_COLUMNS = ["cell_label", "cell_barcode", "barcoded_cell_sample_label", "library_label",
+                         "dataset_label", "feature_matrix_label"]
+# region_of_interest_acronym of a library, per matrix region (one ROI per region in the generated bucket).
+ROI_OF_REGION = {"CTXsp": "CTXsp", "HPF": "RHP", "HY": "HY", "MB": "MB", "OLF": "OLF", "TH": "TH",
+                 "Isocortex-1": "MOp", "Isocortex-2": "SSp", "Isocortex": "ACA", "CB": "CB", "MY-Pons-BS": "BS",
+                 "PAL": "PAL", "STR": "STR"}
+# value_sets.csv colours and CCF identifiers known from the consensus notebook; others are generated.
+KNOWN_VALUES = {("donor_sex", "Female"): ("#565353", ""), ("donor_sex", "Male"): ("#ADC4C3", ""),
+                ("origin_dataset", "WMB-AIBS"): ("#1f77b4", ""), ("origin_dataset", "WMB-Macosko"): ("#ff7f0e", ""),
+                ("anatomical_division_label", "Isocortex"): ("#70FF71", "MBA:315"),
+                ("anatomical_division_label", "HPF"): ("#7ED04B", "MBA:1089")}
 WELL_KNOWN_GENES = ["Snap25", "Slc17a7", "Gad1", "Gad2", "Slc32a1", "Olig2", "Gfap", "Aqp4",
                     "Mbp", "Plp1", "Cx3cr1", "Pdgfra", "Sst", "Pvalb", "Vip", "Lamp5", "Cck",
                     "Th", "Slc6a3", "Tph2", "Chat", "Hcrt", "Pmch", "Avp", "Oxt"]
@@ -96,6 +126,13 @@ class Taxonomy:
     names: dict[str, list[str]]
     colors: dict[str, list[str]]
     markers: dict[str, list[np.ndarray]]  # level -> per node gene indices
+    neighborhood_of_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    neurotransmitter_of_cluster: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    neighborhood_colors: list[str] = field(default_factory=list)
+    neurotransmitter_colors: list[str] = field(default_factory=list)
+
+    def neighborhood(self, cluster: int) -> int:
+        return int(self.neighborhood_of_class[self.lineage(cluster)["class"]])
 
     def lineage(self, cluster: int) -> dict[str, int]:
         out = {"cluster": cluster}
@@ -122,6 +159,8 @@ class DatasetCells:
     frame: pd.DataFrame
     in_metadata: np.ndarray
     cluster: np.ndarray
+    libraries: pd.DataFrame  # library.csv rows (the dataset's real columns)
+    donors: pd.DataFrame  # donor.csv rows
 
 
 @dataclass
@@ -185,12 +224,23 @@ def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
         colors[level] = [_color(rng) for _ in range(n)]
         k = min(markers_per_node[level], spec.genes)
         markers[level] = [rng.choice(spec.genes, size=k, replace=False) for _ in range(n)]
-    return Taxonomy(parents, labels, names, colors, markers)
-
-
-def _library_labels(rng: np.random.Generator, prefix: str, n: int) -> list[str]:
-    return [f"{prefix}{i:04d}_{chr(65 + int(rng.integers(0, 8)))}{int(rng.integers(1, 13)):02d}"
-            for i in range(n)]
+    taxonomy = Taxonomy(parents, labels, names, colors, markers)
+    # Neighborhoods group classes; every cluster has a neurotransmitter (NN for non-neuronal classes).
+    # A separate stream, so the hierarchy and markers above do not depend on them.
+    extra = _rng(spec, "taxonomy:neighborhood-neurotransmitter")
+    n_neighborhoods = min(len(NEIGHBORHOODS), max(2, round(sizes["cluster"] * 9 / 6721)), sizes["class"])
+    taxonomy.neighborhood_of_class = np.sort(np.concatenate([
+        np.arange(n_neighborhoods), extra.integers(0, n_neighborhoods, sizes["class"] - n_neighborhoods)]))
+    neuronal = np.array(NEUROTRANSMITTERS[:-1])
+    transmitters = []
+    for cluster in range(sizes["cluster"]):
+        class_name = names["class"][taxonomy.lineage(cluster)["class"]]
+        transmitters.append(len(NEUROTRANSMITTERS) - 1 if class_name.endswith(" NN")
+                            else int(extra.integers(0, len(neuronal))))
+    taxonomy.neurotransmitter_of_cluster = np.array(transmitters)
+    taxonomy.neighborhood_colors = [_color(extra) for _ in range(n_neighborhoods)]
+    taxonomy.neurotransmitter_colors = [_color(extra) for _ in NEUROTRANSMITTERS]
+    return taxonomy
 
 
 def _barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -203,19 +253,54 @@ def _region_of_clusters(rng: np.random.Generator, n_clusters: int, regions: list
     return rng.integers(0, len(regions), size=n_clusters)
 
 
+def division_of(region: str) -> str:
+    """anatomical_division_label of a matrix region tag (Isocortex-1 -> Isocortex)."""
+    return "Isocortex" if region.startswith("Isocortex") else region
+
+
+def _libraries(rng: np.random.Generator, dataset: str, regions: list[str], chemistries: list[str],
+               per_group: int, donors: list[str]) -> pd.DataFrame:
+    """library.csv rows: a few libraries per (region, chemistry), each from one donor.
+
+    Labels are shaped like the real ones: ``L8TX_<date>_01_<well>`` (AIBS, with the barcoded cell
+    sample ``<plate>_<well>`` its cell labels end with) and ``pBICCNsMMr<ROI>i<donor>d<date><well>``
+    (Macosko).
+    """
+    rows = []
+    for region in regions:
+        for chemistry in chemistries:
+            for _ in range(per_group):
+                idx = len(rows)
+                donor = donors[int(rng.integers(0, len(donors)))]
+                well = f"{chr(65 + idx % 8)}{(idx // 8) % 12 + 1:02d}"
+                roi = ROI_OF_REGION[region]
+                if dataset == MACOSKO:
+                    label = f"pBICCNsMMr{roi}i{donor}d{210101 + idx // 8:06d}{chr(65 + (idx // 4) % 2)}{idx % 4 + 1}"
+                    sample = ""
+                else:
+                    label = f"L8TX_{180101 + idx // 96:06d}_01_{well}"
+                    sample = f"{300 + idx // 96:03d}_{well}"
+                rows.append({"library_label": label, "library_method": chemistry,
+                             "alignment_id": str(1177900000 + 37 * idx), "region_of_interest_acronym": roi,
+                             "anatomical_division_label": division_of(region), "donor_label": donor,
+                             "barcoded_cell_sample_label": sample, "region": region})
+    return pd.DataFrame(rows)
+
+
 def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_cells: int) -> DatasetCells:
     rng = _rng(spec, f"cells:{dataset}")
     n_clusters = spec.taxonomy_sizes["cluster"]
-    if dataset == MACOSKO:
+    macosko = dataset == MACOSKO
+    if macosko:
         regions = MACOSKO_REGIONS[: spec.regions]
+        chemistries = ["10Xv3"]
         chemistry = np.array(["10Xv3"] * n_cells)
-        labels_for = {r: f"{MACOSKO_MATRIX_PREFIX}-{r}" for r in regions}
-        matrix_dataset = {label: MACOSKO for label in labels_for.values()}
+        matrix_dataset = {f"{MACOSKO_MATRIX_PREFIX}-{r}": MACOSKO for r in regions}
     else:
         regions = WMB_REGIONS[: spec.regions]
+        chemistries = ["10Xv2", "10Xv3"]
         chemistry = np.where(rng.random(n_cells) < 0.4, "10Xv2", "10Xv3")
-        labels_for = {r: r for r in regions}
-        matrix_dataset = {f"WMB-{c}-{r}": f"WMB-{c}" for c in ("10Xv2", "10Xv3") for r in regions}
+        matrix_dataset = {f"WMB-{c}-{r}": f"WMB-{c}" for c in chemistries for r in regions}
     cluster_weights = rng.lognormal(0.0, 1.0, size=n_clusters)
     cluster = rng.choice(n_clusters, size=n_cells, p=cluster_weights / cluster_weights.sum())
     home = _region_of_clusters(rng, n_clusters, regions)
@@ -223,47 +308,65 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
     region_index = np.where(at_home, home[cluster], rng.integers(0, len(regions), size=n_cells))
     region = np.array(regions)[region_index]
     n_donors = max(2, n_cells // 2000)
-    donors = [f"Snap25-IRES2-Cre;Ai14-{400000 + i}" if dataset != MACOSKO else f"pBICCNsMMrMB{i:03d}"
-              for i in range(n_donors)]
-    donor_index = rng.integers(0, n_donors, size=n_cells)
-    n_libraries = max(4, n_cells // 300)
-    library_pool = _library_labels(rng, "L8TX_" if dataset != MACOSKO else "pBICCNsMMr", n_libraries)
-    library = np.array(library_pool)[rng.integers(0, n_libraries, size=n_cells)]
+    if macosko:
+        donors = [f"{'F' if i % 2 == 0 else 'M'}{i + 1:03d}" for i in range(n_donors)]
+    else:
+        donors = [f"Snap25-IRES2-Cre;Ai14-{400000 + i}" for i in range(n_donors)]
+    donor = pd.DataFrame({"donor_label": donors,
+                          "donor_sex": ["Female" if i % 2 == 0 else "Male" for i in range(n_donors)]})
+    if not macosko:
+        donor["donor_age"] = [f"{int(a)} days" for a in rng.integers(51, 72, size=n_donors)]
+    donor["origin_dataset"] = "WMB-Macosko" if macosko else "WMB-AIBS"
+    per_group = max(2, n_cells // (300 * len(regions) * len(chemistries)))
+    libraries = _libraries(rng, dataset, regions, chemistries, per_group, donors)
+    # A cell's library is one of its region's and chemistry's: its region is its library's.
+    group_of_library = (libraries["region"] + "|" + libraries["library_method"]).to_numpy()
+    cell_group = np.char.add(np.char.add(region, "|"), chemistry)
+    library_index = np.empty(n_cells, dtype=int)
+    pick = rng.integers(0, per_group, size=n_cells)
+    for group in np.unique(cell_group):
+        members = np.flatnonzero(group_of_library == group)
+        inside = cell_group == group
+        library_index[inside] = members[pick[inside] % len(members)]
+    library = libraries["library_label"].to_numpy()[library_index]
+    sample = libraries["barcoded_cell_sample_label"].to_numpy()[library_index]
     barcode = _barcodes(rng, n_cells)
-    cell_label = np.char.add(np.char.add(barcode, "-"), library)
+    if macosko:
+        cell_label = np.char.add(np.char.add(library.astype(str), "_"), barcode)
+    else:
+        cell_label = np.char.add(np.char.add(barcode, "-"), sample.astype(str))
     # Barcodes are random; make labels unique deterministically if two collide.
     _, first = np.unique(cell_label, return_index=True)
     duplicate = np.ones(n_cells, dtype=bool)
     duplicate[first] = False
     cell_label[duplicate] = np.char.add(cell_label[duplicate], "-2")
-    if dataset == MACOSKO:
-        feature_matrix_label = np.array([labels_for[r] for r in region])
+    if macosko:
+        feature_matrix_label = np.char.add(f"{MACOSKO_MATRIX_PREFIX}-", region)
+        dataset_label = np.array([MACOSKO] * n_cells)
     else:
         feature_matrix_label = np.char.add(np.char.add(np.char.add("WMB-", chemistry), "-"), region)
+        dataset_label = np.char.add("WMB-", chemistry)
+    # 2-D embeddings: cells gather around their cluster, in the global and their neighborhood's one.
+    centres = rng.normal(0, 10, size=(n_clusters, 4))
+    spread = rng.normal(0, 0.6, size=(n_cells, 4))
+    coordinates = np.round(centres[cluster] + spread, 6)
     frame = pd.DataFrame({
         "cell_label": cell_label,
         "cell_barcode": barcode,
-        "barcoded_cell_sample_label": library,
+        "barcoded_cell_sample_label": sample,
         "library_label": library,
+        "dataset_label": dataset_label,
         "feature_matrix_label": feature_matrix_label,
-        "entity": "nuclei" if dataset == MACOSKO else "cell",
-        "brain_section_label": "",
-        "library_method": np.char.add("10X", np.char.replace(chemistry, "10X", "")),
-        "region_of_interest_acronym": region,
-        "donor_label": np.array(donors)[donor_index],
-        "donor_genotype": "wt/wt" if dataset == MACOSKO else "Snap25-IRES2-Cre/wt;Ai14(RCL-tdT)/wt",
-        "donor_sex": np.where(donor_index % 2 == 0, "M", "F"),
-        "dataset_label": dataset,
-        "x": np.round(rng.normal(0, 5, n_cells), 6),
-        "y": np.round(rng.normal(0, 5, n_cells), 6),
-        "cluster_alias": cluster + 1,
-        "abc_sample_id": [f"{hashlib.md5(c.encode()).hexdigest()[:8]}" for c in cell_label],
+        # Not in cell_metadata.csv (see CELL_METADATA_COLUMNS): the generator's own bookkeeping.
+        "region": region,
+        "x": coordinates[:, 0], "y": coordinates[:, 1],
+        "neighborhood_x": coordinates[:, 2], "neighborhood_y": coordinates[:, 3],
         "gene_count": 0,
         "umi_count": 0,
-        "doublet_score": np.round(rng.beta(1, 20, n_cells), 6),
     })
     in_metadata = rng.random(n_cells) >= spec.qc_dropped_fraction
-    return DatasetCells(dataset, matrix_dataset, frame, in_metadata, cluster)
+    return DatasetCells(dataset, matrix_dataset, frame, in_metadata, cluster,
+                        libraries.drop(columns=["barcoded_cell_sample_label", "region"]), donor)
 
 
 def _draw_counts(
@@ -379,88 +482,118 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, pd.DataFrame]:
-    """The consensus taxonomy's CSV tables, keyed by file stem."""
+    """The consensus taxonomy's CSV tables, keyed by file stem, with the real columns.
+
+    Term sets: neurotransmitter (flat), neighborhood > class > subclass > supertype > cluster.
+    ``cluster.csv`` carries the cell counts; the membership table maps every cluster to its term of
+    every set (the cell counts and colours of the terms live in ``cluster.csv`` and
+    ``cluster_annotation_term.csv``).
+    """
     sizes = {level: len(taxonomy.labels[level]) for level in TERM_SETS}
-    cells_per = {"cluster": cluster_cells}
-    for child, parent in zip(TERM_SETS[:0:-1], TERM_SETS[-2::-1], strict=True):
-        cells_per[parent] = np.bincount(taxonomy.parents[child], weights=cells_per[child],
-                                        minlength=sizes[parent]).astype(int)
-    # The real sets are LEVEL_0 (neighborhood) .. LEVEL_4 (cluster); neighborhoods are not generated.
-    set_label = {level: f"{TAXONOMY_PREFIX}_LEVEL_{n + 1}" for n, level in enumerate(TERM_SETS)}
+    sets = ["neurotransmitter", "neighborhood", *TERM_SETS]
+    parent_set = {"neurotransmitter": None, "neighborhood": None, "class": "neighborhood", "subclass": "class",
+                  "supertype": "subclass", "cluster": "supertype"}
+    labels = {**taxonomy.labels,
+              "neighborhood": [f"CS20251031_{TERM_CODES['neighborhood']}_{i + 1:04d}"
+                               for i in range(len(taxonomy.neighborhood_colors))],
+              "neurotransmitter": [f"CS20251031_{TERM_CODES['neurotransmitter']}_{i + 1:04d}"
+                                   for i in range(len(NEUROTRANSMITTERS))]}
+    names = {**taxonomy.names, "neighborhood": NEIGHBORHOODS[: len(taxonomy.neighborhood_colors)],
+             "neurotransmitter": NEUROTRANSMITTERS}
+    colors = {**taxonomy.colors, "neighborhood": taxonomy.neighborhood_colors,
+              "neurotransmitter": taxonomy.neurotransmitter_colors}
+    parents = {**taxonomy.parents, "class": taxonomy.neighborhood_of_class}
     term_set = pd.DataFrame({
-        "label": [set_label[level] for level in TERM_SETS],
-        "name": TERM_SETS,
-        "description": [f"{level} level of the consensus taxonomy" for level in TERM_SETS],
-        "order": range(len(TERM_SETS)),
-        "parent_term_set_label": [""] + [set_label[level] for level in TERM_SETS[:-1]],
+        "label": [TERM_SET_LABELS[s] for s in sets],
+        "name": sets,
+        "description": sets,
+        "order": range(len(sets)),
+        "parent_term_set_label": [TERM_SET_LABELS[parent_set[s]] if parent_set[s] else "" for s in sets],
     })
     terms = []
-    for order, level in enumerate(TERM_SETS):
-        above = TERM_SETS[order - 1] if order else None
-        for i in range(sizes[level]):
+    for order, level in enumerate(sets):
+        above = parent_set[level]
+        for i in range(len(labels[level])):
+            parent = int(parents[level][i]) if above else None
             terms.append({
-                "label": taxonomy.labels[level][i],
-                "name": taxonomy.names[level][i],
-                "cluster_annotation_term_set_label": set_label[level],
-                "parent_term_label": taxonomy.labels[above][taxonomy.parents[level][i]] if above else "",
-                "parent_term_set_label": set_label[above] if above else "",
+                "label": labels[level][i],
+                "name": names[level][i],
+                "cluster_annotation_term_set_label": TERM_SET_LABELS[level],
+                "cluster_annotation_term_set_name": level,
+                "color_hex_triplet": colors[level][i],
+                "term_order": i + 1,
                 "term_set_order": order,
-                "term_order": i,
-                "cluster_annotation_term_set_name": level,
-                "color_hex_triplet": taxonomy.colors[level][i],
+                "parent_term_label": labels[above][parent] if above else "",
+                "parent_term_name": names[above][parent] if above else "",
+                "parent_term_set_label": TERM_SET_LABELS[above] if above else "",
             })
-    membership, pivoted, colors = [], [], []
-    for cluster in range(sizes["cluster"]):
-        lineage = taxonomy.lineage(cluster)
-        for level in TERM_SETS:
-            node = lineage[level]
+    membership = []
+    for level in sets:
+        for cluster in range(sizes["cluster"]):
+            if level == "neurotransmitter":
+                node = int(taxonomy.neurotransmitter_of_cluster[cluster])
+            elif level == "neighborhood":
+                node = taxonomy.neighborhood(cluster)
+            else:
+                node = taxonomy.lineage(cluster)[level]
             membership.append({
-                "cluster_annotation_term_label": taxonomy.labels[level][node],
-                "cluster_annotation_term_set_label": set_label[level],
-                "cluster_alias": cluster + 1,
-                "cluster_annotation_term_name": taxonomy.names[level][node],
+                "cluster_annotation_term_label": labels[level][node],
                 "cluster_annotation_term_set_name": level,
-                "number_of_cells": int(cells_per[level][node]),
-                "color_hex_triplet": taxonomy.colors[level][node],
+                "cluster_annotation_term_name": names[level][node],
+                "cluster_alias": cluster + 1,
+                "cluster_annotation_term_set_label": TERM_SET_LABELS[level],
             })
-        pivoted.append({"cluster_alias": cluster + 1,
-                        **{level: taxonomy.names[level][lineage[level]] for level in TERM_SETS}})
-        colors.append({"cluster_alias": cluster + 1,
-                       **{f"{level}_color": taxonomy.colors[level][lineage[level]] for level in TERM_SETS}})
     return {
-        "cluster": pd.DataFrame({"cluster_alias": np.arange(1, sizes["cluster"] + 1),
-                                 "label": taxonomy.labels["cluster"],
-                                 "number_of_cells": cells_per["cluster"]}),
+        "cluster": pd.DataFrame({"label": taxonomy.labels["cluster"],
+                                 "cluster_alias": np.arange(1, sizes["cluster"] + 1),
+                                 "number_of_cells": cluster_cells}),
         "cluster_annotation_term_set": term_set,
         "cluster_annotation_term": pd.DataFrame(terms),
         "cluster_to_cluster_annotation_membership": pd.DataFrame(membership),
-        "cluster_to_cluster_annotation_membership_pivoted": pd.DataFrame(pivoted),
-        "cluster_to_cluster_annotation_membership_color": pd.DataFrame(colors),
     }
 
 
 def gene_table(genes: Genes) -> pd.DataFrame:
-    return pd.DataFrame({
-        "gene_identifier": genes.identifiers,
-        "gene_symbol": genes.symbols,
-        "name": [f"synthetic gene {s}" for s in genes.symbols],
-        "mapped_ncbi_identifier": [f"NCBIGene:{10000 + i}" for i in range(len(genes.symbols))],
-        "comment": "",
-    })
+    """gene.csv of the consensus Macosko metadata: only identifier and symbol."""
+    return pd.DataFrame({"gene_identifier": genes.identifiers, "gene_symbol": genes.symbols})
 
 
-def sample_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Donor and library tables derived from the cells, as the real metadata directories hold."""
-    donor = (cells[["donor_label", "donor_genotype", "donor_sex"]]
-             .drop_duplicates("donor_label").sort_values("donor_label"))
-    library = (cells[["library_label", "library_method", "region_of_interest_acronym", "donor_label"]]
-               .drop_duplicates("library_label").sort_values("library_label"))
-    return {"donor": donor, "library": library}
+def sample_tables(cells: DatasetCells) -> dict[str, pd.DataFrame]:
+    """donor.csv and library.csv of a dataset, with the columns the real directory has."""
+    library = cells.libraries.sort_values("library_label", kind="stable")
+    if cells.dataset == MACOSKO:
+        library = library.drop(columns=["library_method", "alignment_id"])
+    return {"donor": cells.donors.sort_values("donor_label", kind="stable"), "library": library}
+
+
+def value_sets(cells: DatasetCells) -> pd.DataFrame:
+    """value_sets.csv: order, colour and identifiers of the categorical values of donor and library."""
+    divisions = ["Isocortex", "OLF", "HPF", "CTXsp", "STR", "PAL", "TH", "HY", "MB", "MY-Pons-BS", "CB"]
+    used = [d for d in divisions if d in set(cells.libraries["anatomical_division_label"])]
+    rows = []
+    for field_name, table, values in (
+            ("donor_sex", "donor", ["Female", "Male"]),
+            ("origin_dataset", "donor", ["WMB-AIBS", "WMB-Macosko"]),
+            ("anatomical_division_label", "library", used)):
+        for value in values:
+            color, identifier = KNOWN_VALUES.get((field_name, value), (None, ""))
+            if color is None:
+                digest = hashlib.md5(f"{field_name}:{value}".encode()).hexdigest()
+                color = "#" + digest[:6].upper()
+            order = divisions.index(value) + 1 if field_name == "anatomical_division_label" else values.index(value) + 1
+            description = {"WMB-AIBS": "Allen Institute for Brain Science, Whole Mouse Brain",
+                           "WMB-Macosko": "Broad Institute, Macosko lab Whole Mouse Brain"}.get(value, value)
+            rows.append({"label": value, "field": field_name, "table": table, "description": description,
+                         "order": order, "external_identifier": identifier, "parent_label": "",
+                         "color_hex_triplet": color,
+                         "comment": "division, ID and parent from CCF-2020"
+                         if field_name == "anatomical_division_label" else ""})
+    return pd.DataFrame(rows)
 
 
 def metadata_cells(cells: DatasetCells) -> pd.DataFrame:
-    """The cell_metadata.csv rows: cells that passed QC, in label order."""
-    listed = cells.frame[cells.in_metadata]
+    """The cells that passed QC, in label order, with the generator's bookkeeping columns."""
+    listed = cells.frame.assign(cluster_alias=cells.cluster + 1)[cells.in_metadata]
     return listed.sort_values("cell_label", kind="stable")
 
 
@@ -522,7 +655,8 @@ def write_manifest(bucket_dir: Path, version: str) -> Path:
 
 @dataclass
 class ReleaseChanges:
-    """What the newer release changed in the consensus WMB cell metadata (for diff tests)."""
+    """What the newer release changed in the consensus WMB cells (for diff tests): cells re-assigned
+    to another cluster (cell_to_cluster_membership.csv), dropped and added (cell_metadata.csv)."""
 
     reassigned: list[str]
     removed: list[str]
@@ -532,13 +666,11 @@ class ReleaseChanges:
 def evolve_cells(spec: FixtureSpec, cells: DatasetCells, n_clusters: int) -> tuple[DatasetCells, ReleaseChanges]:
     """The newer release's version of a dataset's cells: re-assign, drop and admit some cells."""
     rng = _rng(spec, f"evolve:{cells.dataset}")
-    frame = cells.frame.copy()
     cluster = cells.cluster.copy()
     listed = np.flatnonzero(cells.in_metadata)
     k = max(1, len(listed) // 50)
     moved = rng.choice(listed, size=k, replace=False)
     cluster[moved] = (cluster[moved] + 1 + rng.integers(0, n_clusters - 1, size=k)) % n_clusters
-    frame.loc[frame.index[moved], "cluster_alias"] = cluster[moved] + 1
     remaining = np.setdiff1d(listed, moved)
     dropped = rng.choice(remaining, size=max(1, len(listed) // 100), replace=False)
     in_metadata = cells.in_metadata.copy()
@@ -546,17 +678,38 @@ def evolve_cells(spec: FixtureSpec, cells: DatasetCells, n_clusters: int) -> tup
     unlisted = np.flatnonzero(~cells.in_metadata)
     admitted = unlisted[: max(1, len(unlisted) // 2)] if len(unlisted) else unlisted
     in_metadata[admitted] = True
-    labels = frame["cell_label"].to_numpy()
+    labels = cells.frame["cell_label"].to_numpy()
     changes = ReleaseChanges(sorted(labels[moved]), sorted(labels[dropped]), sorted(labels[admitted]))
-    return DatasetCells(cells.dataset, cells.matrix_dataset, frame, in_metadata, cluster), changes
+    return DatasetCells(cells.dataset, cells.matrix_dataset, cells.frame.copy(), in_metadata, cluster,
+                        cells.libraries, cells.donors), changes
 
 
-def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes) -> None:
-    listed = metadata_cells(cells)
-    _write_csv(listed, out_dir / "cell_metadata.csv")
-    _write_csv(gene_table(genes), out_dir / "gene.csv")
-    for stem, table in sample_tables(listed).items():
+def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) -> None:
+    """A consensus dataset's metadata directory: cell_metadata, donor, library, value_sets and, for
+    Macosko only, gene (the AIBS cells' genes are those of the WMB matrices)."""
+    _write_csv(metadata_cells(cells)[CELL_METADATA_COLUMNS], out_dir / "cell_metadata.csv")
+    for stem, table in sample_tables(cells).items():
         _write_csv(table, out_dir / f"{stem}.csv")
+    _write_csv(value_sets(cells), out_dir / "value_sets.csv")
+    if genes is not None:
+        _write_csv(gene_table(genes), out_dir / "gene.csv")
+
+
+def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[DatasetCells]) -> None:
+    """The integrated taxonomy directory: taxonomy tables, cell_to_cluster_membership and the 2-D
+    embeddings (all cells, and each neighborhood's cells) of the cells the datasets list."""
+    listed = pd.concat([metadata_cells(cells) for cells in datasets]).sort_values("cell_label", kind="stable")
+    n_clusters = len(taxonomy.labels["cluster"])
+    counts = np.bincount(listed["cluster_alias"].to_numpy() - 1, minlength=n_clusters)
+    for stem, table in taxonomy_tables(taxonomy, counts).items():
+        _write_csv(table, out_dir / f"{stem}.csv")
+    _write_csv(listed[["cell_label", "cluster_alias"]], out_dir / "cell_to_cluster_membership.csv")
+    _write_csv(listed[["cell_label", "x", "y"]], out_dir / f"{EMBEDDING}.csv")
+    neighborhood = np.array([taxonomy.neighborhood(c - 1) for c in listed["cluster_alias"].to_numpy()])
+    for i in range(len(taxonomy.neighborhood_colors)):
+        part = listed[neighborhood == i][["cell_label", "neighborhood_x", "neighborhood_y"]]
+        _write_csv(part.rename(columns={"neighborhood_x": "x", "neighborhood_y": "y"}),
+                   out_dir / f"{NEIGHBORHOODS[i]}_{EMBEDDING}.csv")
 
 
 def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucket:
@@ -581,15 +734,16 @@ def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucke
             write_matrices(spec, out_dir, cells, genes, taxonomy, label)
 
     write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, genes)
-    counts = np.bincount(metadata_cells(macosko)["cluster_alias"] - 1, minlength=n_clusters) + \
-        np.bincount(metadata_cells(wmb)["cluster_alias"] - 1, minlength=n_clusters)
-    for stem, table in taxonomy_tables(taxonomy, counts).items():
-        _write_csv(table, bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE / f"{stem}.csv")
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb])
     write_manifest(bucket_dir, OLD_RELEASE)
 
+    # The newer release: the AIBS cells' list changes (cell_metadata.csv) and so does the taxonomy's
+    # cell_to_cluster_membership (re-assigned, dropped, added cells), cluster counts and embeddings;
+    # donor, library, value_sets and the taxonomy's term tables are the same files in new directories.
     wmb_new, changes = evolve_cells(spec, wmb, n_clusters)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, genes)
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new])
     write_manifest(bucket_dir, NEW_RELEASE)
 
     generated = GeneratedBucket(root, spec, [OLD_RELEASE, NEW_RELEASE])

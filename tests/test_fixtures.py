@@ -47,21 +47,87 @@ def test_manifest_schema_and_release_semantics(generated_bucket):
     assert h5ad["raw"]["files"]["h5ad"]["relative_path"].endswith("WMB-10Xv3-CTXsp-raw.h5ad")
     assert "cell_metadata" in old["file_listing"][MACOSKO]["metadata"]
     assert "cluster_to_cluster_annotation_membership" in old["file_listing"][TAXONOMY]["metadata"]
-    # The newer release pins a new directory for the consensus WMB metadata only.
+    # The newer release pins new directories for the consensus WMB cells and the taxonomy only.
     changed = {(d, k) for d, body in new["directory_listing"].items() for k, v in body["directories"].items()
                if v != old["directory_listing"][d]["directories"][k]}
-    assert changed == {(CONSENSUS_WMB, "metadata")}
-    old_cells = old["file_listing"][CONSENSUS_WMB]["metadata"]["cell_metadata"]["files"]["csv"]
-    new_cells = new["file_listing"][CONSENSUS_WMB]["metadata"]["cell_metadata"]["files"]["csv"]
-    assert old_cells["file_hash"] != new_cells["file_hash"]
-    old_genes = old["file_listing"][CONSENSUS_WMB]["metadata"]["gene"]["files"]["csv"]
-    new_genes = new["file_listing"][CONSENSUS_WMB]["metadata"]["gene"]["files"]["csv"]
-    assert old_genes["file_hash"] == new_genes["file_hash"] and old_genes["relative_path"] != new_genes["relative_path"]
+    assert changed == {(CONSENSUS_WMB, "metadata"), (TAXONOMY, "metadata")}
+
+    def entry(doc, dataset, stem):
+        return doc["file_listing"][dataset]["metadata"][stem]["files"]["csv"]
+
+    for dataset, stem in ((CONSENSUS_WMB, "cell_metadata"), (TAXONOMY, "cell_to_cluster_membership"),
+                          (TAXONOMY, "cluster"), (TAXONOMY, "cell_2d_embedding_coordinates")):
+        assert entry(old, dataset, stem)["file_hash"] != entry(new, dataset, stem)["file_hash"]
+    # The files that did not change are the same bytes under a new key.
+    for dataset, stem in ((CONSENSUS_WMB, "donor"), (CONSENSUS_WMB, "library"), (CONSENSUS_WMB, "value_sets"),
+                          (TAXONOMY, "cluster_annotation_term"),
+                          (TAXONOMY, "cluster_to_cluster_annotation_membership")):
+        before, after = entry(old, dataset, stem), entry(new, dataset, stem)
+        assert before["file_hash"] == after["file_hash"] and before["relative_path"] != after["relative_path"]
+
+
+def test_metadata_files_and_columns_are_the_real_ones(generated_bucket):
+    """File names and column names (in order) of the real consensus release (docs/layout.md)."""
+    bucket = generated_bucket.bucket_dir
+    manifest = json.loads((bucket / f"releases/{OLD_RELEASE}/manifest.json").read_text())
+    stems = {d: set(manifest["file_listing"][d]["metadata"]) for d in (MACOSKO, CONSENSUS_WMB, TAXONOMY)}
+    assert stems[CONSENSUS_WMB] == {"cell_metadata", "donor", "library", "value_sets"}
+    assert stems[MACOSKO] == {"cell_metadata", "donor", "gene", "library", "value_sets"}
+    neighborhoods = {s for s in stems[TAXONOMY] if s.endswith("_cell_2d_embedding_coordinates")}
+    assert neighborhoods and stems[TAXONOMY] - neighborhoods == {
+        "cell_2d_embedding_coordinates", "cell_to_cluster_membership", "cluster", "cluster_annotation_term",
+        "cluster_annotation_term_set", "cluster_to_cluster_annotation_membership"}
+
+    def header(dataset, stem):
+        return list(pd.read_csv(bucket / f"metadata/{dataset}/{OLD_RELEASE}/{stem}.csv", nrows=0).columns)
+
+    cell_columns = ["cell_label", "cell_barcode", "barcoded_cell_sample_label", "library_label", "dataset_label",
+                    "feature_matrix_label"]
+    assert header(MACOSKO, "cell_metadata") == header(CONSENSUS_WMB, "cell_metadata") == cell_columns
+    assert header(MACOSKO, "library") == ["library_label", "region_of_interest_acronym",
+                                          "anatomical_division_label", "donor_label"]
+    assert header(CONSENSUS_WMB, "library") == ["library_label", "library_method", "alignment_id",
+                                                "region_of_interest_acronym", "anatomical_division_label",
+                                                "donor_label"]
+    assert header(MACOSKO, "donor") == ["donor_label", "donor_sex", "origin_dataset"]
+    assert header(CONSENSUS_WMB, "donor") == ["donor_label", "donor_sex", "donor_age", "origin_dataset"]
+    assert header(MACOSKO, "gene") == ["gene_identifier", "gene_symbol"]
+    assert header(CONSENSUS_WMB, "value_sets") == ["label", "field", "table", "description", "order",
+                                                   "external_identifier", "parent_label", "color_hex_triplet",
+                                                   "comment"]
+    assert header(TAXONOMY, "cell_to_cluster_membership") == ["cell_label", "cluster_alias"]
+    assert header(TAXONOMY, "cell_2d_embedding_coordinates") == ["cell_label", "x", "y"]
+    assert header(TAXONOMY, "cluster") == ["label", "cluster_alias", "number_of_cells"]
+    assert header(TAXONOMY, "cluster_annotation_term_set") == ["label", "name", "description", "order",
+                                                               "parent_term_set_label"]
+    assert header(TAXONOMY, "cluster_annotation_term") == [
+        "label", "name", "cluster_annotation_term_set_label", "cluster_annotation_term_set_name",
+        "color_hex_triplet", "term_order", "term_set_order", "parent_term_label", "parent_term_name",
+        "parent_term_set_label"]
+    assert header(TAXONOMY, "cluster_to_cluster_annotation_membership") == [
+        "cluster_annotation_term_label", "cluster_annotation_term_set_name", "cluster_annotation_term_name",
+        "cluster_alias", "cluster_annotation_term_set_label"]
+    sets = pd.read_csv(bucket / f"metadata/{TAXONOMY}/{OLD_RELEASE}/cluster_annotation_term_set.csv")
+    assert sets.label.tolist() == ["CCN20251031_NEUR"] + [f"CCN20251031_LEVEL_{i}" for i in range(5)]
+    assert sets.name.tolist() == ["neurotransmitter", "neighborhood", "class", "subclass", "supertype", "cluster"]
+    # AIBS cells carry their chemistry's dataset label; Macosko cells their directory's.
+    aibs = pd.read_csv(bucket / f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/cell_metadata.csv")
+    assert set(aibs.dataset_label) == {"WMB-10Xv2", "WMB-10Xv3"}
+    assert (aibs.feature_matrix_label.str.rsplit("-", n=1).str[0].str[:9] == aibs.dataset_label).all()
+    macosko = pd.read_csv(bucket / f"metadata/{MACOSKO}/{OLD_RELEASE}/cell_metadata.csv")
+    assert set(macosko.dataset_label) == {MACOSKO}
+    # Every cell's library is in library.csv, whose donors are in donor.csv.
+    for dataset, cells in ((MACOSKO, macosko), (CONSENSUS_WMB, aibs)):
+        libraries = pd.read_csv(bucket / f"metadata/{dataset}/{OLD_RELEASE}/library.csv")
+        donors = pd.read_csv(bucket / f"metadata/{dataset}/{OLD_RELEASE}/donor.csv")
+        assert cells.library_label.isin(libraries.library_label).all()
+        assert libraries.donor_label.isin(donors.donor_label).all()
 
 
 def test_matrices_match_metadata_and_markers_mark_clusters(generated_bucket):
     bucket = generated_bucket.bucket_dir
-    cells = pd.read_csv(bucket / f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/cell_metadata.csv")
+    cells = pd.read_csv(bucket / f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/cell_metadata.csv").merge(
+        pd.read_csv(bucket / f"metadata/{TAXONOMY}/{OLD_RELEASE}/cell_to_cluster_membership.csv"), on="cell_label")
     raw = ad.read_h5ad(bucket / "expression_matrices/WMB-10Xv3/20230630/WMB-10Xv3-CTXsp-raw.h5ad")
     log2 = ad.read_h5ad(bucket / "expression_matrices/WMB-10Xv3/20230630/WMB-10Xv3-CTXsp-log2.h5ad")
     assert raw.obs.index.name == "cell_label" and raw.var.index.name == "gene_identifier"
@@ -76,7 +142,6 @@ def test_matrices_match_metadata_and_markers_mark_clusters(generated_bucket):
     assert (counts > 0).mean() < 0.6  # sparse
     totals = counts.sum(axis=1)
     np.testing.assert_allclose(log2.X.toarray(), np.log2(counts / totals[:, None] * 1e6 + 1), rtol=1e-5)
-    np.testing.assert_array_equal(listed.loc[raw.obs.index[in_metadata], "umi_count"], totals[in_metadata])
     means = counts.mean(axis=0)
     assert (counts.var(axis=0)[means > 1] > means[means > 1]).all()  # overdispersed
 
@@ -102,11 +167,49 @@ def test_taxonomy_tables_are_consistent(generated_bucket):
     membership = pd.read_csv(directory / "cluster_to_cluster_annotation_membership.csv")
     clusters = pd.read_csv(directory / "cluster.csv")
     sizes = generated_bucket.spec.taxonomy_sizes
-    assert terms.groupby("cluster_annotation_term_set_name").size().to_dict() == sizes
-    assert len(membership) == 4 * len(clusters)
+    per_set = terms.groupby("cluster_annotation_term_set_name").size().to_dict()
+    assert {level: per_set.pop(level) for level in sizes} == sizes
+    assert set(per_set) == {"neighborhood", "neurotransmitter"} and min(per_set.values()) >= 2
+    # Every cluster has one term of each of the six sets (neurotransmitter, neighborhood .. cluster).
+    assert len(membership) == 6 * len(clusters)
+    assert (membership.groupby("cluster_alias").cluster_annotation_term_set_name.nunique() == 6).all()
+    assert membership.cluster_annotation_term_label.isin(terms.label).all()
     parents = terms.set_index("label")["parent_term_label"].dropna()
     assert parents.isin(terms.label).all()
     cells = pd.concat(pd.read_csv(generated_bucket.bucket_dir / f"metadata/{d}/{OLD_RELEASE}/cell_metadata.csv")
                       for d in (MACOSKO, CONSENSUS_WMB))
-    assert cells.cluster_alias.isin(clusters.cluster_alias).all()
+    assigned = pd.read_csv(directory / "cell_to_cluster_membership.csv")
+    assert sorted(assigned.cell_label) == sorted(cells.cell_label)
+    assert assigned.cluster_alias.isin(clusters.cluster_alias).all()
+    assert (clusters.set_index("cluster_alias").number_of_cells
+            == assigned.cluster_alias.value_counts().reindex(clusters.cluster_alias, fill_value=0)).all()
     assert clusters.number_of_cells.sum() == len(cells)
+    embedding = pd.read_csv(directory / "cell_2d_embedding_coordinates.csv")
+    assert sorted(embedding.cell_label) == sorted(cells.cell_label)
+    # Each neighborhood's embedding holds exactly the cells of its clusters.
+    neighborhood = membership[membership.cluster_annotation_term_set_name == "neighborhood"].set_index(
+        "cluster_alias").cluster_annotation_term_name
+    of_cell = assigned.set_index("cell_label").cluster_alias.map(neighborhood)
+    for name in neighborhood.unique():
+        part = pd.read_csv(directory / f"{name}_cell_2d_embedding_coordinates.csv")
+        assert sorted(part.cell_label) == sorted(of_cell[of_cell == name].index)
+
+
+def test_newer_release_changes_are_in_the_real_files(generated_bucket):
+    """Re-assigned cells change cluster in cell_to_cluster_membership; dropped and added cells leave
+    and enter cell_metadata.csv (and the taxonomy's files)."""
+    bucket = generated_bucket.bucket_dir
+    changes = generated_bucket.changes[CONSENSUS_WMB]
+
+    def read(dataset, release, stem):
+        return pd.read_csv(bucket / f"metadata/{dataset}/{release}/{stem}.csv")
+
+    old_cluster = read(TAXONOMY, OLD_RELEASE, "cell_to_cluster_membership").set_index("cell_label").cluster_alias
+    new_cluster = read(TAXONOMY, NEW_RELEASE, "cell_to_cluster_membership").set_index("cell_label").cluster_alias
+    both = old_cluster.index.intersection(new_cluster.index)
+    assert sorted(both[old_cluster[both] != new_cluster[both]]) == changes.reassigned
+    old_cells = set(read(CONSENSUS_WMB, OLD_RELEASE, "cell_metadata").cell_label)
+    new_cells = set(read(CONSENSUS_WMB, NEW_RELEASE, "cell_metadata").cell_label)
+    assert sorted(old_cells - new_cells) == changes.removed and sorted(new_cells - old_cells) == changes.added
+    assert set(old_cluster.index) - set(new_cluster.index) == set(changes.removed)
+    assert set(new_cluster.index) - set(old_cluster.index) == set(changes.added)
