@@ -1,7 +1,7 @@
 """Aggregation benchmark: etl.aggregate side by side with scanpy's sc.get.aggregate, then the two
 analyst queries on the published tables.
 
-    .venv/bin/python benchmarks/bench_aggregate.py [--cells 300000] [--keep]
+    .venv/bin/python benchmarks/bench_aggregate.py [--cells 300000] [--keep] [--no-queries]
 
 Generates (once, under benchmarks/work/aggregate/) a release-shaped h5ad of ``--cells`` cells x
 32,000 genes over the 6,756-cluster taxonomy (~1,900 non-zeros per cell), plus 1/3 and 2/3
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ DATASET = fx.MACOSKO
 def generate(cells: int) -> Path:
     """The benchmark matrix (one file, twelve regions inside it), its cell metadata and taxonomy."""
     out = WORK / f"cells{cells}"
-    if (out / "membership.csv").exists():
+    if (out / "cell_to_cluster_membership.csv").exists():
         return out
     spec = fx.FixtureSpec(seed=7, cells=cells, genes=32000, clusters=6756, regions=12, umis_per_cell=4000)
     genes, taxonomy = fx.make_genes(spec), fx.make_taxonomy(spec)
@@ -47,10 +48,23 @@ def generate(cells: int) -> Path:
     dataset_cells.frame["feature_matrix_label"] = LABEL
     fx.write_matrices(spec, out, dataset_cells, genes, taxonomy, LABEL, block_cells=10_000)
     (out / f"{LABEL}-raw.h5ad").unlink()  # the benchmark reads the -log2 file
-    fx.metadata_cells(dataset_cells).to_csv(out / "cell_metadata.csv", index=False)
+    # The consensus layout: cell_metadata.csv, library.csv (region) and cell_to_cluster_membership.csv.
+    fx.write_metadata_dir(out, dataset_cells, None)
+    listed = fx.metadata_cells(dataset_cells)
+    listed[["cell_label", "cluster_alias"]].to_csv(out / "cell_to_cluster_membership.csv.tmp", index=False)
     tables = fx.taxonomy_tables(taxonomy, np.bincount(dataset_cells.cluster, minlength=6756))
     tables["cluster_to_cluster_annotation_membership"].to_csv(out / "membership.csv", index=False)
+    (out / "cell_to_cluster_membership.csv.tmp").rename(out / "cell_to_cluster_membership.csv")  # written last
     return out
+
+
+def assignments_of(data: Path) -> pd.DataFrame:
+    """Each cell's cluster (cell_to_cluster_membership.csv) and region (its library's, library.csv)."""
+    cells = pd.read_csv(data / "cell_metadata.csv", usecols=["cell_label", "library_label"])
+    library = pd.read_csv(data / "library.csv", usecols=["library_label", "region_of_interest_acronym"])
+    cluster = pd.read_csv(data / "cell_to_cluster_membership.csv")
+    cells = cells.merge(cluster, on="cell_label", how="left").merge(library, on="library_label", how="left")
+    return cells[["cell_label", "cluster_alias", "region_of_interest_acronym"]]
 
 
 def row_prefix(source: Path, rows: int) -> Path:
@@ -97,8 +111,7 @@ def _peak_gb() -> float:
 
 
 def run_ours(matrix: Path, data: Path, groupings: list[str], chunk_cells: int) -> dict:
-    assignments = pd.read_csv(data / "cell_metadata.csv",
-                              usecols=["cell_label", "cluster_alias", "region_of_interest_acronym"])
+    assignments = assignments_of(data)
     taxonomy = pd.read_csv(data / "membership.csv")
     base_rss = _peak_gb()
     start = time.perf_counter()
@@ -113,7 +126,7 @@ def run_ours(matrix: Path, data: Path, groupings: list[str], chunk_cells: int) -
     with h5py.File(matrix, "r") as store:
         indptr = store["X/indptr"][:]
     chunk_nnz = int(np.diff(np.append(indptr[::chunk_cells], indptr[-1])).max())
-    bound = 28 * pairs + 16 * chunk_nnz + groups * 32000 / 4
+    bound = 28 * pairs + 8 * chunk_nnz + groups * 32000 / 4  # one chunk buffer (etl.aggregate._chunks)
     return {"tool": "etl.aggregate", "groupings": groupings, "cells": loaded.n_cells_in_file,
             "aggregated": loaded.n_cells_aggregated, "seconds": seconds, "persist_seconds": persist_seconds,
             "peak_rss_gb": peak, "peak_rss_with_persist_gb": _peak_gb(), "rss_before_gb": base_rss, "pairs": pairs,
@@ -125,7 +138,8 @@ def run_scanpy(matrix: Path, data: Path) -> dict:
 
     start = time.perf_counter()
     adata = sc.read_h5ad(matrix)
-    cells = pd.read_csv(data / "cell_metadata.csv", usecols=["cell_label", "cluster_alias"]).set_index("cell_label")
+    cells = pd.read_csv(data / "cell_metadata.csv", usecols=["cell_label"]).merge(
+        pd.read_csv(data / "cell_to_cluster_membership.csv"), on="cell_label").set_index("cell_label")
     listed = adata.obs_names.isin(cells.index)
     adata.obs["cluster"] = pd.Categorical(cells["cluster_alias"].reindex(adata.obs_names).fillna(-1).astype(int))
     out = sc.get.aggregate(adata, by="cluster", func=["mean", "count_nonzero"], mask=listed)
@@ -135,9 +149,12 @@ def run_scanpy(matrix: Path, data: Path) -> dict:
 
 
 def measure(kind: str, *args: str) -> dict:
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, "_measure", kind, *args], check=True,
                          capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["load_1min"] = [load_before, os.getloadavg()[0]]  # machine load before and after
+    return result
 
 
 def query_timings(data: Path, partial: Path) -> dict:
@@ -189,6 +206,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=300_000)
     parser.add_argument("--chunk-cells", type=int, default=aggregate.DEFAULT_CHUNK_CELLS)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--no-queries", action="store_true", help="skip publishing and the analyst queries")
     args = parser.parse_args()
     start = time.perf_counter()
     data = generate(args.cells)
@@ -210,7 +228,8 @@ def main() -> None:
     everything = measure("ours", str(full), str(data), ",".join(aggregate.GROUPINGS), str(args.chunk_cells))
     everything["cells_per_second"] = everything["cells"] / everything["seconds"]
     print(json.dumps(everything), flush=True)
-    print(json.dumps(query_timings(data, WORK / "partial.npz")), flush=True)
+    if not args.no_queries:
+        print(json.dumps(query_timings(data, WORK / "partial.npz")), flush=True)
     if not args.keep:
         shutil.rmtree(WORK)
 

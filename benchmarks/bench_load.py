@@ -8,7 +8,7 @@ child processes (each reports its own peak RSS, VmHWM) and a fresh database:
 2. the same with one extra, unknown column in cell_metadata.csv (the streaming transform path);
 3. ``pandas.read_csv`` + ``to_sql(method='multi')`` of cell_metadata.csv into a plain table.
 
-    .venv/bin/python benchmarks/bench_load.py --cells 2000000
+    .venv/bin/python benchmarks/bench_load.py --cells 2000000 [--repeat 3]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import numpy as np
 
 from etl import db
 from etl.fixtures import (
+    CELL_METADATA_COLUMNS,
     CONSENSUS_WMB,
+    MACOSKO,
     TAXONOMY,
     FixtureSpec,
     gene_table,
@@ -35,6 +37,7 @@ from etl.fixtures import (
     metadata_cells,
     sample_tables,
     taxonomy_tables,
+    value_sets,
 )
 
 RELEASE = "20251031"
@@ -73,27 +76,33 @@ print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(frame), 
 
 
 def write_release(workdir: Path, n_cells: int) -> dict[str, Path]:
-    """The release's metadata files (cached): taxonomy of 6,756 clusters, 32,285 genes, n_cells cells."""
+    """The release's metadata files (cached), in the consensus layout: taxonomy of 6,756 clusters with
+    cell_to_cluster_membership.csv, Macosko's gene.csv of 32,285 genes, n_cells AIBS cells with their
+    library.csv, donor.csv and value_sets.csv."""
     base = workdir / "metadata"
-    cells_csv = base / CONSENSUS_WMB / RELEASE / "cell_metadata.csv"
-    if not cells_csv.exists():
+    tax_dir = base / TAXONOMY / RELEASE
+    done = tax_dir / "cell_to_cluster_membership.csv"  # written last
+    if not done.exists():
         spec = FixtureSpec(cells=n_cells, genes=32285, clusters=6756, regions=15)
         taxonomy = make_taxonomy(spec)
         cells = make_dataset_cells(spec, CONSENSUS_WMB, taxonomy, int(n_cells * 1.03))
         listed = metadata_cells(cells).iloc[:n_cells]
         assert len(listed) == n_cells
-        out = cells_csv.parent
+        out = base / CONSENSUS_WMB / RELEASE
         out.mkdir(parents=True, exist_ok=True)
-        gene_table(make_genes(spec)).to_csv(out / "gene.csv", index=False)
-        for stem, table in sample_tables(listed).items():
+        genes_dir = base / MACOSKO / RELEASE
+        genes_dir.mkdir(parents=True, exist_ok=True)
+        gene_table(make_genes(spec)).to_csv(genes_dir / "gene.csv", index=False)
+        for stem, table in sample_tables(cells).items():
             table.to_csv(out / f"{stem}.csv", index=False)
+        value_sets(cells).to_csv(out / "value_sets.csv", index=False)
+        listed[CELL_METADATA_COLUMNS].to_csv(out / "cell_metadata.csv", index=False, lineterminator="\n")
         counts = np.bincount(listed["cluster_alias"] - 1, minlength=spec.clusters)
-        tax_dir = base / TAXONOMY / RELEASE
         tax_dir.mkdir(parents=True, exist_ok=True)
         for stem, table in taxonomy_tables(taxonomy, counts).items():
             table.to_csv(tax_dir / f"{stem}.csv", index=False)
-        listed.to_csv(cells_csv.with_suffix(".tmp"), index=False, lineterminator="\n")
-        os.replace(cells_csv.with_suffix(".tmp"), cells_csv)
+        listed[["cell_label", "cluster_alias"]].to_csv(done.with_suffix(".tmp"), index=False, lineterminator="\n")
+        os.replace(done.with_suffix(".tmp"), done)
     return {p.relative_to(workdir).as_posix(): p for p in sorted(base.rglob("*.csv"))}
 
 
@@ -133,7 +142,9 @@ def fresh_database(name: str) -> str:
 
 def measure(code: str, *args: str) -> tuple[dict, float]:
     """Run ``code`` in a child; return what it printed (JSON) and its peak RSS in MiB."""
+    load_before = os.getloadavg()[0]
     result = json.loads(subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, check=True).stdout)
+    result["load_1min"] = [load_before, os.getloadavg()[0]]  # machine load before and after
     return result, result["peak_kib"] / 1024
 
 
@@ -142,6 +153,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=2_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/abc-bench-load"))
     parser.add_argument("--to-sql-rows", type=int, default=0, help="0: the whole file")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each etl.load case (fresh database each)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -152,15 +164,17 @@ def main() -> None:
           f"({cells_csv.stat().st_size / 1e6:.0f} MB)", flush=True)
 
     results = []
-    url = fresh_database("abc_bench_load")
-    ours, rss = measure(OURS, url, RELEASE, json.dumps({k: str(v) for k, v in files.items()}))
-    results.append(("etl.load, known columns (raw COPY)", ours, rss))
-    url = fresh_database("abc_bench_load")
-    extra, rss = measure(OURS, url, RELEASE, json.dumps({k: str(v) for k, v in extended.items()}))
-    results.append(("etl.load, 1 unknown column (csv transform)", extra, rss))
+    for name, release in (("etl.load, known columns (raw COPY)", files),
+                          ("etl.load, 1 unknown column (transform)", extended)):
+        for run in range(args.repeat):
+            url = fresh_database("abc_bench_load")
+            result, rss = measure(OURS, url, RELEASE, json.dumps({k: str(v) for k, v in release.items()}))
+            results.append((f"{name}, run {run + 1}" if args.repeat > 1 else name, result, rss))
+            print(f"{results[-1][0]}: {json.dumps(result)}", flush=True)
     url = fresh_database("abc_bench_load")
     peer, rss = measure(TO_SQL, url, str(cells_csv), str(args.to_sql_rows))
     results.append(("pandas to_sql(method='multi')", peer, rss))
+    print(f"pandas to_sql(method='multi'): {json.dumps(peer)}", flush=True)
     db.drop_database(url)
 
     print("| tool | cell rows | COPY of cell_metadata.csv | whole release load (all tables, checks, "
@@ -171,8 +185,11 @@ def main() -> None:
             else f"{r['seconds']:.1f} s = {r['rows'] / r['seconds']:,.0f} rows/s"
         whole = f"{r['seconds']:.1f} s = {r['rows'] / r['seconds']:,.0f} cell rows/s" if "copy_seconds" in r else "-"
         print(f"| {name} | {r['rows']:,} | {copy} | {whole} | {rss:,.0f} MiB |")
-    ratio = (ours["rows"] / ours["copy_seconds"]) / (peer["rows"] / peer["seconds"])
-    print(f"\nCOPY vs to_sql(method='multi'): {ratio:,.0f}x rows/s")
+    peer_rate = peer["rows"] / peer["seconds"]
+    print()
+    for name, r, _ in results[:-1]:
+        print(f"{name}: COPY {r['rows'] / r['copy_seconds'] / peer_rate:,.0f}x, whole release "
+              f"{r['rows'] / r['seconds'] / peer_rate:,.0f}x to_sql(method='multi') rows/s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Two groupings are accumulated from the matrices (the *base* groupings): ``cluste
 ``region_subclass``; ``supertype``, ``subclass`` and ``class`` are rolled up from ``cluster``.
 
 Memory is bounded by the output, never by the input. A file is read twice in row chunks with
-h5py (the next chunk is read while numba kernels digest the current one, without the GIL):
+h5py; numba kernels digest each chunk on every core, without the GIL, each thread taking its own
+run of groups (so no two threads ever write the same statistics):
 
 1. the first pass reads only column indices and sets one bit per (group, gene) pair present
    in a bitmap (groups x genes / 8 bytes: 27 MB for 6,756 clusters x 32,000 genes);
@@ -19,16 +20,18 @@ h5py (the next chunk is read while numba kernels digest the current one, without
 
 Peak memory of :func:`aggregate_file` is therefore about
 ``28 B x present (group, gene) pairs of the base groupings (24 B of statistics, 4 B of gene index)
-+ 2 x 8 B x non-zeros of one chunk + groups x genes / 4 B`` plus the interpreter; ``chunk_cells``
-trades the middle term for speed.
++ 8 B x non-zeros of one chunk + groups x genes / 4 B`` plus the interpreter; ``chunk_cells``
+trades the middle term for speed (more cells of a group per chunk: fewer cache misses).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,16 +54,23 @@ from etl import db
 from etl.config import Settings
 from etl.load import cell_assignments
 from etl.mirror import release_files_on_disk
-from etl.publish import STAGING_SCHEMA, create_staging_table, index_staging_table, publish, staging_name
+from etl.publish import (
+    EXPRESSION_TABLES,
+    STAGING_SCHEMA,
+    create_staging_table,
+    index_staging_table,
+    publish,
+    staging_name,
+)
 
 log = logging.getLogger(__name__)
 
 TAXONOMY_LEVELS = ("cluster", "supertype", "subclass", "class")
 REGION_SUBCLASS = "region_subclass"
 GROUPINGS = (*TAXONOMY_LEVELS, REGION_SUBCLASS)
-DEFAULT_CHUNK_CELLS = 10_000
-TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
-          "expression_file"]
+DEFAULT_CHUNK_CELLS = 20_000
+READ_AHEAD = False  # see _chunks
+TABLES = EXPRESSION_TABLES
 NORMALIZATIONS = ("log2", "raw")
 _ONE = np.uint64(1)
 _SUM, _SUM_SQ, _NONZERO = 0, 1, 2  # columns of GroupStats.values
@@ -89,15 +99,17 @@ def _trailing_zeros(typingctx, word):
     return types.int64(types.uint64), codegen
 
 
-@numba.njit(cache=True, nogil=True)
-def _mark(bitmap, row_group, indptr, indices):
-    for row in range(row_group.shape[0]):
-        group = row_group[row]
-        if group < 0:
-            continue
-        for k in range(indptr[row], indptr[row + 1]):
-            gene = indices[k]
-            bitmap[group, gene >> 6] |= _ONE << np.uint64(gene & 63)
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _mark(bitmap, row_group, indptr, indices, n_threads):
+    # Threads take disjoint runs of groups: each sets bits in its own rows of the bitmap.
+    order, bounds = _group_order(row_group, indptr, n_threads)
+    for part in numba.prange(n_threads):
+        for position in range(bounds[part], bounds[part + 1]):
+            row = order[position]
+            group = row_group[row]
+            for k in range(indptr[row], indptr[row + 1]):
+                gene = indices[k]
+                bitmap[group, gene >> 6] |= _ONE << np.uint64(gene & 63)
 
 
 @numba.njit(cache=True)
@@ -123,20 +135,48 @@ def _slot(bitmap, offsets, group, gene):
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_values(bitmap, offsets, row_group, indptr, indices, data, values):
-    # Rows of a group one after the other: its slots stay in cache across its cells.
-    for row in np.argsort(row_group, kind="mergesort"):
-        group = row_group[row]
-        if group < 0:
-            continue
-        for k in range(indptr[row], indptr[row + 1]):
-            value = np.float64(data[k])
-            if value == 0.0:
-                continue
-            slot = _slot(bitmap, offsets, group, indices[k])
-            values[slot, _SUM] += value
-            values[slot, _SUM_SQ] += value * value
-            values[slot, _NONZERO] += 1.0
+def _group_order(row_group, indptr, n_parts):
+    """Rows by group (rows without a group left out), cut into ``n_parts`` runs of about equal
+    non-zeros; a group never spans two runs, so each run's slots are its own."""
+    order = np.argsort(row_group, kind="mergesort")
+    first = 0
+    while first < order.shape[0] and row_group[order[first]] < 0:
+        first += 1
+    total = 0
+    for position in range(first, order.shape[0]):
+        row = order[position]
+        total += indptr[row + 1] - indptr[row]
+    bounds = np.full(n_parts + 1, order.shape[0], np.int64)
+    bounds[0] = first
+    part, seen = 1, 0
+    for position in range(first, order.shape[0]):
+        if part >= n_parts:
+            break
+        row = order[position]
+        if seen * n_parts >= total * part and row_group[row] != row_group[order[position - 1]]:
+            bounds[part] = position
+            part += 1
+        seen += indptr[row + 1] - indptr[row]
+    return order, bounds
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _add_values(bitmap, offsets, row_group, indptr, indices, data, values, n_threads):
+    # Rows of a group one after the other: its slots stay in cache across its cells. Threads
+    # take disjoint runs of groups, so they never write the same slot.
+    order, bounds = _group_order(row_group, indptr, n_threads)
+    for part in numba.prange(n_threads):
+        for position in range(bounds[part], bounds[part + 1]):
+            row = order[position]
+            group = row_group[row]
+            for k in range(indptr[row], indptr[row + 1]):
+                value = np.float64(data[k])
+                if value == 0.0:
+                    continue
+                slot = _slot(bitmap, offsets, group, indices[k])
+                values[slot, _SUM] += value
+                values[slot, _SUM_SQ] += value * value
+                values[slot, _NONZERO] += 1.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -163,6 +203,15 @@ def _genes_of_bitmap(bitmap, n_pairs):
                 position += 1
                 bits &= bits - _ONE
     return out
+
+
+@numba.njit(cache=True)
+def _has_empty(values):
+    """Whether a pair's values are all explicit zeros (no n_pairs-sized temporary, unlike numpy)."""
+    k = 0
+    while k < values.shape[0] and values[k, _NONZERO] != 0:
+        k += 1
+    return k < values.shape[0]
 
 
 @numba.njit(cache=True)
@@ -216,35 +265,60 @@ class GroupStats:
         return int(self.indptr[-1])
 
 
+# numba's default threading layer (workqueue) must not launch parallel kernels from two threads
+# at once: an application aggregating files in threads takes turns per chunk.
+_PARALLEL = threading.Lock()
+
+
+def _threads() -> int:
+    """Threads for the kernels: numba's pool (NUMBA_NUM_THREADS, default one per CPU)."""
+    return numba.get_num_threads()
+
+
+def _zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array; a large one in anonymous memory the kernel may back with transparent huge
+    pages (madvise mode): updates at random over gigabytes then miss the TLB far less often."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < 1 << 22 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, nbytes)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype).reshape(shape)  # the array keeps the mapping alive
+
+
 class _Accumulator:
     """Two-pass accumulation of group x gene statistics: mark all pairs, then add values in place."""
 
     def __init__(self, n_groups: int, n_genes: int) -> None:
-        self.bitmap = np.zeros((n_groups, (n_genes + 63) // 64), dtype=np.uint64)
+        self.bitmap = _zeros((n_groups, (n_genes + 63) // 64), np.uint64)
         self.n_genes = n_genes
 
     def mark(self, row_group: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> None:
-        _mark(self.bitmap, row_group, indptr, indices)
+        with _PARALLEL:
+            _mark(self.bitmap, row_group, indptr, indices, _threads())
 
     def allocate(self) -> None:
         self.offsets, self.indptr = _rank(self.bitmap)
         # One row of three per pair: an update touches one cache line, not three arrays.
-        self.values = np.zeros((int(self.indptr[-1]), 3), np.float64)
+        self.values = _zeros((int(self.indptr[-1]), 3), np.float64)
 
     def add_values(self, row_group, indptr, indices, data) -> None:
-        _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data, self.values)
+        with _PARALLEL:
+            _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data, self.values, _threads())
 
     def add_stats(self, row_group: np.ndarray, stats: GroupStats, indices: np.ndarray) -> None:
         _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.values, self.values)
 
     def finish(self, grouping: str, groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
+        del self.offsets  # freed before the gene indices are allocated, at the peak of memory
         indices = _genes_of_bitmap(self.bitmap, int(self.indptr[-1]))
         indptr = self.indptr
-        if (self.values[:, _NONZERO] == 0).any():
+        if _has_empty(self.values):
             indptr = _drop_empty(indptr, indices, self.values)
         n = int(indptr[-1])
         stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n], self.values[:n])
-        del self.bitmap, self.offsets
+        del self.bitmap
         return stats
 
 
@@ -351,11 +425,15 @@ def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: Taxonomy,
     return out
 
 
-def _chunks(store: h5py.File, chunk_cells: int, with_data: bool) -> Iterator[tuple[int, np.ndarray, ...]]:
-    """(start, local indptr, indices, data) per row chunk; the next chunk is read while this one is used.
+def _chunks(store: h5py.File, chunk_cells: int, with_data: bool,
+            read_ahead: bool = READ_AHEAD) -> Iterator[tuple[int, np.ndarray, ...]]:
+    """(start, local indptr, indices, data) per row chunk; a yielded chunk is valid until the next one.
 
-    Two sets of buffers, sized for the largest chunk, are reused in turn (fresh arrays per chunk
-    cost more in page faults than the read itself); a yielded chunk is valid until the next one.
+    With ``read_ahead``, two sets of buffers sized for the largest chunk are used in turn and the
+    next chunk is read in a thread while this one is used; without, one set is read in place (on
+    two cores the kernels use both, so a reading thread only takes turns with them, and the
+    memory of the second set is better spent on larger chunks: more cells of a group per pass).
+    Buffers are reused (fresh arrays per chunk cost more in page faults than the read itself).
     """
     x = store["X"]
     indptr = x["indptr"][:].astype(np.int64)
@@ -365,7 +443,7 @@ def _chunks(store: h5py.File, chunk_cells: int, with_data: bool) -> Iterator[tup
         return
     largest = int(np.diff(np.append(indptr[starts], indptr[-1])).max())
     names = ("indices", "data") if with_data else ("indices",)
-    buffers = [{name: np.empty(largest, x[name].dtype) for name in names} for _ in range(2)]
+    buffers = [{name: np.empty(largest, x[name].dtype) for name in names} for _ in range(2 if read_ahead else 1)]
 
     def read(number: int) -> tuple:
         start = starts[number]
@@ -373,11 +451,15 @@ def _chunks(store: h5py.File, chunk_cells: int, with_data: bool) -> Iterator[tup
         lo, hi = int(indptr[start]), int(indptr[stop])
         out = {}
         for name in names:
-            out[name] = buffers[number % 2][name][: hi - lo]
+            out[name] = buffers[number % len(buffers)][name][: hi - lo]
             if hi > lo:
                 x[name].read_direct(out[name], np.s_[lo:hi], np.s_[0:hi - lo])
         return start, indptr[start:stop + 1] - lo, out["indices"], out.get("data")
 
+    if not read_ahead:
+        for number in range(len(starts)):
+            yield read(number)
+        return
     with ThreadPoolExecutor(1) as reader:
         pending = reader.submit(read, 0)
         for number in range(len(starts)):
@@ -418,21 +500,25 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
     base = _base_groupings(groupings)
     try:
-        with h5py.File(path, "r") as store:
+        # No chunk cache: each chunk of X is read once, straight into the buffers of _chunks.
+        with h5py.File(path, "r", rdcc_nbytes=0) as store:
             matrix = _open_matrix(path, store)
             codes = _row_codes(matrix, assignments, tax, base)
+            matrix.cell_labels = matrix.cell_labels[:0]  # not needed past the codes: free it before the peak
             n_genes = len(matrix.genes)
             accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
             for start, indptr, indices, _ in _chunks(store, chunk_cells, with_data=False):
                 _check_indices(path, indices, n_genes)
                 for grouping, accumulator in accumulators.items():
                     accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices)
+            indptr = indices = None  # the last chunk's buffers go before the statistics come
             for accumulator in accumulators.values():
                 accumulator.allocate()
             for start, indptr, indices, data in _chunks(store, chunk_cells, with_data=True):
                 values = _log2_cpm(indptr, data.astype(np.float64)) if matrix.normalization == "raw" else data
                 for grouping, accumulator in accumulators.items():
                     accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
+            indptr = indices = data = values = None  # the last chunk's buffers go before the gene indices come
     except (OSError, KeyError) as exc:
         raise AggregationError(f"{path}: unreadable h5ad: {exc}") from exc
     stats = {}
@@ -675,12 +761,22 @@ def _stage_genes(conn: psycopg.Connection, release: str, dataset: str, genes: pd
 
 def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
                       taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
-    """Merge each dataset's file partials, roll up, stage and publish the release's expression tables.
+    """:func:`merge_and_stage`, then publish the staged expression tables in one transaction."""
+    entries = merge_and_stage(conn, release, partials, taxonomy, groupings)
+    with conn.transaction():
+        publish(conn, release, TABLES)
+    return entries
+
+
+def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
+                    taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
+    """Merge each dataset's file partials, roll up, and stage (committed, indexed) the release's expression tables.
 
     ``partials`` maps a metadata dataset to its files' partial paths. Datasets of the release
     already published and not named here are carried over unchanged, so aggregating one dataset
-    again replaces only that dataset. Publication is one transaction: readers see the old or the
-    new release, never a mix. Returns the number of (group, gene) entries per dataset.
+    again replaces only that dataset. Nothing is visible to readers until the staged tables are
+    published, by :func:`merge_and_publish` or with the metadata by ``etl.pipeline.publish_release``.
+    Returns the number of (group, gene) entries per dataset.
     """
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
     staged = {table: create_staging_table(conn, table, release) for table in TABLES}
@@ -714,8 +810,6 @@ def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[
     for table in TABLES:
         index_staging_table(conn, table, release)
     conn.commit()
-    with conn.transaction():
-        publish(conn, release, TABLES)
     return entries
 
 
@@ -798,20 +892,10 @@ def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], wo
     return {"dataset": item["dataset"], "partial": str(out)}
 
 
-def publish_items(settings: Settings, release: str, done: Sequence[Mapping[str, str]]) -> dict[str, int]:
-    """Merge the partials of the aggregated items per dataset and publish the expression tables."""
+def stage_items(settings: Settings, release: str, done: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Merge the partials of the aggregated items per dataset and stage the expression tables."""
     partials: dict[str, list[Path]] = {}
     for item in done:
         partials.setdefault(item["dataset"], []).append(Path(item["partial"]))
     with db.copy_connection(settings.database_url) as conn:
-        return merge_and_publish(conn, release, partials, release_taxonomy(conn, release))
-
-
-def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] | None = None,
-                      work_dir: Path | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS) -> dict[str, int]:
-    """The whole stage in one process: plan, aggregate every file, merge and publish."""
-    with db.copy_connection(settings.database_url) as conn:
-        items = plan_release(settings, conn, release, datasets)
-    work = Path(work_dir) if work_dir else default_work_dir(settings, release)
-    done = [aggregate_item(settings, release, item, work, chunk_cells) for item in items]
-    return publish_items(settings, release, done)
+        return merge_and_stage(conn, release, partials, release_taxonomy(conn, release))

@@ -18,6 +18,9 @@ from psycopg import sql
 RELEASE_RE = re.compile(r"^[0-9]{8}$")
 STAGING_SCHEMA = "abc_staging"
 PARTITION_SCHEMA = "abc_part"
+# The aggregation stage's tables (etl.aggregate.TABLES), here so that publishing needs no numerical stack.
+EXPRESSION_TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
+                     "expression_file"]
 
 
 def _check_release(release: str) -> str:

@@ -8,8 +8,10 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 
 from etl import aggregate, db
 from etl.aggregate import AggregationError, Taxonomy
@@ -25,8 +27,16 @@ def _membership(bucket: GeneratedBucket) -> pd.DataFrame:
 
 
 def _assignments(bucket: GeneratedBucket, dataset: str) -> pd.DataFrame:
-    return pd.read_csv(bucket.bucket_dir / "metadata" / dataset / OLD_RELEASE / "cell_metadata.csv",
-                       usecols=["cell_label", "cluster_alias", "region_of_interest_acronym", "feature_matrix_label"])
+    """Cells of a dataset with their cluster (the taxonomy's cell_to_cluster_membership.csv) and region
+    (their library's, library.csv), as the real consensus release keeps them."""
+    metadata = bucket.bucket_dir / "metadata"
+    cells = pd.read_csv(metadata / dataset / OLD_RELEASE / "cell_metadata.csv",
+                        usecols=["cell_label", "library_label", "feature_matrix_label"])
+    library = pd.read_csv(metadata / dataset / OLD_RELEASE / "library.csv",
+                          usecols=["library_label", "region_of_interest_acronym"])
+    cluster = pd.read_csv(metadata / TAXONOMY / OLD_RELEASE / "cell_to_cluster_membership.csv")
+    cells = cells.merge(cluster, on="cell_label", how="left").merge(library, on="library_label", how="left")
+    return cells[["cell_label", "cluster_alias", "region_of_interest_acronym", "feature_matrix_label"]]
 
 
 def _matrices(bucket: GeneratedBucket, dataset: str, normalization: str) -> list[Path]:
@@ -153,6 +163,56 @@ def test_chunk_size_does_not_change_the_result(generated_bucket, macosko_partial
         np.testing.assert_allclose(stats.sum, small.stats[grouping].sum, rtol=1e-12)
 
 
+def test_threads_do_not_change_the_result(generated_bucket):
+    """Threads take disjoint runs of groups, each in row order: the same sums, bit for bit."""
+    import numba
+
+    path = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    runs = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            runs.append(aggregate.aggregate_matrix(path, _assignments(generated_bucket, MACOSKO),
+                                                   _membership(generated_bucket), chunk_cells=50))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    one, many = runs
+    for grouping, stats in one.stats.items():
+        np.testing.assert_array_equal(stats.indptr, many.stats[grouping].indptr)
+        np.testing.assert_array_equal(stats.indices, many.stats[grouping].indices)
+        np.testing.assert_array_equal(stats.values, many.stats[grouping].values)
+
+
+def test_chunks_read_ahead_or_in_place_are_the_rows_of_x(generated_bucket):
+    path = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    expected = ad.read_h5ad(path).X.tocsr()
+    for read_ahead in (False, True):
+        with h5py.File(path, "r", rdcc_nbytes=0) as store:
+            rows = [sp.csr_matrix((data.copy(), indices.copy(), indptr.copy()),
+                                  shape=(len(indptr) - 1, expected.shape[1]))
+                    for _, indptr, indices, data in aggregate._chunks(store, 37, True, read_ahead=read_ahead)]
+        assert (sp.vstack(rows) != expected).nnz == 0
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_group_runs_cover_every_grouped_row_once(parts):
+    rng = np.random.default_rng(parts)
+    row_group = rng.integers(-1, 12, 500).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 40, 500))]).astype(np.int64)
+    order, bounds = aggregate._group_order(row_group, indptr, parts)
+    assert bounds[0] == (row_group < 0).sum() and bounds[-1] == len(row_group)
+    assert np.all(np.diff(bounds) >= 0)
+    covered = np.concatenate([order[bounds[p]:bounds[p + 1]] for p in range(parts)])
+    np.testing.assert_array_equal(np.sort(covered), np.flatnonzero(row_group >= 0))
+    groups_of_part = [set(row_group[order[bounds[p]:bounds[p + 1]]]) for p in range(parts)]
+    for p in range(parts):
+        for q in range(p + 1, parts):
+            assert not groups_of_part[p] & groups_of_part[q]
+    assert all(np.all(np.diff(order[bounds[p]:bounds[p + 1]][row_group[order[bounds[p]:bounds[p + 1]]]
+                                                          == g]) > 0)
+               for p in range(parts) for g in groups_of_part[p])  # a group's rows in file order
+
+
 def test_bad_matrix_is_reported_by_file(generated_bucket, tmp_path):
     source = _matrices(generated_bucket, MACOSKO, "log2")[0]
     broken = tmp_path / source.name
@@ -238,6 +298,17 @@ def test_published_views_answer_the_analyst_queries(generated_bucket, database_u
         wmb_cells = len(_assignments(generated_bucket, CONSENSUS_WMB))
         assert files == sorted([(MACOSKO, 3, len(reference)),
                                 (CONSENSUS_WMB, len(_matrices(generated_bucket, CONSENSUS_WMB, "log2")), wmb_cells)])
+
+        # Analysts (abc_reader) read the expression views, and only the views.
+        with conn.transaction():
+            conn.execute("SET LOCAL ROLE abc_reader")
+            assert conn.execute("SELECT count(*) FROM abc.expression_by_cluster WHERE gene_symbol = 'Gad1' "
+                                "AND dataset = %s", (MACOSKO,)).fetchone()[0] == len(rows)
+            assert conn.execute("SELECT count(*) FROM abc.cluster_profile").fetchone()[0] > 0
+        for statement in ("SELECT count(*) FROM abc.expression_gene_major", "DELETE FROM abc.expression_group"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute("SET LOCAL ROLE abc_reader")
+                conn.execute(statement)
 
 
 def test_publishing_again_replaces_and_keeps_other_datasets(generated_bucket, database_url, tmp_path):

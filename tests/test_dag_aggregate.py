@@ -38,8 +38,10 @@ def _summary(engine: sa.Engine) -> list[tuple]:
 def _cells(engine: sa.Engine) -> dict[str, tuple[int, int]]:
     """Per dataset: cells with a cluster, and the matrix files (feature_matrix_label) holding them."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT dataset, count(*), count(DISTINCT feature_matrix_label) FROM abc.cell "
-                                    "WHERE release = :r AND cluster_alias IS NOT NULL GROUP BY 1"),
+        # A cell's cluster is in the taxonomy's cell_to_cluster_membership (the consensus layout).
+        rows = conn.execute(sa.text("SELECT c.dataset, count(*), count(DISTINCT c.feature_matrix_label) "
+                                    "FROM abc.cell c JOIN abc.cell_cluster_membership m USING (release, cell_label) "
+                                    "WHERE release = :r AND m.cluster_alias IS NOT NULL GROUP BY 1"),
                             {"r": OLD_RELEASE}).all()
     return {dataset: (cells, files) for dataset, cells, files in rows}
 

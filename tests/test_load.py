@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -24,7 +26,9 @@ from tests.conftest import REPO
 CSV_OF_TABLE = {"cell": "cell_metadata", "gene": "gene", "donor": "donor", "library": "library",
                 "cluster": "cluster", "cluster_annotation_term_set": "cluster_annotation_term_set",
                 "cluster_annotation_term": "cluster_annotation_term",
-                "cluster_membership": "cluster_to_cluster_annotation_membership"}
+                "cluster_membership": "cluster_to_cluster_annotation_membership",
+                "cell_cluster_membership": "cell_to_cluster_membership", "value_set": "value_sets",
+                "cell_embedding": "*cell_2d_embedding_coordinates"}
 
 
 def metadata_files(generated_bucket, release: str, root: Path | None = None) -> dict[str, Path]:
@@ -42,11 +46,25 @@ def copied_files(generated_bucket, release: str, tmp_path: Path) -> dict[str, Pa
     return files
 
 
+def expected_cells(files: dict[str, Path]) -> pd.DataFrame:
+    """Cells as the real files describe them: the metadata directory they are listed in (dataset),
+    cluster from the taxonomy's cell_to_cluster_membership.csv, region and donor from library.csv."""
+    cells = []
+    for rel, path in files.items():
+        if path.name == "cell_metadata.csv":
+            frame = pd.read_csv(path, keep_default_na=False).assign(dataset=rel.split("/")[1])
+            library = pd.read_csv(path.with_name("library.csv"))
+            cells.append(frame.merge(library[["library_label", "region_of_interest_acronym", "donor_label"]],
+                                     on="library_label", how="left"))
+    membership = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "cell_to_cluster_membership.csv"])
+    return pd.concat(cells).merge(membership, on="cell_label", how="left")
+
+
 def expected_rows(files: dict[str, Path]) -> dict[str, int]:
     counts = dict.fromkeys(CSV_OF_TABLE, 0)
     for table, stem in CSV_OF_TABLE.items():
         for path in files.values():
-            if path.name == f"{stem}.csv":
+            if path.match(f"{stem}.csv"):
                 counts[table] += len(pd.read_csv(path))
     return counts
 
@@ -93,14 +111,22 @@ def test_release_loads_every_table_with_exact_counts(generated_bucket, discovere
     frame = {d: pd.read_csv(generated_bucket.bucket_dir / f"metadata/{d}/{OLD_RELEASE}/cell_metadata.csv")
              for d in (MACOSKO, CONSENSUS_WMB)}
     assert datasets == {d: len(f) for d, f in frame.items()}
-    # Typed values round-trip: the cell's cluster, coordinates and counts are those of the file.
+    # Typed values round-trip: the cell's library, cluster and coordinates are those of the files.
     first = frame[MACOSKO].iloc[0]
-    row = conn.execute("SELECT cluster_alias, x, umi_count, extra FROM abc.cell WHERE cell_label = %s",
+    taxonomy = generated_bucket.bucket_dir / f"metadata/{TAXONOMY}/{OLD_RELEASE}"
+    cluster = pd.read_csv(taxonomy / "cell_to_cluster_membership.csv").set_index("cell_label").cluster_alias
+    embedding = pd.read_csv(taxonomy / "cell_2d_embedding_coordinates.csv").set_index("cell_label")
+    row = conn.execute("SELECT c.library_label, c.dataset_label, c.extra, m.cluster_alias, e.x FROM abc.cell c "
+                       "JOIN abc.cell_cluster_membership m USING (release, cell_label) "
+                       "JOIN abc.cell_embedding e USING (release, cell_label) "
+                       "WHERE cell_label = %s AND e.embedding = 'cell_2d_embedding_coordinates'",
                        (first.cell_label,)).fetchone()
-    assert row == (first.cluster_alias, pytest.approx(first.x), first.umi_count, None)
+    assert row == (first.library_label, MACOSKO, None, cluster[first.cell_label],
+                   pytest.approx(embedding.x[first.cell_label]))
     recorded = conn.execute("SELECT count(*) FROM abc.metadata_file WHERE release = %s AND table_name IS NOT NULL",
                             (OLD_RELEASE,)).fetchone()[0]
-    assert recorded == len(report.loaded) == len([p for p in files.values() if p.stem in CSV_OF_TABLE.values()])
+    assert recorded == len(report.loaded) == len(
+        [p for p in files.values() if any(p.match(f"{stem}.csv") for stem in CSV_OF_TABLE.values())])
     assert conn.execute("SELECT count(*) FROM abc.cluster WHERE dataset = %s", (TAXONOMY,)).fetchone()[0] > 0
 
 
@@ -127,7 +153,7 @@ def test_newer_release_loads_beside_the_old_and_current_switches(generated_bucke
     assert counts(conn, OLD_RELEASE) == old_counts and fingerprint(conn, OLD_RELEASE) == old_print
     changes = generated_bucket.changes[CONSENSUS_WMB]
     moved = changes.reassigned[0]
-    old, new = (conn.execute("SELECT cluster_alias FROM abc.cell WHERE release = %s AND cell_label = %s",
+    old, new = (conn.execute("SELECT cluster_alias FROM abc.cell_annotated WHERE release = %s AND cell_label = %s",
                              (r, moved)).fetchone()[0] for r in (OLD_RELEASE, NEW_RELEASE))
     assert old != new
     gone = conn.execute("SELECT count(*) FROM abc.cell WHERE release = %s AND cell_label = ANY(%s)",
@@ -152,9 +178,9 @@ def test_unknown_column_is_kept_in_extra_and_reported(generated_bucket, discover
     kept = dict(conn.execute("SELECT cell_label, extra->>'population_sampling, new' FROM abc.cell "
                              "WHERE dataset = %s", (MACOSKO,)).fetchall())
     assert kept == dict(zip(frame.cell_label, frame["population_sampling, new"], strict=True))
-    typed = conn.execute("SELECT cluster_alias FROM abc.cell WHERE cell_label = %s",
-                         (frame.cell_label.iloc[5],)).fetchone()[0]
-    assert typed == frame.cluster_alias.iloc[5]
+    typed = conn.execute("SELECT library_label, feature_matrix_label FROM abc.cell WHERE cell_label = %s",
+                         (frame.cell_label.iloc[5],)).fetchone()
+    assert typed == (frame.library_label.iloc[5], frame.feature_matrix_label.iloc[5])
     recorded = conn.execute("SELECT unknown_columns FROM abc.metadata_file WHERE relative_path = %s",
                             (cells.file.relative_path,)).fetchone()[0]
     assert recorded == ["population_sampling, new"]
@@ -171,18 +197,24 @@ def _damage(path: Path, line: int, column: str, value: str) -> None:
     frame.to_csv(path, index=False)
 
 
-@pytest.mark.parametrize(("column", "value", "expected"), [
-    ("cluster_alias", "twelve", r"cell_metadata.csv: line 7, column cluster_alias: invalid input syntax for type int"),
-    ("cell_label", "", r"cell_metadata.csv: line 7: null value in column \"cell_label\""),
-    ("cluster_alias", "999999", r"\(cluster_alias\)=\(999999\) not in abc.cluster .*/cell_metadata.csv line\(s\) 7$"),
-    ("cell_label", "DUPLICATE", r"duplicate key \(cell_label\)=\(DUPLICATE\) at .*cell_metadata.csv line\(s\) 7"),
+@pytest.mark.parametrize(("stem", "column", "value", "expected"), [
+    ("cell_to_cluster_membership", "cluster_alias", "twelve",
+     r"cell_to_cluster_membership.csv: line 7, column cluster_alias: invalid input syntax for type int"),
+    ("cell_metadata", "cell_label", "", r"cell_metadata.csv: line 7: null value in column \"cell_label\""),
+    ("cell_to_cluster_membership", "cluster_alias", "999999",
+     r"\(cluster_alias\)=\(999999\) not in abc.cluster .*/cell_to_cluster_membership.csv line\(s\) 7$"),
+    ("cell_metadata", "cell_label", "DUPLICATE",
+     r"duplicate key \(cell_label\)=\(DUPLICATE\) at .*cell_metadata.csv line\(s\) 7"),
+    ("cell_to_cluster_membership", "cell_label", "DUPLICATE",
+     r"duplicate key \(cell_label\)=\(DUPLICATE\) at .*cell_to_cluster_membership.csv line\(s\) 7"),
 ])
 def test_bad_row_fails_with_file_and_line_and_publishes_nothing(generated_bucket, discovered, conn, tmp_path,
-                                                                column, value, expected):
+                                                                stem, column, value, expected):
     load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
     published = fingerprint(conn, OLD_RELEASE)
     files = copied_files(generated_bucket, NEW_RELEASE, tmp_path)
-    path = files[f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/cell_metadata.csv"]
+    dataset = TAXONOMY if stem == "cell_to_cluster_membership" else CONSENSUS_WMB
+    path = files[f"metadata/{dataset}/{NEW_RELEASE}/{stem}.csv"]
     _damage(path, 7, column, value)
     if value == "DUPLICATE":
         _damage(path, 9, column, value)
@@ -193,7 +225,7 @@ def test_bad_row_fails_with_file_and_line_and_publishes_nothing(generated_bucket
     assert counts(conn, NEW_RELEASE) == dict.fromkeys(CSV_OF_TABLE, 0)
     status, error = conn.execute("SELECT status, last_error FROM abc.release WHERE version = %s",
                                  (NEW_RELEASE,)).fetchone()
-    assert status == "failed" and "cell_metadata.csv" in error
+    assert status == "failed" and f"{stem}.csv" in error
     staged = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'").fetchone()[0]
     assert staged == 0
 
@@ -268,22 +300,26 @@ CELLS_OF_A_REGION = """SELECT cell_label, subclass_name FROM abc.current_cell_an
 def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
     files = metadata_files(generated_bucket, OLD_RELEASE)
     load_release_metadata(discovered, OLD_RELEASE, files)
-    cells = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "cell_metadata.csv"])
+    cells = expected_cells(files)
     membership = pd.read_csv(next(p for p in files.values() if p.stem == "cluster_to_cluster_annotation_membership"))
     classes = membership[membership.cluster_annotation_term_set_name == "class"]
-    expected = cells.merge(classes, on="cluster_alias").groupby(["dataset_label", "cluster_annotation_term_name"])
+    expected = cells.merge(classes, on="cluster_alias").groupby(["dataset", "cluster_annotation_term_name"])
     expected = expected.size()
     per_class = {(d, c): n for d, c, n in conn.execute(CELLS_PER_CLASS).fetchall()}
     assert per_class == expected.to_dict()
     both = [a for (a,) in conn.execute(CLUSTERS_IN_BOTH).fetchall()]
-    assert both == sorted(set(cells[cells.dataset_label == MACOSKO].cluster_alias)
-                          & set(cells[cells.dataset_label == CONSENSUS_WMB].cluster_alias))
+    assert both == sorted(set(cells[cells.dataset == MACOSKO].cluster_alias)
+                          & set(cells[cells.dataset == CONSENSUS_WMB].cluster_alias))
     region = cells.region_of_interest_acronym.iloc[0]
     in_region = conn.execute(CELLS_OF_A_REGION, (region,)).fetchall()
     assert len(in_region) == (cells.region_of_interest_acronym == region).sum()
     annotated = conn.execute("SELECT count(*), count(class_name), count(donor_sex), count(library_method) "
                              "FROM abc.cell_annotated").fetchone()
-    assert annotated == (len(cells),) * 4
+    # Macosko's library.csv has no library_method (as in the real release): only AIBS cells have one.
+    with_method = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "library.csv"])
+    with_method = with_method.dropna(subset=["library_method"]).library_label
+    assert annotated == (len(cells),) * 3 + (cells.library_label.isin(with_method).sum(),)
+    assert 0 < annotated[3] < len(cells)
 
     with conn.transaction():
         conn.execute("SET LOCAL ROLE abc_reader")
@@ -302,49 +338,47 @@ def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
             conn.execute(statement)
 
 
-def test_consensus_layout_cluster_and_coordinates_from_the_taxonomy(generated_bucket, discovered, conn, tmp_path):
+def test_consensus_layout_cluster_and_coordinates_from_the_taxonomy(generated_bucket, discovered, conn):
     """As in the real consensus release: cell_metadata.csv without cluster, region or coordinates; the
     taxonomy directory holds cell_to_cluster_membership.csv and the 2-D embeddings; value_sets.csv."""
-    files = copied_files(generated_bucket, OLD_RELEASE, tmp_path)
-    cells = []
-    for dataset in (MACOSKO, CONSENSUS_WMB):
-        path = files[f"metadata/{dataset}/{OLD_RELEASE}/cell_metadata.csv"]
-        frame = pd.read_csv(path, keep_default_na=False)
-        frame[["cell_label", "cell_barcode", "barcoded_cell_sample_label", "library_label", "dataset_label",
-               "feature_matrix_label"]].to_csv(path, index=False)
-        cells.append(frame)
-    cells = pd.concat(cells)
-    taxonomy = tmp_path / f"metadata/{TAXONOMY}/{OLD_RELEASE}"
-    extra = {"cell_to_cluster_membership": cells[["cell_label", "cluster_alias"]],
-             "cell_2d_embedding_coordinates": cells[["cell_label", "x", "y"]],
-             "Pallium-Glut_cell_2d_embedding_coordinates": cells[["cell_label", "x", "y"]].head(10)}
-    for stem, frame in extra.items():
-        frame.to_csv(taxonomy / f"{stem}.csv", index=False)
-        files[f"metadata/{TAXONOMY}/{OLD_RELEASE}/{stem}.csv"] = taxonomy / f"{stem}.csv"
-    value_sets = tmp_path / f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/value_sets.csv"
-    value_sets.write_text("label,field,table,description,order,external_identifier,parent_label,color_hex_triplet,"
-                          "comment\nFemale,donor_sex,donor,Female,1,,,#565353,\nMale,donor_sex,donor,Male,2,,,#ADC4C3,\n")
-    files[f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/value_sets.csv"] = value_sets
+    files = metadata_files(generated_bucket, OLD_RELEASE)
+    cells = expected_cells(files)
+    taxonomy = generated_bucket.bucket_dir / f"metadata/{TAXONOMY}/{OLD_RELEASE}"
+    embeddings = {p.stem: pd.read_csv(p) for p in taxonomy.glob("*cell_2d_embedding_coordinates.csv")}
+    assert len(embeddings) >= 3
+    value_sets = pd.concat([pd.read_csv(p).assign(dataset=rel.split("/")[1]) for rel, p in files.items()
+                            if p.name == "value_sets.csv"])
 
     load_release_metadata(discovered, OLD_RELEASE, files)
     assert conn.execute("SELECT count(cluster_alias) FROM abc.cell").fetchone()[0] == 0
-    assert conn.execute("SELECT count(*) FROM abc.cell_embedding").fetchone()[0] == len(cells) + 10
-    assert conn.execute("SELECT label, value_order FROM abc.value_set ORDER BY 2").fetchall() == [
-        ("Female", 1), ("Male", 2)]
-    libraries = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "library.csv"])
-    region_of_library = dict(zip(libraries.library_label, libraries.region_of_interest_acronym, strict=True))
+    assert dict(conn.execute("SELECT embedding, count(*) FROM abc.cell_embedding GROUP BY 1").fetchall()) == {
+        stem: len(frame) for stem, frame in embeddings.items()}
+    loaded = conn.execute("SELECT dataset, field, label, value_order, color_hex_triplet FROM abc.value_set "
+                          "ORDER BY 1, 2, 3").fetchall()
+    assert loaded == sorted(zip(value_sets.dataset, value_sets.field, value_sets.label, value_sets.order,
+                                value_sets.color_hex_triplet, strict=True))
     annotated = pd.DataFrame(conn.execute(
-        "SELECT cell_label, cluster_alias, region_of_interest_acronym, x, class_name FROM abc.current_cell_annotated"
-    ).fetchall(), columns=["cell_label", "cluster_alias", "region", "x", "class_name"]).set_index("cell_label")
+        "SELECT cell_label, cluster_alias, region_of_interest_acronym, donor_sex, x, class_name, neighborhood_name, "
+        "class_color FROM abc.current_cell_annotated").fetchall(),
+        columns=["cell_label", "cluster_alias", "region", "donor_sex", "x", "class_name", "neighborhood_name",
+                 "class_color"]).set_index("cell_label")
+    assert len(annotated) == len(cells)
     expected = cells.set_index("cell_label").loc[annotated.index]
     assert (annotated.cluster_alias == expected.cluster_alias).all()
-    assert (annotated.region == expected.library_label.map(region_of_library)).all()
-    assert annotated.x.to_numpy() == pytest.approx(expected.x.to_numpy())
-    assert annotated.class_name.notna().all()
+    assert (annotated.region == expected.region_of_interest_acronym).all()
+    donors = pd.concat([pd.read_csv(p) for p in files.values() if p.name == "donor.csv"])
+    assert (annotated.donor_sex == expected.donor_label.map(donors.set_index("donor_label").donor_sex)).all()
+    coordinates = embeddings["cell_2d_embedding_coordinates"].set_index("cell_label").x
+    assert annotated.x.to_numpy() == pytest.approx(coordinates.loc[annotated.index].to_numpy())
+    assert annotated.class_name.notna().all() and annotated.neighborhood_name.notna().all()
+    # Colours come from cluster_annotation_term.csv (the membership file has none).
+    terms = pd.read_csv(taxonomy / "cluster_annotation_term.csv").set_index("name").color_hex_triplet
+    assert (annotated.class_color == annotated.class_name.map(terms)).all()
     assigned = cell_assignments(conn, OLD_RELEASE, MACOSKO).set_index("cell_label")
-    macosko = cells[cells.dataset_label == MACOSKO].set_index("cell_label").loc[assigned.index]
+    macosko = cells[cells.dataset == MACOSKO].set_index("cell_label").loc[assigned.index]
+    assert len(assigned) == len(macosko) > 0
     assert (assigned.cluster_alias == macosko.cluster_alias).all()
-    assert (assigned.region_of_interest_acronym == macosko.library_label.map(region_of_library)).all()
+    assert (assigned.region_of_interest_acronym == macosko.region_of_interest_acronym).all()
 
 
 def test_cli_loads_from_the_mirror_only(generated_bucket, settings, engine, discovered, conn, monkeypatch, capsys):
@@ -360,3 +394,55 @@ def test_cli_loads_from_the_mirror_only(generated_bucket, settings, engine, disc
     assert main(args) == EXIT_OK
     assert f"release {OLD_RELEASE} published" in capsys.readouterr().out
     assert counts(conn, OLD_RELEASE) == expected_rows(metadata_files(generated_bucket, OLD_RELEASE))
+
+
+def _transform(path: Path, unknown: set[str]) -> tuple[list[list[str]], list[str]]:
+    """Rows the COPY of a file with ``unknown`` columns receives (parsed back), and its header."""
+    from etl.load import MetadataFile, _read_header, _transformed_chunks
+
+    header = _read_header(path)
+    keep = [i for i, c in enumerate(header) if c not in unknown]
+    extra = [(i, c) for i, c in enumerate(header) if c in unknown]
+    file = MetadataFile(f"metadata/x/1/{path.name}", path, "x", "cell_metadata", "cell")
+    text = b"".join(_transformed_chunks(file, keep, extra)).decode()
+    rows = list(csv.reader(io.StringIO(text)))
+    return rows[1:], header
+
+
+def _expected(path: Path, unknown: set[str]) -> list[list[str]]:
+    """The same rows by the csv module and json.dumps, row by row: what the transform must give."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        return [[v for v, c in zip(row, header, strict=True) if c not in unknown]
+                + [json.dumps({c: v or None for v, c in zip(row, header, strict=True) if c in unknown},
+                              ensure_ascii=False)] for row in reader]
+
+
+@pytest.mark.parametrize("unknown", [{"u"}, {"u", "w"}, {"a"}])
+@pytest.mark.parametrize("chunk_bytes", [7, 64, 1 << 20])
+def test_transform_of_plain_and_quoted_lines_is_the_csv_modules(tmp_path, monkeypatch, unknown, chunk_bytes):
+    """Plain lines are split as bytes, the rest of the file from the first quoted one by the csv module."""
+    monkeypatch.setattr("etl.load.CHUNK_BYTES", chunk_bytes)
+    lines = ["a,b,u,w"] + [f"x{i},{i % 7 or ''},{'' if i % 5 == 0 else f'é{i}'},{i}" for i in range(40)]
+    lines += ['q,"1,5",u v,"say ""hi"""', 'r,2,"two\nlines",\\', "s,3,\ttab,x", "t,4,,"]
+    path = tmp_path / "cell_metadata.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    rows, _ = _transform(path, unknown)
+    assert rows == _expected(path, unknown)
+    path.write_bytes("\n".join(lines[:30]).encode())  # no final line feed, all plain
+    rows, _ = _transform(path, unknown)
+    assert rows == _expected(path, unknown) and len(rows) == 29
+
+
+@pytest.mark.parametrize("bad_line", [3, 30, 45])
+def test_transform_names_the_line_with_a_wrong_field_count(tmp_path, monkeypatch, bad_line):
+    monkeypatch.setattr("etl.load.CHUNK_BYTES", 64)
+    lines = ["a,b,u"] + [f"x{i},{i},v{i}" for i in range(50)]
+    lines[40] = 'q,"1,5",v'  # from here on, the csv module
+    lines[bad_line - 1] = "x,1,2,3" if bad_line != 30 else ""
+    path = tmp_path / "cell_metadata.csv"
+    path.write_text("\n".join(lines) + "\n")
+    found = 0 if bad_line == 30 else 4
+    with pytest.raises(LoadError, match=f"cell_metadata.csv: line {bad_line}: {found} fields, the header has 3"):
+        _transform(path, {"u"})
