@@ -1,11 +1,11 @@
 """Alerts: a JSON POST to a webhook (``ABC_WEBHOOK_URL``), recorded in ``abc.alert``.
 
-Kinds: ``new_release`` (upstream published a release), ``failed_run`` (a step or task failed),
-``failed_check`` (a data-quality check failed after a load), ``lag`` (the newest published release
-is older than upstream's by more than the allowed time). Sending never raises: a webhook that is
-down, slow or answers an error is logged as a warning and recorded as not delivered, so an alert
-can never crash the run it reports on. The Airflow notifier in ``plugins/abc_notifiers.py`` calls
-:func:`send` from task and DAG callbacks.
+Kinds: ``new_release`` (upstream published a release), ``published`` (this mirror published one),
+``failed_run`` (a step or task failed), ``failed_check`` (a data-quality check failed after a load),
+``lag`` (the newest published release is older than upstream's by more than the allowed time).
+Sending never raises: a webhook that is down, slow or answers an error is logged as a warning and
+recorded as not delivered, so an alert can never crash the run it reports on. The Airflow
+notifier in ``plugins/abc_notifiers.py`` calls :func:`send` from task and DAG callbacks.
 
 Body: ``{"source": "abc-mirror", "kind": ..., "release": ..., "summary": ..., "details": {...},
 "sent_at": ISO time}``.
@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
 
-KINDS = ("new_release", "failed_run", "failed_check", "lag")
+KINDS = ("new_release", "published", "failed_run", "failed_check", "lag")
 TIMEOUT_S = 10.0
 
 

@@ -49,43 +49,52 @@ def cmd_discover(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
-    from etl.load import LoadError, load_mirrored_release
+    from etl import pipeline
+    from etl.load import LoadError
     from etl.mirror import NotMirroredError
+    from etl.monitor import QualityCheckFailed
 
     try:
-        report = load_mirrored_release(settings, args.release, args.dataset)
+        report = pipeline.load_metadata(settings, args.release, args.dataset)
+        print("\n".join(report.lines()))
+        published = pipeline.validate_and_publish(settings, args.release)
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except LoadError as exc:
+    except (LoadError, QualityCheckFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print("\n".join(report.lines()))
+    print(f"release {args.release} published; data-quality checks passed" if published
+          else f"release {args.release} already published, nothing staged")
+    if published:
+        notes = pipeline.announce_published(settings, args.release)["release_notes"]
+        print("\n".join(f"release notes: {path}" for path in notes))
     return EXIT_OK
 
 
 def cmd_mirror(args: argparse.Namespace, settings: Settings) -> int:
     from botocore.exceptions import ClientError
 
-    from etl import db
-    from etl.mirror import InsufficientSpaceError, mirror_release
+    from etl import pipeline
+    from etl.mirror import InsufficientSpaceError, MirrorFailedError
     from etl.transfer import parse_rate
 
     settings = settings.with_overrides(mirror_root=args.target, workers=args.workers)
-    engine = db.make_engine(settings.database_url)
     try:
-        report = mirror_release(
-            settings, engine, args.release, datasets=args.dataset, kinds=args.kind, normalizations=args.normalization,
+        report = pipeline.mirror(
+            settings, args.release, datasets=args.dataset, kinds=args.kind, normalizations=args.normalization,
             verify=args.verify, dry_run=args.dry_run, max_bandwidth=parse_rate(args.max_bandwidth),
             part_size=args.part_size << 20 if args.part_size else None, target_endpoint_url=args.target_endpoint_url,
             progress=False if args.no_progress else None, durable=not args.no_fsync)
     except (InsufficientSpaceError, ClientError) as exc:
         print(f"error: release {args.release}: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    print("\n".join(report.lines()))
-    if report.failed:
-        print(f"error: {len(report.failed)} files failed: {', '.join(sorted(report.failed))}", file=sys.stderr)
+    except MirrorFailedError as exc:
+        print("\n".join(exc.report.lines()))
+        print(f"error: {len(exc.report.failed)} files failed: {', '.join(sorted(exc.report.failed))}",
+              file=sys.stderr)
         return EXIT_FAILED
+    print("\n".join(report.lines()))
     return EXIT_OK
 
 
@@ -151,20 +160,24 @@ def cmd_fixture_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
-    from etl.aggregate import AggregationError, aggregate_release
+    from etl import pipeline
+    from etl.aggregate import AggregationError
     from etl.mirror import NotMirroredError
+    from etl.monitor import QualityCheckFailed
 
     try:
-        entries = aggregate_release(settings, args.release, args.dataset,
-                                    Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
+        entries = pipeline.aggregate_release(settings, args.release, args.dataset,
+                                             Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
+        for dataset, count in entries.items():
+            print(f"{dataset}: {count} (group, gene) entries staged for release {args.release}")
+        pipeline.validate_and_publish(settings, args.release)
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except AggregationError as exc:
+    except (AggregationError, QualityCheckFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    for dataset, count in entries.items():
-        print(f"{dataset}: {count} (group, gene) entries published for release {args.release}")
+    print(f"release {args.release}: checks passed, expression published")
     return EXIT_OK
 
 
@@ -256,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate = commands.add_parser("aggregate", help="aggregate a loaded release's expression, publish it")
     aggregate.add_argument("--release", required=True, help="release version YYYYMMDD")
     aggregate.add_argument("--dataset", action="append", help="only this metadata dataset (repeatable)")
-    aggregate.add_argument("--chunk-cells", type=int, default=10_000,
-                           help="cells per read chunk: more is faster and holds more memory (16 B per non-zero)")
+    aggregate.add_argument("--chunk-cells", type=int,
+                           help="cells per read chunk (default: etl.aggregate.DEFAULT_CHUNK_CELLS): more is "
+                                "faster and holds more memory (16 B per non-zero)")
     aggregate.add_argument("--work-dir", help="where per-file partial results go (default: beside the mirror)")
     database_flag(aggregate)
     aggregate.set_defaults(handler=cmd_aggregate)

@@ -167,8 +167,15 @@ def release_content(database_url: str, release: str) -> ReleaseContent:
         directories = _frame(conn, sql.SQL("SELECT dataset, kind, version FROM abc.release_directory "
                                            "WHERE release = {}").format(sql.Literal(release)),
                              dict.fromkeys(["dataset", "kind", "version"], text))
-        cells = _frame(conn, rows("cell", "dataset, cell_label, cluster_alias"),
-                       {"dataset": text, "cell_label": text, "cluster_alias": "Int64"})
+        # A cell's cluster is its own cluster_alias or, in the consensus layout, the taxonomy's
+        # cell_to_cluster_membership row.
+        cells = _frame(conn, sql.SQL(
+            "SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias "
+            "FROM {} c LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
+            "WHERE c.release = {}").format(
+            _staged_or_published(conn, "cell", release),
+            _staged_or_published(conn, "cell_cluster_membership", release), sql.Literal(release)),
+            {"dataset": text, "cell_label": text, "cluster_alias": "Int64"})
         clusters = _frame(conn, rows("cluster", "dataset, cluster_alias"), {"dataset": text, "cluster_alias": "Int64"})
         genes = _frame(conn, rows("gene", "dataset, gene_identifier"), {"dataset": text, "gene_identifier": text})
         cluster_class = _frame(conn, rows("cluster_membership", "cluster_alias, cluster_annotation_term_name AS "

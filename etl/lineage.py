@@ -27,6 +27,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 PRODUCER = "https://github.com/abc-mirror/abc-mirror"
 JOB_NAMESPACE = os.environ.get("OPENLINEAGE_NAMESPACE", "abc-mirror")
 REPO_DIR = Path(__file__).resolve().parent.parent
+URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
 
 
 @functools.cache
@@ -89,8 +91,10 @@ class RunContext:
 
     @classmethod
     def cli(cls, argv: list[str] | None = None) -> RunContext:
+        """The command line, with any password in a URL (``--database-url``) masked: lineage is for auditors."""
         args = sys.argv if argv is None else argv
-        return cls("cli", invocation=" ".join([Path(args[0]).name, *args[1:]]) if args else "python")
+        invocation = " ".join([Path(args[0]).name, *args[1:]]) if args else "python"
+        return cls("cli", invocation=URL_PASSWORD.sub(r"\1***@", invocation))
 
     @classmethod
     def from_airflow_or_cli(cls) -> RunContext:

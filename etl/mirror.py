@@ -526,7 +526,9 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
     saved_at = time.monotonic()
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="mirror-file") as pool:
-            futures = [pool.submit(_process_safely, target, w, transfer) for w in todo]
+            # Largest first: the long transfers start at once and small files fill the gaps, not the tail.
+            futures = [pool.submit(_process_safely, target, w, transfer)
+                       for w in sorted(todo, key=lambda w: w.file.size, reverse=True)]
             try:
                 for future in as_completed(futures):
                     outcome = future.result()
@@ -559,25 +561,6 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
 
 class MirrorFailedError(RuntimeError):
     """Files of a release could not be placed; the message names them (a failed Airflow task)."""
-
-
-def mirror_task(settings: Settings, release: str, **options: object) -> dict:
-    """An orchestrator's mirror step: run, print the report, raise naming failed files, return a summary."""
-    from etl import db
-
-    engine = db.make_engine(settings.database_url)
-    try:
-        report = mirror_release(settings, engine, release, progress=False, **options)
-    finally:
-        engine.dispose()
-    for line in report.lines():
-        print(line)
-    if report.failed:
-        raise MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files failed: "
-                                f"{_name_some(sorted(report.failed))}")
-    return {"release": release, "target": report.target, "files": report.selected, "ok": report.ok,
-            "fetched": report.fetched, "copied": report.copied, "skipped": report.skipped,
-            "bytes_fetched": report.bytes_fetched}
 
 
 def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Transfer) -> _Outcome:

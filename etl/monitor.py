@@ -43,9 +43,11 @@ class CheckResult:
 CHECKS: dict[str, tuple[str, str]] = {
     "cell_cluster_in_taxonomy": (
         "every cell's cluster_alias is a cluster of the release's taxonomy",
-        """SELECT count(*), string_agg(DISTINCT c.cluster_alias::text, ', ') FROM {cell} c
-           WHERE c.release = %(r)s AND c.cluster_alias IS NOT NULL
-             AND NOT EXISTS (SELECT 1 FROM {cluster} k WHERE k.release = c.release
+        """SELECT count(*), string_agg(DISTINCT c.cluster_alias::text, ', ') FROM (
+               SELECT release, cluster_alias FROM {cell} WHERE release = %(r)s AND cluster_alias IS NOT NULL
+               UNION ALL
+               SELECT release, cluster_alias FROM {cell_cluster_membership} WHERE release = %(r)s) c
+           WHERE NOT EXISTS (SELECT 1 FROM {cluster} k WHERE k.release = c.release
                              AND k.cluster_alias = c.cluster_alias)"""),
     "cell_label_unique": (
         "no cell_label appears twice in a release",
@@ -78,7 +80,9 @@ CHECKS: dict[str, tuple[str, str]] = {
                (SELECT dataset, group_label, n_cells FROM {expression_group}
                 WHERE release = %(r)s AND grouping = 'cluster') e
            FULL JOIN (SELECT c.dataset, t.cluster_annotation_term_label AS label, count(*) AS n FROM {cell} c
-                      JOIN {cluster_membership} t ON t.release = c.release AND t.cluster_alias = c.cluster_alias
+                      LEFT JOIN {cell_cluster_membership} a ON a.release = c.release AND a.cell_label = c.cell_label
+                      JOIN {cluster_membership} t ON t.release = c.release
+                           AND t.cluster_alias = coalesce(c.cluster_alias, a.cluster_alias)
                            AND t.cluster_annotation_term_set_name = 'cluster'
                       WHERE c.release = %(r)s
                         AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
@@ -92,7 +96,7 @@ def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
     """Run every check on ``release`` (its staged load when not yet published) and store the results."""
     from etl.aggregate import _staged_or_published
 
-    tables = ["cell", "cluster", "gene", "cluster_membership", "expression_group"]
+    tables = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
     results = []
     with db.copy_connection(database_url) as conn:
         relations = {t: _staged_or_published(conn, t, release) for t in tables}
@@ -209,8 +213,8 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     return diff.write_release_notes(result, settings.mirror_path)
 
 
-def status_lines(engine: Engine, target: str, now: datetime | None = None) -> list[str]:
-    """``abc-mirror status``: every release in one table, then the lag behind upstream."""
+def status_rows(engine: Engine, target: str) -> list[sa.Row]:
+    """Every release with its upstream, mirror (in ``target``), load, publish and check state."""
     query = """
         SELECT r.version, r.status, r.discovered_at, r.loaded_at, r.published_at, r.last_error, r.n_files,
                r.total_bytes,
@@ -226,7 +230,12 @@ def status_lines(engine: Engine, target: str, now: datetime | None = None) -> li
                 WHERE q.release = r.version) AS checks
         FROM abc.release r ORDER BY r.version"""
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(query), {"t": target}).all()
+        return conn.execute(sa.text(query), {"t": target}).all()
+
+
+def status_lines(engine: Engine, target: str, now: datetime | None = None) -> list[str]:
+    """``abc-mirror status``: every release in one table, then the lag behind upstream."""
+    rows = status_rows(engine, target)
     if not rows:
         return ["no release recorded: run `abc-mirror discover` first"]
 

@@ -1,21 +1,38 @@
-"""Orchestration-level helpers for the release pipeline, still free of Airflow.
+"""The release pipeline's steps, shared by the CLI and the Airflow DAGs, still free of Airflow.
 
-The release DAG fans the mirror out over batches of files (one mapped task per batch, a pool
-capping how many run at once). Batches are planned here from the manifest rows discovery
-recorded, so that the plan is the same whichever worker computes it, and small enough in count
-to stay far below Airflow's cap on mapped tasks.
+Each stage module does its work (``etl.mirror``, ``etl.load``, ``etl.aggregate``); here every step
+of a release is run the way production runs it: recorded as a lineage step (``etl.lineage``),
+staged, checked (``etl.monitor``), then published in one transaction, metadata and aggregated
+expression together. Mirror batches are planned here from the manifest rows discovery recorded,
+so that the plan is the same whichever worker computes it, and small enough in count to stay far
+below Airflow's cap on mapped tasks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy.engine import Engine
 
-from etl.load import METADATA_TABLES, publish_staged_metadata
-from etl.publish import STAGING_SCHEMA, staging_name
+from etl import alerts, db, lineage, monitor, source
+from etl.config import Settings
+from etl.discovery import ensure_release_recorded, load_manifest
+from etl.load import METADATA_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
+from etl.mirror import (
+    MirrorFailedError,
+    MirrorReport,
+    _name_some,
+    _selected_release_files,
+    mirror_release,
+    release_files_on_disk,
+    target_name,
+)
+from etl.publish import EXPRESSION_TABLES, STAGING_SCHEMA, publish, staging_name
 
 DEFAULT_BATCH_BYTES = 8 << 30
 MAX_BATCHES = 256
@@ -47,12 +64,10 @@ def resolve_release(engine: Engine, requested: str | None) -> str:
 
 
 def release_files(engine: Engine, release: str, datasets: list[str] | None = None,
-                  kinds: list[str] | None = None) -> list[PlannedFile]:
+                  kinds: list[str] | None = None, normalizations: list[str] | None = None) -> list[PlannedFile]:
     """The manifest's files of ``release``, selected exactly as the mirror selects them, by key."""
-    from etl.mirror import _selected_release_files
-
     with engine.connect() as conn:
-        rows = _selected_release_files(conn, release, datasets, kinds, None)
+        rows = _selected_release_files(conn, release, datasets, kinds, normalizations)
     if not rows:
         raise PlanError(f"release {release}: no file matches datasets={datasets or 'all'} kinds={kinds or 'all'}")
     return [PlannedFile(row.relative_path, row.size) for row in rows]
@@ -79,23 +94,211 @@ def plan_batches(files: list[PlannedFile], batch_bytes: int = DEFAULT_BATCH_BYTE
     return [sorted(batch) for batch in batches if batch]
 
 
-def publish_release(conn: psycopg.Connection, release: str) -> bool:
-    """Publish the staged metadata of ``release``; a no-op when it is already published and nothing is staged.
+def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, datasets: list[str] | None = None,
+           kinds: list[str] | None = None, normalizations: list[str] | None = None,
+           **options: object) -> MirrorReport:
+    """Mirror the selected files of ``release`` as the lineage step ``mirror``.
 
-    That makes the publish task safe to clear and run again: the first run moved the staging
-    tables into place, a second finds nothing staged and the release published. Returns whether
-    it published now.
+    The step's input is the release manifest and its output the ``abc.mirror_object`` records: each
+    file's key, MD5, local path and verification time are there already, which is what
+    ``abc.lineage_sources`` joins, so a no-op re-sync of a large release stays cheap. Raises
+    :class:`MirrorFailedError` naming the failed files (the report is its ``report``), after
+    recording the step as failed; a dry run is not a step and only reports.
+    """
+    engine = db.make_engine(settings.database_url)
+    try:
+        if options.get("dry_run"):
+            return mirror_release(settings, engine, release, keys=keys, datasets=datasets, kinds=kinds,
+                                  normalizations=normalizations, **options)
+        with lineage.step(engine, release=release, step="mirror", inputs=[_manifest_key(settings, engine, release)],
+                          bucket=settings.bucket) as s:
+            report = mirror_release(settings, engine, release, keys=keys, datasets=datasets, kinds=kinds,
+                                    normalizations=normalizations, **options)
+            s.wrote("abc.mirror_object", partition=release, rows=report.ok)
+            if report.failed:
+                error = MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files "
+                                          f"failed: {_name_some(sorted(report.failed))}")
+                error.report = report
+                raise error
+        return report
+    finally:
+        engine.dispose()
+
+
+def _manifest_key(settings: Settings, engine: Engine, release: str) -> str:
+    """The release's manifest key, recording the release first (from its manifest) when discovery has not."""
+    with engine.connect() as conn:
+        key = conn.execute(sa.text("SELECT manifest_key FROM abc.release WHERE version = :r"), {"r": release}).scalar()
+    if key is None:
+        fetched, manifest = load_manifest(source.make_client(settings), settings, release)
+        ensure_release_recorded(engine, fetched, manifest)
+        key = fetched.key
+    return key
+
+
+def mirror_task(settings: Settings, release: str, **options: object) -> dict:
+    """An orchestrator's mirror step: run, print the report, return a summary (raise naming failed files)."""
+    try:
+        report = mirror(settings, release, progress=False, **options)
+    except MirrorFailedError as exc:
+        print("\n".join(exc.report.lines()))
+        raise
+    print("\n".join(report.lines()))
+    return {"release": release, "target": report.target, "files": report.selected, "ok": report.ok,
+            "fetched": report.fetched, "copied": report.copied, "skipped": report.skipped,
+            "bytes_fetched": report.bytes_fetched}
+
+
+def load_metadata(settings: Settings, release: str, datasets: list[str] | None = None) -> LoadReport:
+    """Stage the metadata of ``release`` from its verified mirror files, as the lineage step ``load_metadata``."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        files = release_files_on_disk(settings, engine, release, datasets=datasets, kinds=["metadata"])
+        with lineage.step(engine, release=release, step="load_metadata", inputs=sorted(files),
+                          bucket=settings.bucket) as s:
+            report = load_release_metadata(settings.database_url, release, files, datasets, publish_now=False)
+            for table, rows in report.table_rows.items():
+                s.wrote(f"abc.{table}", partition=release, rows=rows)
+        return report
+    finally:
+        engine.dispose()
+
+
+def stage_expression(settings: Settings, release: str, done: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Merge the aggregated files' partials and stage the expression tables, as the lineage step ``aggregate``.
+
+    ``done`` are :func:`etl.aggregate.aggregate_item` results, each with the bucket ``key`` of its
+    matrix, so lineage leads from every expression table to the h5ad files and, through the cell
+    and taxonomy tables the step read, to the metadata files.
+    """
+    from etl import aggregate
+
+    engine = db.make_engine(settings.database_url)
+    try:
+        with lineage.step(engine, release=release, step="aggregate", inputs=sorted({d["key"] for d in done}),
+                          input_tables=["abc.cell", "abc.cell_cluster_membership", "abc.library",
+                                        "abc.cluster_membership"], bucket=settings.bucket) as s:
+            entries = aggregate.stage_items(settings, release, done)
+            with db.copy_connection(settings.database_url) as conn:
+                for table in EXPRESSION_TABLES:
+                    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                        sql.Identifier(STAGING_SCHEMA, staging_name(table, release)))).fetchone()[0]
+                    s.wrote(f"abc.{table}", partition=release, rows=rows)
+        return entries
+    finally:
+        engine.dispose()
+
+
+def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] | None = None,
+                      work_dir: Path | None = None, chunk_cells: int | None = None) -> dict[str, int]:
+    """The whole aggregation in one process (the CLI's): plan, aggregate every file, stage."""
+    from etl import aggregate
+
+    with db.copy_connection(settings.database_url) as conn:
+        items = aggregate.plan_release(settings, conn, release, datasets)
+    work = Path(work_dir) if work_dir else aggregate.default_work_dir(settings, release)
+    return stage_expression(settings, release, [aggregate_item(settings, release, item, work, chunk_cells)
+                                                for item in items])
+
+
+def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
+                   chunk_cells: int | None = None) -> dict[str, str]:
+    """One planned file aggregated into its partial; the result keeps the file's bucket key for lineage."""
+    from etl import aggregate
+
+    done = aggregate.aggregate_item(settings, release, item, work_dir,
+                                    chunk_cells or aggregate.DEFAULT_CHUNK_CELLS)
+    return {**done, "key": item["key"]}
+
+
+def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
+    """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        results = monitor.check_release(settings, engine, release)
+    finally:
+        engine.dispose()
+    monitor.require_passing(results, release)
+    return results
+
+
+def validate_and_publish(settings: Settings, release: str) -> bool:
+    """Check what is staged for ``release``, then publish it; returns whether it published now."""
+    validate(settings, release)
+    with db.copy_connection(settings.database_url) as conn:
+        return publish_release(conn, release)
+
+
+def _is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
+    name = f"{STAGING_SCHEMA}.{staging_name(table, release)}"
+    return conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
+
+
+def publish_release(conn: psycopg.Connection, release: str) -> bool:
+    """Publish what is staged of ``release``, metadata and expression, in one transaction.
+
+    A no-op when nothing is staged and the release is already published, which makes the publish
+    task safe to clear and run again: the first run moved the staging tables into place, a second
+    finds nothing staged. Returns whether it published now.
     """
     with conn.transaction():
         status = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
         if status is None:
             raise PlanError(f"release {release} is not recorded in abc.release")
-        staged = conn.execute("SELECT to_regclass(%s)",
-                              (f"{STAGING_SCHEMA}.{staging_name(METADATA_TABLES[-1], release)}",)).fetchone()[0]
-        if staged is None:
+        metadata = _is_staged(conn, METADATA_TABLES[-1], release)
+        expression = _is_staged(conn, EXPRESSION_TABLES[-1], release)
+        if not metadata and not expression:
             if status[0] == "published":
                 return False
             raise PlanError(f"release {release} has nothing staged to publish (status {status[0]})")
-        publish_staged_metadata(conn, release)
+        if metadata:
+            publish_staged_metadata(conn, release)
+        if expression:
+            publish(conn, release, EXPRESSION_TABLES)
     return True
 
+
+class LineageGap(RuntimeError):
+    """A published relation of a release has no recorded source objects behind it."""
+
+
+def check_lineage(settings: Settings, release: str) -> dict[str, int]:
+    """Source objects behind each published relation of ``release``; raise when one has none.
+
+    Asks ``abc.lineage_sources`` (the auditor's query, docs/lineage.md) for the cell table and,
+    when the release has aggregated expression, ``abc.expression_by_cluster``, and prints the
+    release's lineage tree.
+    """
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            has_expression = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM abc.expression_group "
+                                                  "WHERE release = :r)"), {"r": release}).scalar_one()
+        relations = ["abc.cell"] + (["abc.expression_by_cluster"] if has_expression else [])
+        found = {relation: len({row.source_key for row in lineage.sources_of(engine, relation, release)})
+                 for relation in relations}
+        print("\n".join(lineage.tree_lines(engine, release, target_name(settings.mirror_root))))
+    finally:
+        engine.dispose()
+    missing = [relation for relation, n in found.items() if n == 0]
+    if missing:
+        raise LineageGap(f"release {release}: no source objects recorded behind {', '.join(missing)}")
+    return found
+
+
+def announce_published(settings: Settings, release: str) -> dict:
+    """After publishing: diff against the previous release (stored, release notes beside the mirror), then alert."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        notes = monitor.record_diff(settings, engine, release)
+        with engine.connect() as conn:
+            previous = conn.execute(sa.text("SELECT old_release, summary FROM abc.release_diff WHERE new_release = :r "
+                                            "ORDER BY old_release DESC LIMIT 1"), {"r": release}).first()
+        details = {"previous_release": previous.old_release if previous else None,
+                   "diff": previous.summary if previous else None,
+                   "release_notes": [str(p) for p in notes] if notes else []}
+        alerts.send(alerts.Alert("published", f"release {release} published", release, details),
+                    settings.webhook_url, engine)
+    finally:
+        engine.dispose()
+    return details

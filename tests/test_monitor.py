@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from etl import alerts, diff, monitor, source
 from etl.cli import main
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
 from etl.load import load_release_metadata
 
 
@@ -95,7 +95,10 @@ def metadata_csv(generated_bucket, release: str, dataset: str, stem: str) -> pd.
 
 
 def test_cell_diff_on_generated_csvs_matches_the_generator(generated_bucket):
+    # A cell's cluster is its row of the taxonomy's cell_to_cluster_membership.csv (the real layout).
     frames = {r: metadata_csv(generated_bucket, r, CONSENSUS_WMB, "cell_metadata").assign(dataset=CONSENSUS_WMB)
+              .merge(metadata_csv(generated_bucket, r, TAXONOMY, "cell_to_cluster_membership"), on="cell_label")
+              [["dataset", "cell_label", "cluster_alias"]]
               for r in generated_bucket.releases}
     items = diff.diff_cells(frames[OLD_RELEASE], frames[NEW_RELEASE])
     changes = generated_bucket.changes[CONSENSUS_WMB]
@@ -119,7 +122,8 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
         "moved": sum(old[k][1] == new[k][1] and old[k][0] != new[k][0] for k in old.keys() & new.keys())}
     assert expected_files["changed"] > 0 and expected_files["moved"] > 0  # the fixture exercises both
     changes = generated_bucket.changes[CONSENSUS_WMB]
-    genes = {r: set(metadata_csv(generated_bucket, r, CONSENSUS_WMB, "gene").gene_identifier)
+    # Only Macosko has a gene.csv in the consensus release (AIBS genes are the WMB matrices').
+    genes = {r: set(metadata_csv(generated_bucket, r, MACOSKO, "gene").gene_identifier)
              for r in generated_bucket.releases}
     with engine.connect() as conn:
         summary = conn.execute(sa.text("SELECT summary FROM abc.release_diff WHERE old_release = :o "
@@ -138,6 +142,7 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
     assert result.count("gene", "added") == len(genes[NEW_RELEASE] - genes[OLD_RELEASE])
     assert result.count("gene", "removed") == len(genes[OLD_RELEASE] - genes[NEW_RELEASE])
     assert summary[CONSENSUS_WMB]["directory"] == {"changed": 1}
+    assert summary[TAXONOMY]["directory"] == {"changed": 1}
 
     notes = md.read_text()
     assert notes.startswith(f"# Release {NEW_RELEASE}: changes since {OLD_RELEASE}\n")
