@@ -2,7 +2,8 @@
 
 Thin wiring over ``etl.aggregate``: one mapped task per (metadata dataset, h5ad file), each
 writing an additive partial beside the mirror, then one task that merges the partials per
-dataset, rolls them up and publishes the release's expression partitions atomically.
+dataset, rolls them up, stages them, runs the data-quality checks and publishes the release's
+expression partitions atomically.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def abc_aggregate_release():
 
     @task(max_active_tis_per_dagrun=4)
     def aggregate_file(item: dict[str, str]) -> dict[str, str]:
-        from etl.aggregate import aggregate_item, default_work_dir
+        from etl.aggregate import default_work_dir
         from etl.config import settings_for_airflow_task
+        from etl.pipeline import aggregate_item
 
         settings = settings_for_airflow_task()
         params = get_current_context()["params"]
@@ -46,10 +48,14 @@ def abc_aggregate_release():
 
     @task
     def merge_and_publish(done: list[dict[str, str]]) -> dict[str, int]:
-        from etl.aggregate import publish_items
+        from etl import pipeline
         from etl.config import settings_for_airflow_task
 
-        return publish_items(settings_for_airflow_task(), get_current_context()["params"]["release"], list(done))
+        settings = settings_for_airflow_task()
+        release = get_current_context()["params"]["release"]
+        entries = pipeline.stage_expression(settings, release, list(done))
+        pipeline.validate_and_publish(settings, release)
+        return entries
 
     merge_and_publish(aggregate_file.expand(item=plan()))
 

@@ -1,8 +1,8 @@
 """Load one mirrored release's metadata (cells, genes, donors, libraries, taxonomy) into the warehouse.
 
-Thin wiring over ``etl.load.load_mirrored_release``: triggered with the ``release`` param (and
-optionally ``datasets``); the release becomes visible to analysts atomically when the task
-succeeds, and a failed or retried run leaves the previously published state as it was.
+Thin wiring over ``etl.pipeline``: triggered with the ``release`` param (and optionally
+``datasets``); the metadata is staged, checked (``etl.monitor``) and becomes visible to analysts
+atomically when the task succeeds, and a failed or retried run leaves the previously published state as it was.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from airflow.sdk import Param, dag, task
 def abc_load_release():
     @task
     def load_metadata(params=None) -> dict:
+        from etl import pipeline
         from etl.config import settings_for_airflow_task
-        from etl.load import load_mirrored_release
 
-        report = load_mirrored_release(settings_for_airflow_task(), params["release"], params["datasets"] or None)
+        settings = settings_for_airflow_task()
+        report = pipeline.load_metadata(settings, params["release"], params["datasets"] or None)
         for line in report.lines():
             print(line)
-        return {"release": report.release, "published": report.published, "table_rows": report.table_rows,
+        published = pipeline.validate_and_publish(settings, params["release"])
+        return {"release": report.release, "published": published, "table_rows": report.table_rows,
                 "unknown_columns": {x.file.relative_path: x.unknown_columns for x in report.loaded
                                     if x.unknown_columns},
                 "ignored": {f.relative_path: f.note for f in report.ignored}}

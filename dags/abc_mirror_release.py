@@ -1,6 +1,6 @@
 """Mirror one ABC Atlas release: every file of its manifest, verified by size and MD5, into the mirror root.
 
-Thin wiring over ``etl.mirror.mirror_release``, triggered with the ``release`` param. Safe to
+Thin wiring over ``etl.pipeline.mirror_task``, triggered with the ``release`` param. Safe to
 re-run: files already mirrored are skipped and an interrupted download resumes from its
 ``.partial``. The task fails, naming the files, when any file could not be placed.
 """
@@ -22,6 +22,8 @@ from airflow.sdk import Param, dag, task
         "release": Param(type="string", pattern="^[0-9]{8}$", description="release version YYYYMMDD"),
         "datasets": Param(None, type=["null", "array"], description="only these datasets (empty: all)"),
         "kinds": Param(None, type=["null", "array"], description="only these kinds, e.g. metadata"),
+        "max_bandwidth": Param("", type="string", pattern="^([0-9.]+[kKmMgG]?)?$",
+                               description="bytes/s cap, e.g. 50M (empty: unlimited)"),
     },
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
     doc_md=__doc__,
@@ -30,10 +32,11 @@ def abc_mirror_release():
     @task
     def mirror(params=None) -> dict:
         from etl.config import settings_for_airflow_task
-        from etl.mirror import mirror_task
+        from etl.pipeline import mirror_task
+        from etl.transfer import parse_rate
 
         return mirror_task(settings_for_airflow_task(), params["release"], datasets=params["datasets"] or None,
-                           kinds=params["kinds"] or None)
+                           kinds=params["kinds"] or None, max_bandwidth=parse_rate(params["max_bandwidth"]))
 
     mirror()
 

@@ -5,11 +5,17 @@ partitioned by the release, and each partition becomes one run of this DAG (its
 ``partition_key`` is the release). It can also be triggered by hand with the ``release`` param.
 
 resolve -> plan -> mirror (mapped over batches of files, pool ``abc_transfers`` caps concurrent transfers)
--> verify -> load_metadata (staged) -> aggregate (mapped per h5ad file) -> merge -> publish.
+-> verify -> load_metadata (staged) -> aggregate (mapped per h5ad file) -> merge (staged) -> validate
+(data-quality checks; a failure alerts and blocks publication) -> publish (metadata and expression in
+one transaction) -> lineage (every published relation traced to its source objects) -> notify (diff
+against the previous release, release notes beside the mirror, ``published`` alert). A failed task
+alerts through ``AbcWebhookNotifier``; mirror, load and aggregate steps are lineage steps
+(``abc.lineage_run``, OpenLineage events).
 
 Every task is idempotent, so clearing and re-running any of them is safe: the mirror skips
-files already verified on disk, loads and aggregations rebuild their staging tables, and
-publishing swaps partitions in (or does nothing when the release is already published).
+files already verified on disk, loads and aggregations rebuild their staging tables,
+publishing swaps partitions in (or does nothing when the release is already published), and
+the diff and its notes are rewritten.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_notifiers import AbcWebhookNotifier
 from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
 
 # The asset abc_watch announces releases on (DAG files do not import each other; same definition).
@@ -39,12 +46,15 @@ TRANSFER_POOL = "abc_transfers"
                                                           "(empty: ABC_MIRROR_ROOT)"),
         "batch_bytes": Param(None, type=["null", "integer"], minimum=1,
                              description="bytes per mirror batch, one mapped task each (empty: 8 GiB)"),
+        "max_bandwidth": Param("", type="string", pattern="^([0-9.]+[kKmMgG]?)?$",
+                               description="bytes/s cap per mirror task, e.g. 50M (empty: unlimited)"),
     },
     default_args={
         "retries": 3,
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=30),
+        "on_failure_callback": AbcWebhookNotifier(kind="failed_run"),
     },
     doc_md=__doc__,
 )
@@ -74,21 +84,11 @@ def abc_release():
 
     @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
     def mirror(keys: list[str], release: str, params=None) -> dict:
-        from etl import db
-        from etl.mirror import mirror_release
+        from etl import pipeline
+        from etl.transfer import parse_rate
 
-        settings = _settings(params)
-        engine = db.make_engine(settings.database_url)
-        try:
-            report = mirror_release(settings, engine, release, keys=keys)
-        finally:
-            engine.dispose()
-        for line in report.lines():
-            print(line)
-        if report.failed:
-            raise RuntimeError(f"release {release}: {len(report.failed)} of {report.selected} files of this batch "
-                               f"failed: {sorted(report.failed)[:5]}")
-        return {"files": report.selected, "fetched": report.fetched, "bytes_fetched": report.bytes_fetched}
+        return pipeline.mirror_task(_settings(params), release, keys=keys,
+                                    max_bandwidth=parse_rate(params["max_bandwidth"]))
 
     @task
     def verify(release: str, params=None) -> int:
@@ -106,30 +106,39 @@ def abc_release():
 
     @task
     def load_metadata(release: str, params=None) -> list[dict]:
-        from etl import aggregate, db
-        from etl.load import load_mirrored_release
+        from etl import aggregate, db, pipeline
 
         settings = _settings(params)
         if params["kinds"] and "metadata" not in params["kinds"]:
             return []
-        report = load_mirrored_release(settings, release, params["datasets"] or None, publish_now=False)
+        report = pipeline.load_metadata(settings, release, params["datasets"] or None)
         for line in report.lines():
             print(line)
+        if params["kinds"] and "expression_matrices" not in params["kinds"]:
+            return []
         with db.copy_connection(settings.database_url) as conn:
             return aggregate.plan_release(settings, conn, release, params["datasets"] or None)
 
     @task(max_active_tis_per_dagrun=4)
     def aggregate(item: dict, release: str, params=None) -> dict:
-        from etl.aggregate import aggregate_item, default_work_dir
+        from etl import pipeline
+        from etl.aggregate import default_work_dir
 
         settings = _settings(params)
-        return aggregate_item(settings, release, item, default_work_dir(settings, release))
+        return pipeline.aggregate_item(settings, release, item, default_work_dir(settings, release))
+
+    @task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
+    def merge(done: list[dict], release: str, params=None) -> dict:
+        from etl import pipeline
+
+        done = list(done)
+        return pipeline.stage_expression(_settings(params), release, done) if done else {}
 
     @task
-    def merge(done: list[dict], release: str, params=None) -> dict:
-        from etl.aggregate import publish_items
+    def validate(release: str, params=None) -> dict:
+        from etl import pipeline
 
-        return publish_items(_settings(params), release, list(done))
+        return {r.name: r.passed for r in pipeline.validate(_settings(params), release)}
 
     @task
     def publish(release: str, params=None) -> bool:
@@ -141,12 +150,24 @@ def abc_release():
         print(f"release {release}: {'published' if published_now else 'already published'}")
         return published_now
 
+    @task
+    def lineage(release: str, params=None) -> dict:
+        from etl import pipeline
+
+        return pipeline.check_lineage(_settings(params), release)
+
+    @task
+    def notify(release: str, params=None) -> dict:
+        from etl import pipeline
+
+        return pipeline.announce_published(_settings(params), release)
+
     release = resolve()
     mirrored = mirror.partial(release=release).expand(keys=plan(release))
     work = load_metadata(release)
     partials = aggregate.partial(release=release).expand(item=work)
     mirrored >> verify(release) >> work
-    merge(partials, release) >> publish(release)
+    merge(partials, release) >> validate(release) >> publish(release) >> lineage(release) >> notify(release)
 
 
 def _settings(params: dict):

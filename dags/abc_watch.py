@@ -2,7 +2,8 @@
 
 Thin wiring over ``etl.discovery``; each newly recorded release is announced on the
 ``abc://releases`` asset as an event partitioned by the release (``YYYYMMDD``), so that
-``abc_release``, scheduled on that asset, runs once per new release.
+``abc_release``, scheduled on that asset, runs once per new release, and alerted (``new_release``)
+on the webhook when one is configured.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_notifiers import AbcWebhookNotifier
 from airflow.sdk import Asset, dag, task
 
 RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
@@ -21,20 +23,23 @@ RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas re
     catchup=False,
     max_active_runs=1,
     tags=["abc-mirror"],
-    default_args={"retries": 3, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
+                  "on_failure_callback": AbcWebhookNotifier(kind="failed_run")},
     doc_md=__doc__,
 )
 def abc_watch():
     @task(outlets=[RELEASES_ASSET])
     def discover_releases(*, outlet_events=None) -> dict:
-        from etl import db, source
+        from etl import db, monitor, source
         from etl.config import settings_for_airflow_task
         from etl.discovery import discover
 
         settings = settings_for_airflow_task()
-        report = discover(source.make_client(settings), settings, db.make_engine(settings.database_url))
+        engine = db.make_engine(settings.database_url)
+        report = discover(source.make_client(settings), settings, engine)
         for line in report.lines():
             print(line)
+        monitor.announce_new_releases(settings, engine)
         if report.new_releases:
             outlet_events[RELEASES_ASSET].extra = {"new_releases": report.new_releases}
             outlet_events[RELEASES_ASSET].add_partitions(report.new_releases)

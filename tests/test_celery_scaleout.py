@@ -206,9 +206,12 @@ def test_release_mirrors_on_two_celery_workers_and_publishes_once(tmp_path, meta
         "ABC_WORKERS": "2",
     })
     try:
-        # Six batches of the release's files: more mapped mirror tasks than workers.
+        # Six batches of the release's files: more mapped mirror tasks than workers. Throttled so
+        # each takes seconds: a worker busy with one batch (concurrency 1, prefetch 1) cannot take
+        # the next, so the other worker must, however quickly the first one would have finished.
         state, instances = run_on_celery(cluster, "abc_release",
-                                         {"release": OLD_RELEASE, "batch_bytes": total_bytes // 6 + 1},
+                                         {"release": OLD_RELEASE, "batch_bytes": total_bytes // 6 + 1,
+                                          "max_bandwidth": "1M"},
                                          pools={TRANSFER_POOL: 4})
         assert state == "success", instances
         mirror_hosts = [ti.hostname for ti in instances if ti.task_id == "mirror"]

@@ -89,17 +89,56 @@ def test_both_releases_publish_through_the_dag(release_env, engine):
         counts = _counts(engine, release)
         assert counts["cells"] == counts["distinct_cells"] > 0
         assert counts["expression_groups"] > 0 and counts["expression_files"] > 0
+    with engine.connect() as conn:
+        checks = conn.execute(sa.text("SELECT release, bool_and(passed), count(*) FROM abc.quality_check "
+                                      "GROUP BY release ORDER BY release")).all()
+        sources = conn.execute(sa.text("SELECT DISTINCT step, run_ref, source_key FROM "
+                                       "abc.lineage_sources('abc.expression_by_cluster', :r)"),
+                               {"r": NEW_RELEASE}).all()
+        matrices = conn.execute(sa.text("SELECT source FROM abc.expression_file WHERE release = :r"),
+                                {"r": NEW_RELEASE}).scalars().all()
+        diff = conn.execute(sa.text("SELECT old_release FROM abc.release_diff WHERE new_release = :r"),
+                            {"r": NEW_RELEASE}).scalars().all()
+        published_alerts = conn.execute(sa.text("SELECT release FROM abc.alert WHERE kind = 'published' "
+                                                "ORDER BY release")).scalars().all()
+    assert [(r, ok) for r, ok, _ in checks] == [(OLD_RELEASE, True), (NEW_RELEASE, True)]
+    # Lineage through the views: the h5ad files the aggregate task read and the metadata behind its cells.
+    by_step = {step: {key for s, _, key in sources if s == step} for step, _, _ in sources}
+    assert {key.rsplit("/", 1)[-1] for key in by_step["aggregate"]} >= {m.rsplit("/", 1)[-1] for m in matrices}
+    assert any(key.endswith("/cell_metadata.csv") for key in by_step["load_metadata"])
+    assert all(ref.startswith("airflow abc_release/") for _, ref, _ in sources)
+    assert diff == [OLD_RELEASE]
+    assert (release_env.mirror_path / "releases" / NEW_RELEASE / "release-notes.md").is_file()
+    assert published_alerts == [OLD_RELEASE, NEW_RELEASE]
+
+
+def test_failed_quality_check_blocks_publication(release_env, engine, monkeypatch):
+    from etl import monitor
+
+    monkeypatch.setitem(monitor.CHECKS, "injected_failure",
+                        ("fails on purpose", "SELECT count(*), 'injected' FROM {cell} WHERE release = %(r)s"))
+    run = _release_dag().test(run_conf={"release": OLD_RELEASE, "batch_bytes": 1 << 20})
+    assert run.state == "failed"
+    assert _published(engine)[OLD_RELEASE] != "published"
+    assert _counts(engine, OLD_RELEASE)["cells"] == 0 and _counts(engine, OLD_RELEASE)["expression_groups"] == 0
+    with engine.connect() as conn:
+        failed = conn.execute(sa.text("SELECT name FROM abc.quality_check WHERE release = :r AND NOT passed"),
+                              {"r": OLD_RELEASE}).scalars().all()
+        alerts = conn.execute(sa.text("SELECT kind FROM abc.alert WHERE release = :r ORDER BY kind"),
+                              {"r": OLD_RELEASE}).scalars().all()
+    assert failed == ["injected_failure"]
+    assert "failed_check" in alerts and "failed_run" in alerts and "published" not in alerts
 
 
 def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine, monkeypatch):
     from etl import aggregate
 
-    real_merge = aggregate.merge_and_publish
+    real_merge = aggregate.merge_and_stage
 
     def broken_merge(*args, **kwargs):
         raise RuntimeError("injected: the warehouse went away during merge")
 
-    monkeypatch.setattr(aggregate, "merge_and_publish", broken_merge)
+    monkeypatch.setattr(aggregate, "merge_and_stage", broken_merge)
     dag = _release_dag()
     logical_date = pendulum.datetime(2026, 4, 1, tz="UTC")
     conf = {"release": OLD_RELEASE, "batch_bytes": 1 << 20}
@@ -107,7 +146,7 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
     assert failed.state == "failed"
     assert _published(engine)[OLD_RELEASE] != "published"
 
-    monkeypatch.setattr(aggregate, "merge_and_publish", real_merge)
+    monkeypatch.setattr(aggregate, "merge_and_stage", real_merge)
     # The same run: dag.test() clears its task instances (the failed one included) and runs them again.
     rerun = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
     assert rerun.state == "success"

@@ -21,9 +21,13 @@ def load_dag(name: str, dag_id: str):
     return dag
 
 
-def test_watch_dag_records_releases(airflow_home, s3_server, database_url, engine, monkeypatch):
+def test_watch_dag_records_and_announces_releases(airflow_home, s3_server, database_url, engine, monkeypatch):
+    from tests.test_monitor import Webhook
+
+    webhook = Webhook()
     monkeypatch.setenv("ABC_DATABASE_URL", database_url)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    monkeypatch.setenv("ABC_WEBHOOK_URL", webhook.url)
     dag = load_dag("abc_watch", "abc_watch")
     assert dag.schedule == "@hourly" or str(dag.timetable.summary) == "@hourly"
     assert dag.catchup is False
@@ -35,8 +39,12 @@ def test_watch_dag_records_releases(airflow_home, s3_server, database_url, engin
         directories = conn.execute(sa.text("SELECT count(*) FROM abc.upstream_directory")).scalar_one()
     assert versions == [OLD_RELEASE, NEW_RELEASE]
     assert directories > 0
+    assert sorted((body["kind"], body["release"]) for body in webhook.received) == [
+        ("new_release", OLD_RELEASE), ("new_release", NEW_RELEASE)]
 
     again = dag.test()
+    webhook.close()
     assert again.state == "success"
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.release")).scalar_one() == 2
+    assert len(webhook.received) == 2  # each release announced once
