@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup postgres demo test lint bench clean
+.PHONY: setup postgres compose demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,13 @@ setup: $(STAMP)
 postgres:
 	scripts/ensure-postgres.sh
 
+compose:
+	scripts/ensure-compose.sh
+
 demo: setup postgres
 	$(BIN)/python scripts/demo.py
 
-test: setup postgres
+test: setup postgres compose
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

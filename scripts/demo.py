@@ -1,8 +1,10 @@
 """`make demo`: the service end to end, offline, on a generated bucket served over real S3.
 
 Generates a bucket tree (two releases), serves it with ``rclone serve s3`` on loopback, creates a
-fresh warehouse database, and runs the Airflow DAGs for real (``airflow dags test``), then
-prints what the warehouse holds.
+fresh warehouse database, and runs the Airflow DAGs for real (``airflow dags test``): the watch,
+the release DAG for both releases one after the other, the monitor. Then prints the status table,
+the release diff, the lineage behind an analyst view, and three analyst queries run as
+``abc_reader``.
 """
 
 from __future__ import annotations
@@ -24,16 +26,37 @@ DEMO = REPO / "demo"
 DATABASE_URL = os.environ.get("ABC_DEMO_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/abc_demo")
 
 
+CURRENT = "(SELECT release FROM abc.current_release)"
+ANALYST_QUERIES = [
+    ("cells per class per dataset, newest published release",
+     "SELECT dataset, class_name, count(*) AS cells FROM abc.current_cell_annotated "
+     "GROUP BY dataset, class_name ORDER BY dataset, class_name"),
+    ("clusters present in both datasets",
+     "SELECT count(*) AS clusters_in_both FROM (SELECT cluster_alias FROM abc.current_cell_annotated "
+     "GROUP BY cluster_alias HAVING count(DISTINCT dataset) = 2) c"),
+    ("where is Gad1 expressed? top 10 clusters by mean log2 expression",
+     "SELECT dataset, group_name AS cluster, mean, fraction, n_cells FROM abc.expression_by_cluster "
+     f"WHERE release = {CURRENT} AND gene_symbol = 'Gad1' ORDER BY mean DESC LIMIT 10"),
+]
+LINEAGE_QUERY = """
+    SELECT step, run_ref, code, count(*) AS files, sum(size) AS bytes
+    FROM (SELECT DISTINCT step, run_ref, code_version AS code, source_key, size
+          FROM abc.lineage_sources('abc.expression_by_cluster', :r)) s
+    GROUP BY step, run_ref, code ORDER BY step"""
+
+
 def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def airflow(env: dict[str, str], *args: str) -> None:
-    binary = Path(sys.executable).parent / "airflow"
-    result = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True)
+def run(env: dict[str, str], command: str, *args: str) -> str:
+    """Run a command of this virtualenv (``airflow``, ``abc-mirror``); stop the demo, showing why, if it fails."""
+    result = subprocess.run([str(Path(sys.executable).parent / command), *args], env=env, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         print(result.stdout[-4000:], result.stderr[-4000:], sep="\n")
-        raise SystemExit(f"airflow {' '.join(args)} failed")
+        raise SystemExit(f"{command} {' '.join(args)} failed")
+    return result.stdout
 
 
 def main() -> None:
@@ -64,26 +87,38 @@ def main() -> None:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         })
         step("airflow db migrate (SQLite metadata database for the demo)")
-        airflow(env, "db", "migrate")
+        run(env, "airflow", "db", "migrate")
         step("airflow dags test abc_watch")
-        airflow(env, "dags", "test", "abc_watch")
+        run(env, "airflow", "dags", "test", "abc_watch")
         for release in (OLD_RELEASE, NEW_RELEASE):
             step(f"airflow dags test abc_release (release {release}): mirror, load, aggregate, publish")
-            airflow(env, "dags", "test", "abc_release", "--conf", json.dumps({"release": release}))
+            run(env, "airflow", "dags", "test", "abc_release", "--conf", json.dumps({"release": release}))
 
-        step("releases recorded in abc.release")
+        step("airflow dags test abc_monitor: quality checks, diffs, lag")
+        run(env, "airflow", "dags", "test", "abc_monitor")
+
+        step("abc-mirror status")
+        print(run(env, "abc-mirror", "status"), end="")
+        step(f"abc-mirror diff {OLD_RELEASE} {NEW_RELEASE} (also kept as release notes beside the mirror)")
+        print(run(env, "abc-mirror", "diff", OLD_RELEASE, NEW_RELEASE, "--no-store"), end="")
+        notes = DEMO / "mirror" / "releases" / NEW_RELEASE / "release-notes.html"
+        print(f"release notes: {notes} ({'present' if notes.is_file() else 'MISSING'})")
+
         engine = db.make_engine(DATABASE_URL)
+        step(f"lineage: the source files behind abc.expression_by_cluster of {NEW_RELEASE}")
         with engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT version, status, n_files, pg_size_pretty(total_bytes) AS size FROM abc.release "
-                "ORDER BY version")).all()
+            for row in conn.execute(sa.text(LINEAGE_QUERY), {"r": NEW_RELEASE}):
+                print(f"{row.step:<14} {row.files:>3} files  {row.bytes:>10} bytes  {row.run_ref}  code {row.code}")
+        for title, query in ANALYST_QUERIES:
+            step(f"analyst query (as abc_reader): {title}")
+            with engine.begin() as conn:
+                conn.execute(sa.text("SET LOCAL ROLE abc_reader"))
+                result = conn.execute(sa.text(query))
+                columns = list(result.keys())
+                rows = result.all()
+            print("  ".join(columns))
             for row in rows:
-                print(f"{row.version}  {row.status:<10} {row.n_files:>4} files  {row.size}")
-            pinned = conn.execute(sa.text(
-                "SELECT release, dataset, kind, version FROM abc.release_directory ORDER BY 1, 2, 3")).all()
-        step("dataset directories pinned by each release")
-        for row in pinned:
-            print(f"{row.release}  {row.kind:<20} {row.dataset:<30} {row.version}")
+                print("  ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
     finally:
         server.stop()
 
