@@ -183,15 +183,45 @@ def test_threads_do_not_change_the_result(generated_bucket):
         np.testing.assert_array_equal(stats.values, many.stats[grouping].values)
 
 
-def test_chunks_read_ahead_or_in_place_are_the_rows_of_x(generated_bucket):
+@pytest.mark.parametrize("layout", ["chunked", "contiguous", "gzip"])
+def test_chunks_read_ahead_or_in_place_are_the_rows_of_x(generated_bucket, tmp_path, layout):
+    """Unfiltered X is read straight from the file's bytes, filtered X through HDF5: same rows."""
     path = _matrices(generated_bucket, MACOSKO, "log2")[0]
     expected = ad.read_h5ad(path).X.tocsr()
+    if layout != "chunked":
+        path = tmp_path / path.name
+        ad.AnnData(expected).write_h5ad(path, compression="gzip" if layout == "gzip" else None)
+        if layout == "contiguous":  # anndata writes chunked; rewrite X's arrays without chunks
+            with h5py.File(path, "a") as store:
+                for name in ("indices", "data"):
+                    values = store["X"][name][:]
+                    del store["X"][name]
+                    store["X"].create_dataset(name, data=values)
+    with h5py.File(path, "r") as store:
+        direct = aggregate._FileRanges.of(store["X"]["data"], -1)
+    assert (direct is None) == (layout == "gzip")
     for read_ahead in (False, True):
         with h5py.File(path, "r", rdcc_nbytes=0) as store:
             rows = [sp.csr_matrix((data.copy(), indices.copy(), indptr.copy()),
                                   shape=(len(indptr) - 1, expected.shape[1]))
                     for _, indptr, indices, data in aggregate._chunks(store, 37, True, read_ahead=read_ahead)]
         assert (sp.vstack(rows) != expected).nnz == 0
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_gene_index_out_of_range_is_reported_by_file(generated_bucket, tmp_path, listed):
+    """In a cell that is aggregated or in one the metadata does not list: the file is bad either way."""
+    source = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    broken = tmp_path / source.name
+    broken.write_bytes(source.read_bytes())
+    assignments = _assignments(generated_bucket, MACOSKO)
+    with h5py.File(broken, "a") as store:
+        labels = store["obs"][store["obs"].attrs["_index"]].asstr()[:]
+        row = int(np.flatnonzero(np.isin(labels, assignments["cell_label"]) == listed)[0])
+        position = int(store["X"]["indptr"][row])
+        store["X"]["indices"][position] = len(store["var"][store["var"].attrs["_index"]])
+    with pytest.raises(AggregationError, match=f"{broken.name}: X/indices holds a gene index outside"):
+        aggregate.aggregate_matrix(broken, assignments, _membership(generated_bucket))
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
