@@ -126,7 +126,7 @@ def run_ours(matrix: Path, data: Path, groupings: list[str], chunk_cells: int) -
     with h5py.File(matrix, "r") as store:
         indptr = store["X/indptr"][:]
     chunk_nnz = int(np.diff(np.append(indptr[::chunk_cells], indptr[-1])).max())
-    bound = 28 * pairs + 8 * chunk_nnz + groups * 32000 / 4  # one chunk buffer (etl.aggregate._chunks)
+    bound = 24 * pairs + 8 * chunk_nnz + groups * 32000 / 4  # one chunk buffer (etl.aggregate._chunks)
     return {"tool": "etl.aggregate", "groupings": groupings, "cells": loaded.n_cells_in_file,
             "aggregated": loaded.n_cells_aggregated, "seconds": seconds, "persist_seconds": persist_seconds,
             "peak_rss_gb": peak, "peak_rss_with_persist_gb": _peak_gb(), "rss_before_gb": base_rss, "pairs": pairs,

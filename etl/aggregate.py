@@ -16,11 +16,11 @@ groups (so no two threads ever write the same statistics):
 1. the first pass reads only column indices and sets one bit per (group, gene) pair present
    in a bitmap (groups x genes / 8 bytes: 27 MB for 6,756 clusters x 32,000 genes);
 2. the bitmap's prefix popcounts give every present pair a fixed slot, so the second pass adds
-   each non-zero value into its slot in place, 24 bytes per present pair (float64 sum, sum of
-   squares and count, side by side), with no re-allocation or merging.
+   each non-zero value into its slot in place, 20 bytes per present pair (float64 sum and sum of
+   squares side by side, uint32 count), with no re-allocation or merging.
 
 Peak memory of :func:`aggregate_file` is therefore about
-``28 B x present (group, gene) pairs of the base groupings (24 B of statistics, 4 B of gene index)
+``24 B x present (group, gene) pairs of the base groupings (20 B of statistics, 4 B of gene index)
 + 8 B x non-zeros of one chunk + groups x genes / 4 B`` plus the interpreter; ``chunk_cells``
 trades the middle term for speed (more cells of a group per chunk: fewer cache misses).
 """
@@ -33,7 +33,6 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -69,11 +68,10 @@ TAXONOMY_LEVELS = ("cluster", "supertype", "subclass", "class")
 REGION_SUBCLASS = "region_subclass"
 GROUPINGS = (*TAXONOMY_LEVELS, REGION_SUBCLASS)
 DEFAULT_CHUNK_CELLS = 20_000
-READ_AHEAD = False  # see _chunks
 TABLES = EXPRESSION_TABLES
 NORMALIZATIONS = ("log2", "raw")
 _ONE = np.uint64(1)
-_SUM, _SUM_SQ, _NONZERO = 0, 1, 2  # columns of GroupStats.values
+_SUM, _SUM_SQ = 0, 1  # columns of GroupStats.sums
 
 
 class AggregationError(ValueError):
@@ -173,7 +171,7 @@ def _group_order(row_group, indptr, n_parts):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _add_values(bitmap, offsets, row_group, indptr, indices, data, values, n_threads):
+def _add_values(bitmap, offsets, row_group, indptr, indices, data, sums, nonzero, n_threads):
     # Rows of a group one after the other: its slots stay in cache across its cells. Threads
     # take disjoint runs of groups, so they never write the same slot.
     order, bounds = _group_order(row_group, indptr, n_threads)
@@ -186,21 +184,22 @@ def _add_values(bitmap, offsets, row_group, indptr, indices, data, values, n_thr
                 if value == 0.0:
                     continue
                 slot = _slot(bitmap, offsets, group, indices[k])
-                values[slot, _SUM] += value
-                values[slot, _SUM_SQ] += value * value
-                values[slot, _NONZERO] += 1.0
+                sums[slot, _SUM] += value
+                sums[slot, _SUM_SQ] += value * value
+                nonzero[slot] += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_stats(bitmap, offsets, row_group, indptr, indices, source, values):
+def _add_stats(bitmap, offsets, row_group, indptr, indices, source_sums, source_nonzero, sums, nonzero):
     for row in range(row_group.shape[0]):
         group = row_group[row]
         if group < 0:
             continue
         for k in range(indptr[row], indptr[row + 1]):
             slot = _slot(bitmap, offsets, group, indices[k])
-            for column in range(3):
-                values[slot, column] += source[k, column]
+            sums[slot, _SUM] += source_sums[k, _SUM]
+            sums[slot, _SUM_SQ] += source_sums[k, _SUM_SQ]
+            nonzero[slot] += source_nonzero[k]
 
 
 @numba.njit(cache=True)
@@ -218,25 +217,26 @@ def _genes_of_bitmap(bitmap, n_pairs):
 
 
 @numba.njit(cache=True)
-def _has_empty(values):
+def _has_empty(nonzero):
     """Whether a pair's values are all explicit zeros (no n_pairs-sized temporary, unlike numpy)."""
     k = 0
-    while k < values.shape[0] and values[k, _NONZERO] != 0:
+    while k < nonzero.shape[0] and nonzero[k] != 0:
         k += 1
-    return k < values.shape[0]
+    return k < nonzero.shape[0]
 
 
 @numba.njit(cache=True)
-def _drop_empty(indptr, indices, values):
+def _drop_empty(indptr, indices, sums, nonzero):
     """Remove pairs whose values were all explicit zeros, in place; return the new indptr."""
     new_indptr = np.empty_like(indptr)
     position = 0
     for group in range(indptr.shape[0] - 1):
         new_indptr[group] = position
         for k in range(indptr[group], indptr[group + 1]):
-            if values[k, _NONZERO] > 0:
+            if nonzero[k] > 0:
                 indices[position] = indices[k]
-                values[position, :] = values[k, :]
+                sums[position, :] = sums[k, :]
+                nonzero[position] = nonzero[k]
                 position += 1
     new_indptr[indptr.shape[0] - 1] = position
     return new_indptr
@@ -253,19 +253,20 @@ class GroupStats:
     genes: pd.DataFrame  # gene_identifier, gene_symbol
     indptr: np.ndarray
     indices: np.ndarray
-    values: np.ndarray  # n_pairs x 3 float64: sum, sum of squares, cells with non-zero expression
+    sums: np.ndarray  # n_pairs x 2 float64: sum, sum of squares
+    nonzero: np.ndarray  # n_pairs uint32: cells with non-zero expression
 
     @property
     def sum(self) -> np.ndarray:
-        return self.values[:, _SUM]
+        return self.sums[:, _SUM]
 
     @property
     def sum_sq(self) -> np.ndarray:
-        return self.values[:, _SUM_SQ]
+        return self.sums[:, _SUM_SQ]
 
     @property
     def n_nonzero(self) -> np.ndarray:
-        return self.values[:, _NONZERO].astype(np.int32)
+        return self.nonzero.astype(np.int32)
 
     def matrix(self, statistic: str) -> sp.csr_matrix:
         """One statistic as a groups x genes sparse matrix."""
@@ -301,25 +302,31 @@ class _Accumulator:
 
     def allocate(self) -> None:
         self.offsets, self.indptr = _rank(self.bitmap)
-        # One row of three per pair: an update touches one cache line, not three arrays. numpy
-        # asks the kernel for transparent huge pages for arrays this large (fewer TLB misses).
-        self.values = np.zeros((int(self.indptr[-1]), 3), np.float64)
+        # Sum and sum of squares side by side: an update touches one cache line, not two; the
+        # counts apart, as uint32 (20 B a pair, not 24: memory is what this costs). numpy asks
+        # the kernel for transparent huge pages for arrays this large (fewer TLB misses).
+        n_pairs = int(self.indptr[-1])
+        self.sums = np.zeros((n_pairs, 2), np.float64)
+        self.nonzero = np.zeros(n_pairs, np.uint32)
 
     def add_values(self, row_group, indptr, indices, data) -> None:
         with _PARALLEL:
-            _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data, self.values, _threads())
+            _add_values(self.bitmap, self.offsets, row_group, indptr, indices, data, self.sums, self.nonzero,
+                        _threads())
 
     def add_stats(self, row_group: np.ndarray, stats: GroupStats, indices: np.ndarray) -> None:
-        _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.values, self.values)
+        _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.sums, stats.nonzero,
+                   self.sums, self.nonzero)
 
     def finish(self, grouping: str, groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
         del self.offsets  # freed before the gene indices are allocated, at the peak of memory
         indices = _genes_of_bitmap(self.bitmap, int(self.indptr[-1]))
         indptr = self.indptr
-        if _has_empty(self.values):
-            indptr = _drop_empty(indptr, indices, self.values)
+        if _has_empty(self.nonzero):
+            indptr = _drop_empty(indptr, indices, self.sums, self.nonzero)
         n = int(indptr[-1])
-        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n], self.values[:n])
+        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n], self.sums[:n],
+                           self.nonzero[:n])
         del self.bitmap
         return stats
 
@@ -478,14 +485,14 @@ class _FileRanges:
 
 
 def _chunks(store: h5py.File, chunk_cells: int, with_data: bool,
-            read_ahead: bool = READ_AHEAD) -> Iterator[tuple[int, np.ndarray, ...]]:
+            buffers: dict[str, np.ndarray]) -> Iterator[tuple[int, np.ndarray, ...]]:
     """(start, local indptr, indices, data) per row chunk; a yielded chunk is valid until the next one.
 
-    With ``read_ahead``, two sets of buffers sized for the largest chunk are used in turn and the
-    next chunk is read in a thread while this one is used; without, one set is read in place (on
-    two cores the kernels use both, so a reading thread only takes turns with them, and the
-    memory of the second set is better spent on larger chunks: more cells of a group per pass).
-    Buffers are reused (fresh arrays per chunk cost more in page faults than the read itself).
+    Chunks are read in place into ``buffers`` (sized for the largest chunk, created on first use and
+    kept by the caller, so the second pass reuses the first one's pages: fresh arrays per chunk
+    or per pass cost more in page faults than the reads). No reading thread: on two cores the
+    kernels use both, and a thread reading ahead only took turns with them (measured slower), while
+    the memory of a second set of buffers is better spent on larger chunks.
     """
     x = store["X"]
     indptr = x["indptr"][:].astype(np.int64)
@@ -495,35 +502,23 @@ def _chunks(store: h5py.File, chunk_cells: int, with_data: bool,
         return
     largest = int(np.diff(np.append(indptr[starts], indptr[-1])).max())
     names = ("indices", "data") if with_data else ("indices",)
-    buffers = [{name: np.empty(largest, x[name].dtype) for name in names} for _ in range(2 if read_ahead else 1)]
+    for name in names:
+        if name not in buffers or len(buffers[name]) < largest or buffers[name].dtype != x[name].dtype:
+            buffers[name] = np.empty(largest, x[name].dtype)
     fd = os.open(store.filename, os.O_RDONLY)
     try:
         direct = {name: _FileRanges.of(x[name], fd) for name in names}
-
-        def read(number: int) -> tuple:
-            start = starts[number]
+        for start in starts:
             stop = min(n, start + chunk_cells)
             lo, hi = int(indptr[start]), int(indptr[stop])
             out = {}
             for name in names:
-                out[name] = buffers[number % len(buffers)][name][: hi - lo]
+                out[name] = buffers[name][: hi - lo]
                 if hi > lo and direct[name] is not None:
                     direct[name].read_into(out[name], lo, hi)
                 elif hi > lo:
                     x[name].read_direct(out[name], np.s_[lo:hi], np.s_[0:hi - lo])
-            return start, indptr[start:stop + 1] - lo, out["indices"], out.get("data")
-
-        if not read_ahead:
-            for number in range(len(starts)):
-                yield read(number)
-            return
-        with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(read, 0)
-            for number in range(len(starts)):
-                chunk = pending.result()
-                if number + 1 < len(starts):
-                    pending = reader.submit(read, number + 1)
-                yield chunk
+            yield start, indptr[start:stop + 1] - lo, out["indices"], out.get("data")
     finally:
         os.close(fd)
 
@@ -566,18 +561,18 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
             matrix.cell_labels = matrix.cell_labels[:0]  # not needed past the codes: free it before the peak
             n_genes = len(matrix.genes)
             accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
-            for start, indptr, indices, _ in _chunks(store, chunk_cells, with_data=False):
+            buffers: dict[str, np.ndarray] = {}
+            for start, indptr, indices, _ in _chunks(store, chunk_cells, False, buffers):
                 for grouping, accumulator in accumulators.items():
                     if accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices):
                         raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
-            indptr = indices = None  # the last chunk's buffers go before the statistics come
             for accumulator in accumulators.values():
                 accumulator.allocate()
-            for start, indptr, indices, data in _chunks(store, chunk_cells, with_data=True):
+            for start, indptr, indices, data in _chunks(store, chunk_cells, True, buffers):
                 values = _log2_cpm(indptr, data.astype(np.float64)) if matrix.normalization == "raw" else data
                 for grouping, accumulator in accumulators.items():
                     accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
-            indptr = indices = data = values = None  # the last chunk's buffers go before the gene indices come
+            buffers = indptr = indices = data = values = None  # freed before the gene indices come
     except (OSError, KeyError) as exc:
         raise AggregationError(f"{path}: unreadable h5ad: {exc}") from exc
     stats = {}
@@ -599,7 +594,7 @@ def _base_groupings(groupings: Sequence[str]) -> list[str]:
 
 # --- partials on disk --------------------------------------------------------------------------
 
-_STAT_ARRAYS = ("indptr", "indices", "values")
+_STAT_ARRAYS = ("indptr", "indices", "sums", "nonzero")
 
 
 def save_partial(partial: Partial, path: Path) -> Path:
@@ -629,6 +624,10 @@ def save_partial(partial: Partial, path: Path) -> Path:
 def load_partial(path: Path) -> Partial:
     with np.load(path) as stored:
         info = json.loads(str(stored["info"]))
+        expected = {f"{grouping}.{name}" for grouping in info["groupings"] for name in _STAT_ARRAYS}
+        if missing := expected - set(stored.files):
+            raise AggregationError(f"{path}: partial lacks {sorted(missing)[:3]} (written by another version "
+                                   "of abc-mirror?): aggregate its file again")
         genes = pd.DataFrame({"gene_identifier": stored["gene_identifier"], "gene_symbol": stored["gene_symbol"]})
         stats = {}
         for grouping in info["groupings"]:

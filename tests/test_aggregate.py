@@ -180,11 +180,12 @@ def test_threads_do_not_change_the_result(generated_bucket):
     for grouping, stats in one.stats.items():
         np.testing.assert_array_equal(stats.indptr, many.stats[grouping].indptr)
         np.testing.assert_array_equal(stats.indices, many.stats[grouping].indices)
-        np.testing.assert_array_equal(stats.values, many.stats[grouping].values)
+        np.testing.assert_array_equal(stats.sums, many.stats[grouping].sums)
+        np.testing.assert_array_equal(stats.nonzero, many.stats[grouping].nonzero)
 
 
 @pytest.mark.parametrize("layout", ["chunked", "contiguous", "gzip"])
-def test_chunks_read_ahead_or_in_place_are_the_rows_of_x(generated_bucket, tmp_path, layout):
+def test_chunks_are_the_rows_of_x(generated_bucket, tmp_path, layout):
     """Unfiltered X is read straight from the file's bytes, filtered X through HDF5: same rows."""
     path = _matrices(generated_bucket, MACOSKO, "log2")[0]
     expected = ad.read_h5ad(path).X.tocsr()
@@ -200,12 +201,14 @@ def test_chunks_read_ahead_or_in_place_are_the_rows_of_x(generated_bucket, tmp_p
     with h5py.File(path, "r") as store:
         direct = aggregate._FileRanges.of(store["X"]["data"], -1)
     assert (direct is None) == (layout == "gzip")
-    for read_ahead in (False, True):
+    buffers = {}
+    for with_data in (False, True):  # the second pass reuses the first one's buffers
         with h5py.File(path, "r", rdcc_nbytes=0) as store:
-            rows = [sp.csr_matrix((data.copy(), indices.copy(), indptr.copy()),
-                                  shape=(len(indptr) - 1, expected.shape[1]))
-                    for _, indptr, indices, data in aggregate._chunks(store, 37, True, read_ahead=read_ahead)]
-        assert (sp.vstack(rows) != expected).nnz == 0
+            rows = [sp.csr_matrix((data.copy() if with_data else np.ones(len(indices)), indices.copy(),
+                                   indptr.copy()), shape=(len(indptr) - 1, expected.shape[1]))
+                    for _, indptr, indices, data in aggregate._chunks(store, 37, with_data, buffers)]
+        reference = expected if with_data else expected.astype(bool).astype(float)
+        assert (sp.vstack(rows) != reference).nnz == 0
 
 
 @pytest.mark.parametrize("listed", [True, False])
