@@ -380,24 +380,23 @@ class _FlakyS3(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def send_error_body(self, status: int, code: str) -> None:
+        body = f"<Error><Code>{code}</Code></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self) -> None:
         self.seen.append(self.headers.get("Range", ""))
         if not self.path.startswith("/bucket/blob"):
-            body = b"<Error><Code>NoSuchKey</Code></Error>"
-            self.send_response(404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_error_body(404, "NoSuchKey")
             return
         first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
         body = self.data[first:last + 1]
         failure = self.failures.pop(0) if self.failures else ""
         if failure == "503":
-            error = b"<Error><Code>SlowDown</Code></Error>"
-            self.send_response(503)
-            self.send_header("Content-Length", str(len(error)))
-            self.end_headers()
-            self.wfile.write(error)
+            self.send_error_body(503, "SlowDown")
             return
         self.send_response(206)
         self.send_header("Content-Length", str(len(body)))
