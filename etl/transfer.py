@@ -406,6 +406,11 @@ class _InOrderMd5:
         finally:
             self.lock.release()
 
+    def part_done(self, i: int, payload: None) -> list[int]:
+        """For :meth:`Transfer._run_parts`: the fetching thread already reported part ``i``
+        (:meth:`completed`), and no part is held in memory."""
+        return []
+
     def completed(self, i: int) -> None:
         """Part ``i`` is on disk: hash every whole part now next in order."""
         with self.lock:
@@ -422,6 +427,29 @@ class _InOrderMd5:
             if self.pos != self.size:
                 raise TransferError(f"hashed {self.pos} of {self.size} bytes: parts missing")
             return self.digest.hexdigest()
+
+
+class _PayloadMd5:
+    """The MD5 of parts that arrive out of order in memory (S3 targets): each is held until every
+    part before it is hashed, then hashed and let go."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.md5()
+        self.next = 0  # the next part to hash
+        self.waiting: dict[int, bytes] = {}
+
+    def part_done(self, i: int, payload: bytes) -> list[int]:
+        """Part ``i`` arrived; the parts hashed now (their memory may go)."""
+        self.waiting[i] = payload
+        hashed = []
+        while self.next in self.waiting:
+            self.digest.update(self.waiting.pop(self.next))
+            hashed.append(self.next)
+            self.next += 1
+        return hashed
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 class Transfer:
@@ -567,27 +595,22 @@ class Transfer:
     # -- parts in parallel, hashed in order ---------------------------------------------------
 
     def _run_parts(self, job: FileJob, part_size: int, done: set[int], fetch_part: Callable[[int], tuple],
-                   hash_part: Callable[[int, object], Iterator[bytes]] | _InOrderMd5,
-                   persist: Callable[[set[int]], None] | None,
+                   hasher: _InOrderMd5 | _PayloadMd5, persist: Callable[[set[int]], None] | None,
                    slots: threading.Semaphore | None) -> tuple[str, set[str]]:
-        """Fetch the parts not in ``done`` through the pool and MD5 all parts in order; return (md5, etags).
+        """Fetch the parts not in ``done`` through the pool; return (MD5 of all parts, etags).
 
-        ``fetch_part(i)`` returns (etag, payload); ``hash_part(i, payload)`` yields part i's bytes
-        (payload is None for parts already on disk), or is an :class:`_InOrderMd5` the parts feed
-        themselves. ``slots`` bounds parts held in memory.
+        ``fetch_part(i)`` returns (etag, payload); each finished part goes to ``hasher``, which says
+        which parts it has hashed, and so no longer holds one of ``slots`` (parts held in memory).
         """
-        hasher = hash_part if isinstance(hash_part, _InOrderMd5) else None
         n_parts = max(1, -(-job.size // part_size))
         todo = deque(i for i in range(n_parts) if i not in done)
         pending: dict[Future, int] = {}
-        payloads: dict[int, object] = {}
         held: set[int] = set()  # parts holding one of ``slots``
         etags: set[str] = set()
-        digest = hashlib.md5()
-        hashed, persisted_at = 0, time.monotonic()
+        persisted_at = time.monotonic()
         window = 2 * self.workers
         try:
-            while hashed < n_parts:
+            while todo or pending:
                 while todo and len(pending) < window:
                     if slots is not None:
                         if not slots.acquire(blocking=not pending):
@@ -595,23 +618,16 @@ class Transfer:
                         held.add(todo[0])
                     i = todo.popleft()
                     pending[self.pool.submit(fetch_part, i)] = i
-                if hasher is not None:  # the parts hash themselves: only wait for them all
-                    hashed = n_parts if not todo and not pending else 0
-                while hasher is None and hashed < n_parts and hashed in done:
-                    for chunk in hash_part(hashed, payloads.pop(hashed, None)):
-                        digest.update(chunk)
-                    if hashed in held:
-                        held.discard(hashed)
-                        slots.release()
-                    hashed += 1
-                if hashed >= n_parts:
-                    break
                 finished, _ = wait(pending, timeout=PERSIST_EVERY_S, return_when=FIRST_COMPLETED)
                 for future in finished:
                     i = pending.pop(future)
-                    etags.add(future.result()[0])
-                    payloads[i] = future.result()[1]
+                    etag, payload = future.result()
+                    etags.add(etag)
                     done.add(i)
+                    for hashed in hasher.part_done(i, payload):
+                        if hashed in held:
+                            held.discard(hashed)
+                            slots.release()
                 if persist and time.monotonic() - persisted_at >= PERSIST_EVERY_S:
                     persist(done)
                     persisted_at = time.monotonic()
@@ -626,7 +642,7 @@ class Transfer:
         finally:
             for _ in held:
                 slots.release()
-        return (hasher.hexdigest() if hasher is not None else digest.hexdigest()), etags
+        return hasher.hexdigest(), etags
 
     # -- into a local file --------------------------------------------------------------------
 
@@ -740,8 +756,7 @@ class Transfer:
                 uploaded[i + 1] = response["ETag"]
                 return etag, data
 
-            md5, etags = self._run_parts(job, part_size, set(), fetch_part, lambda i, data: iter((data,)), None,
-                                         self.buffer_slots)
+            md5, etags = self._run_parts(job, part_size, set(), fetch_part, _PayloadMd5(), None, self.buffer_slots)
             if len(etags) > 1:
                 raise TransferError(f"the object changed during the download (ETags {sorted(etags)})",
                                     retry_file=True)
