@@ -55,11 +55,10 @@ from etl.load import cell_assignments
 from etl.mirror import release_files_on_disk
 from etl.publish import (
     EXPRESSION_TABLES,
-    STAGING_SCHEMA,
     create_staging_table,
     index_staging_table,
     publish,
-    staging_name,
+    staged_or_published,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,6 @@ TAXONOMY_LEVELS = ("cluster", "supertype", "subclass", "class")
 REGION_SUBCLASS = "region_subclass"
 GROUPINGS = (*TAXONOMY_LEVELS, REGION_SUBCLASS)
 DEFAULT_CHUNK_CELLS = 20_000
-TABLES = EXPRESSION_TABLES
 NORMALIZATIONS = ("log2", "raw")
 _ONE = np.uint64(1)
 _SUM, _SUM_SQ = 0, 1  # columns of GroupStats.sums
@@ -817,7 +815,7 @@ def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[
     """:func:`merge_and_stage`, then publish the staged expression tables in one transaction."""
     entries = merge_and_stage(conn, release, partials, taxonomy, groupings)
     with conn.transaction():
-        publish(conn, release, TABLES)
+        publish(conn, release, EXPRESSION_TABLES)
     return entries
 
 
@@ -832,7 +830,7 @@ def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[st
     Returns the number of (group, gene) entries per dataset.
     """
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
-    staged = {table: create_staging_table(conn, table, release) for table in TABLES}
+    staged = {table: create_staging_table(conn, table, release) for table in EXPRESSION_TABLES}
     for table in ("expression_gene_major", "expression_group_major"):
         for column in ("sum", "sum_sq"):  # float arrays do not compress: store them out of line, as is
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE EXTERNAL").format(
@@ -860,7 +858,7 @@ def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[st
                 copy.write_row((release, dataset, partial.source, partial.normalization,
                                 partial.n_cells_in_file, partial.n_cells_aggregated))
     _carry_over(conn, release, list(partials), staged)
-    for table in TABLES:
+    for table in EXPRESSION_TABLES:
         index_staging_table(conn, table, release)
     conn.commit()
     return entries
@@ -876,19 +874,12 @@ def _carry_over(conn: psycopg.Connection, release: str, replaced: list[str],
 
 # --- a mirrored, loaded release: planning, per-file work, merge (CLI and DAG) ------------------
 
-def _staged_or_published(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
-    """The metadata load's staging table while it is not yet published, else the published table."""
-    name = staging_name(table, release)
-    staged = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{name}",)).fetchone()[0]
-    return sql.Identifier(STAGING_SCHEMA, name) if staged is not None else sql.Identifier("abc", table)
-
-
 def release_taxonomy(conn: psycopg.Connection, release: str) -> pd.DataFrame:
     """The release's cluster membership, as loaded by the metadata stage."""
     columns = ["cluster_alias", "cluster_annotation_term_set_name", "cluster_annotation_term_label",
                "cluster_annotation_term_name"]
     rows = conn.execute(sql.SQL("SELECT {} FROM {} WHERE release = %s").format(
-        sql.SQL(", ").join(map(sql.Identifier, columns)), _staged_or_published(conn, "cluster_membership", release)),
+        sql.SQL(", ").join(map(sql.Identifier, columns)), staged_or_published(conn, "cluster_membership", release)),
         (release,)).fetchall()
     if not rows:
         raise AggregationError(f"release {release}: no taxonomy loaded; load the release's metadata first")
@@ -904,7 +895,7 @@ def plan_release(settings: Settings, conn: psycopg.Connection, release: str,
     """
     labels = conn.execute(sql.SQL(
         "SELECT DISTINCT dataset, feature_matrix_label FROM {} WHERE release = %s "
-        "AND feature_matrix_label IS NOT NULL").format(_staged_or_published(conn, "cell", release)),
+        "AND feature_matrix_label IS NOT NULL").format(staged_or_published(conn, "cell", release)),
         (release,)).fetchall()
     wanted = {(d, label) for d, label in labels if not datasets or d in datasets}
     missing_datasets = set(datasets or []) - {d for d, _ in wanted}

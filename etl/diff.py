@@ -25,6 +25,7 @@ from psycopg import sql
 from sqlalchemy.engine import Engine
 
 from etl import db
+from etl.publish import staged_or_published
 
 FILE_IDENTITY = ["dataset", "kind", "tag", "normalization", "file_type"]
 ITEM_COLUMNS = ["dataset", "subject", "change", "item", "old_value", "new_value"]
@@ -152,11 +153,9 @@ def _frame(conn: psycopg.Connection, query: sql.Composable, dtypes: dict[str, st
 
 def release_content(database_url: str, release: str) -> ReleaseContent:
     """A release's files and directories (manifest) and its loaded cells, clusters and genes."""
-    from etl.aggregate import _staged_or_published
-
     def rows(table: str, columns: str) -> sql.Composed:
         return sql.SQL("SELECT {} FROM {} WHERE release = {}").format(
-            sql.SQL(columns), _staged_or_published(conn, table, release), sql.Literal(release))
+            sql.SQL(columns), staged_or_published(conn, table, release), sql.Literal(release))
 
     text = str
     with db.copy_connection(database_url) as conn:
@@ -173,8 +172,8 @@ def release_content(database_url: str, release: str) -> ReleaseContent:
             "SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias "
             "FROM {} c LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
             "WHERE c.release = {}").format(
-            _staged_or_published(conn, "cell", release),
-            _staged_or_published(conn, "cell_cluster_membership", release), sql.Literal(release)),
+            staged_or_published(conn, "cell", release),
+            staged_or_published(conn, "cell_cluster_membership", release), sql.Literal(release)),
             {"dataset": text, "cell_label": text, "cluster_alias": "Int64"})
         clusters = _frame(conn, rows("cluster", "dataset, cluster_alias"), {"dataset": text, "cluster_alias": "Int64"})
         genes = _frame(conn, rows("gene", "dataset, gene_identifier"), {"dataset": text, "gene_identifier": text})

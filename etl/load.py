@@ -31,7 +31,13 @@ import psycopg
 from psycopg import sql
 
 from etl import db
-from etl.publish import STAGING_SCHEMA, create_staging_table, index_staging_table, publish, staging_name
+from etl.publish import (
+    create_staging_table,
+    index_staging_table,
+    is_staged,
+    publish,
+    staged_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +312,7 @@ def _copy_file(conn: psycopg.Connection, release: str, file: MetadataFile, known
         raise LoadError(f"{file.relative_path}: line 1: column(s) {', '.join(repeated)} appear more than once")
     keep = [i for i, c in enumerate(columns) if c in known]
     unknown = [(i, header[i]) for i, c in enumerate(columns) if c not in known]
-    target = sql.Identifier(STAGING_SCHEMA, staging_name(file.table, release))
+    target = staged_table(file.table, release)
     conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(
         sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(sql.Identifier(column), sql.Literal(value))
         for column, value in _file_constants(release, file).items()))
@@ -383,10 +389,6 @@ def _describe_values(columns: list[str], values: set[tuple[str, ...]]) -> str:
     return ", ".join(f"({', '.join(columns)})=({', '.join(v)})" for v in sorted(values))
 
 
-def _staged(table: str, release: str) -> sql.Identifier:
-    return sql.Identifier(STAGING_SCHEMA, staging_name(table, release))
-
-
 def _key_columns(conn: psycopg.Connection, table: str) -> list[str]:
     row = conn.execute(
         "SELECT array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i) "
@@ -407,7 +409,7 @@ def _index_or_report_duplicates(conn: psycopg.Connection, table: str, release: s
         values = _text_tuples(conn, sql.SQL(
             "SELECT {} FROM {} GROUP BY {} HAVING count(*) > 1 ORDER BY 1 LIMIT {}").format(
             sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in key),
-            _staged(table, release), names, sql.Literal(MAX_REPORTED)))
+            staged_table(table, release), names, sql.Literal(MAX_REPORTED)))
         raise LoadError(f"abc.{table}: duplicate key {_describe_values(key, values)} at "
                         f"{_locate(files, key, values)}") from None
 
@@ -439,7 +441,7 @@ def _check_references(conn: psycopg.Connection, table: str, release: str,
             "SELECT DISTINCT {} FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {}) "
             "ORDER BY 1 LIMIT {}").format(
             sql.SQL(", ").join(sql.SQL("s.{}::text").format(sql.Identifier(c)) for c in shown),
-            _staged(table, release), present, _staged(ref, release), match, sql.Literal(MAX_REPORTED)))
+            staged_table(table, release), present, staged_table(ref, release), match, sql.Literal(MAX_REPORTED)))
         if missing:
             raise LoadError(
                 f"abc.{table}: {_describe_values(shown, missing)} not in abc.{ref} of release {release}, at "
@@ -452,7 +454,7 @@ def _check_counts(conn: psycopg.Connection, table: str, release: str, loads: lis
     for load in loads:
         expected[load.file.dataset] += load.rows
     counted = dict(conn.execute(sql.SQL("SELECT dataset, count(*) FROM {} GROUP BY dataset").format(
-        _staged(table, release))).fetchall())
+        staged_table(table, release))).fetchall())
     for dataset, rows in expected.items():
         if counted.get(dataset, 0) != rows:
             paths = ", ".join(x.file.relative_path for x in loads if x.file.dataset == dataset)
@@ -576,10 +578,10 @@ def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd
     cell's cluster is its own ``cluster_alias`` or the taxonomy's cell_to_cluster_membership row,
     its region its own or its library's, as the consensus release keeps them there.
     """
-    staged = conn.execute("SELECT to_regclass(%s)", (f"{STAGING_SCHEMA}.{staging_name('cell', release)}",)).fetchone()
+    staged = is_staged(conn, "cell", release)
 
     def source(table: str) -> sql.Identifier:
-        return _staged(table, release) if staged[0] is not None else sql.Identifier("abc", table)
+        return staged_table(table, release) if staged else sql.Identifier("abc", table)
 
     query = sql.SQL(
         "COPY (SELECT c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias, "

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from etl import db
 from etl.alerts import Alert, already_sent, send
 from etl.config import Settings
+from etl.publish import staged_or_published
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,10 @@ CHECKS: dict[str, tuple[str, str]] = {
 
 def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
     """Run every check on ``release`` (its staged load when not yet published) and store the results."""
-    from etl.aggregate import _staged_or_published
-
     tables = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
     results = []
     with db.copy_connection(database_url) as conn:
-        relations = {t: _staged_or_published(conn, t, release) for t in tables}
+        relations = {t: staged_or_published(conn, t, release) for t in tables}
         for name, (_, query) in CHECKS.items():
             failing, details = conn.execute(sql.SQL(query).format(**relations), {"r": release}).fetchone()
             results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))

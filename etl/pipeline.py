@@ -32,7 +32,7 @@ from etl.mirror import (
     release_files_on_disk,
     target_name,
 )
-from etl.publish import EXPRESSION_TABLES, STAGING_SCHEMA, publish, staging_name
+from etl.publish import EXPRESSION_TABLES, is_staged, publish, staged_table
 
 DEFAULT_BATCH_BYTES = 8 << 30
 MAX_BATCHES = 256
@@ -182,7 +182,7 @@ def stage_expression(settings: Settings, release: str, done: Sequence[Mapping[st
             with db.copy_connection(settings.database_url) as conn:
                 for table in EXPRESSION_TABLES:
                     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                        sql.Identifier(STAGING_SCHEMA, staging_name(table, release)))).fetchone()[0]
+                        staged_table(table, release))).fetchone()[0]
                     s.wrote(f"abc.{table}", partition=release, rows=rows)
         return entries
     finally:
@@ -229,11 +229,6 @@ def validate_and_publish(settings: Settings, release: str) -> bool:
         return publish_release(conn, release)
 
 
-def _is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
-    name = f"{STAGING_SCHEMA}.{staging_name(table, release)}"
-    return conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
-
-
 def publish_release(conn: psycopg.Connection, release: str) -> bool:
     """Publish what is staged of ``release``, metadata and expression, in one transaction.
 
@@ -245,8 +240,8 @@ def publish_release(conn: psycopg.Connection, release: str) -> bool:
         status = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
         if status is None:
             raise PlanError(f"release {release} is not recorded in abc.release")
-        metadata = _is_staged(conn, METADATA_TABLES[-1], release)
-        expression = _is_staged(conn, EXPRESSION_TABLES[-1], release)
+        metadata = is_staged(conn, METADATA_TABLES[-1], release)
+        expression = is_staged(conn, EXPRESSION_TABLES[-1], release)
         if not metadata and not expression:
             if status[0] == "published":
                 return False

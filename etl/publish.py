@@ -18,7 +18,7 @@ from psycopg import sql
 RELEASE_RE = re.compile(r"^[0-9]{8}$")
 STAGING_SCHEMA = "abc_staging"
 PARTITION_SCHEMA = "abc_part"
-# The aggregation stage's tables (etl.aggregate.TABLES), here so that publishing needs no numerical stack.
+# The aggregation stage's tables, here so that publishing needs no numerical stack.
 EXPRESSION_TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
                      "expression_file"]
 
@@ -31,6 +31,23 @@ def _check_release(release: str) -> str:
 
 def staging_name(table: str, release: str) -> str:
     return f"{table}_r{_check_release(release)}"
+
+
+def staged_table(table: str, release: str) -> sql.Identifier:
+    """``abc_staging.<table>_r<release>``: where a stage writes ``release`` before publication."""
+    return sql.Identifier(STAGING_SCHEMA, staging_name(table, release))
+
+
+def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
+    """Whether a stage has written ``table`` of ``release`` and it is not published yet."""
+    name = f"{STAGING_SCHEMA}.{staging_name(table, release)}"
+    return conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
+
+
+def staged_or_published(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
+    """The release's staging table while it is not yet published, else the published table: so that
+    checks, diffs and the next stage read what the last stage wrote, published or not."""
+    return staged_table(table, release) if is_staged(conn, table, release) else sql.Identifier("abc", table)
 
 
 def create_staging_table(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
@@ -94,7 +111,7 @@ def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
             conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(sql.Identifier("abc", table), old))
             conn.execute(sql.SQL("DROP TABLE {}").format(old))
     for table in tables:
-        staged = sql.Identifier(STAGING_SCHEMA, staging_name(table, release))
+        staged = staged_table(table, release)
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(PARTITION_SCHEMA)))
         conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
             sql.Identifier("abc", table), sql.Identifier(PARTITION_SCHEMA, staging_name(table, release)),
@@ -103,5 +120,4 @@ def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
 
 def drop_staging(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
     for table in tables:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-            sql.Identifier(STAGING_SCHEMA, staging_name(table, release))))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staged_table(table, release)))
