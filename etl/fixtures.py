@@ -58,7 +58,8 @@ WMB_V3 = "WMB-10Xv3"
 WMB_REGIONS = ["CTXsp", "HPF", "HY", "MB", "OLF", "TH", "Isocortex-1", "Isocortex-2"]
 MACOSKO_REGIONS = ["CB", "HPF", "HY", "Isocortex", "MB", "MY-Pons-BS", "OLF", "PAL", "STR", "TH"]
 TERM_SETS = ["class", "subclass", "supertype", "cluster"]  # the hierarchy the expression model follows
-TAXONOMY_PREFIX = "CCN20251031"  # term sets; terms are CS20251031_*
+TAXONOMY_PREFIX = "CCN20251031"  # term sets
+TERM_PREFIX = "CS20251031"  # terms
 # The real term sets, in their order: neurotransmitter (flat), then neighborhood > class > ... > cluster.
 TERM_SET_LABELS = {"neurotransmitter": f"{TAXONOMY_PREFIX}_NEUR", "neighborhood": f"{TAXONOMY_PREFIX}_LEVEL_0",
                    "class": f"{TAXONOMY_PREFIX}_LEVEL_1", "subclass": f"{TAXONOMY_PREFIX}_LEVEL_2",
@@ -197,6 +198,11 @@ def make_genes(spec: FixtureSpec) -> Genes:
     return Genes(identifiers, symbols, cdf)
 
 
+def _term_labels(level: str, n: int) -> list[str]:
+    """Labels of a term set's terms as the consensus taxonomy writes them: CS20251031_CLUS_0001, ..."""
+    return [f"{TERM_PREFIX}_{TERM_CODES[level]}_{i + 1:04d}" for i in range(n)]
+
+
 def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
     rng = _rng(spec, "taxonomy")
     sizes = spec.taxonomy_sizes
@@ -210,8 +216,7 @@ def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
     markers_per_node = {"class": 8, "subclass": 5, "supertype": 3, "cluster": 3}
     for level_number, level in enumerate(TERM_SETS, start=1):
         n = sizes[level]
-        code = {"class": "CLAS", "subclass": "SUBC", "supertype": "SUPT", "cluster": "CLUS"}[level]
-        labels[level] = [f"CS20251031_{code}_{i + 1:04d}" for i in range(n)]
+        labels[level] = _term_labels(level, n)
         if level == "cluster":
             names[level] = [f"{i + 1:04d} {names['supertype'][parents['cluster'][i]]}" for i in range(n)]
         elif level == "class":
@@ -494,10 +499,8 @@ def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, 
     parent_set = {"neurotransmitter": None, "neighborhood": None, "class": "neighborhood", "subclass": "class",
                   "supertype": "subclass", "cluster": "supertype"}
     labels = {**taxonomy.labels,
-              "neighborhood": [f"CS20251031_{TERM_CODES['neighborhood']}_{i + 1:04d}"
-                               for i in range(len(taxonomy.neighborhood_colors))],
-              "neurotransmitter": [f"CS20251031_{TERM_CODES['neurotransmitter']}_{i + 1:04d}"
-                                   for i in range(len(NEUROTRANSMITTERS))]}
+              "neighborhood": _term_labels("neighborhood", len(taxonomy.neighborhood_colors)),
+              "neurotransmitter": _term_labels("neurotransmitter", len(NEUROTRANSMITTERS))}
     names = {**taxonomy.names, "neighborhood": NEIGHBORHOODS[: len(taxonomy.neighborhood_colors)],
              "neurotransmitter": NEUROTRANSMITTERS}
     colors = {**taxonomy.colors, "neighborhood": taxonomy.neighborhood_colors,
