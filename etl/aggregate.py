@@ -8,27 +8,34 @@ result merges with the other files' by summing, and coarser groupings roll up fr
 Two groupings are accumulated from the matrices (the *base* groupings): ``cluster`` and
 ``region_subclass``; ``supertype``, ``subclass`` and ``class`` are rolled up from ``cluster``.
 
-Memory is bounded by the output, never by the input. A file is read twice in row chunks (with
-``os.preadv`` straight from the file where X is stored unfiltered, else through h5py); numba
-kernels digest each chunk on every core, without the GIL, each thread taking its own run of
-groups (so no two threads ever write the same statistics):
+Memory is bounded by the output, never by the input. numba kernels do the work on every core,
+without the GIL, each thread taking its own run of groups (so no two threads ever write the same
+statistics). A file is read one of two ways:
 
-1. the first pass reads only column indices and sets one bit per (group, gene) pair present
-   in a bitmap (groups x genes / 8 bytes: 27 MB for 6,756 clusters x 32,000 genes);
-2. the bitmap's prefix popcounts give every present pair a fixed slot, so the second pass adds
-   each non-zero value into its slot in place, 20 bytes per present pair (float64 sum and sum of
-   squares side by side, uint32 count), with no re-allocation or merging.
+- **in group order**, where X is stored unfiltered and the file is in the page cache: the rows
+  of each group are read together (``pread`` at their offsets, in batches of ``chunk_cells``
+  rows), summed in a dense per-thread accumulator of genes x 20 B that stays in cache, and the
+  group's present genes are written out once, already in CSR order. One pass, no bitmap; the
+  reads are scattered, which is why a file not in the page cache is read the other way.
+- **in file order** otherwise, in two sequential passes over row chunks (``os.preadv`` straight
+  from the file where X is unfiltered, else through h5py): the first reads only column indices
+  and sets one bit per (group, gene) pair present in a bitmap (groups x genes / 8 bytes: 27 MB
+  for 6,756 clusters x 32,000 genes); the bitmap's prefix popcounts give every pair a fixed
+  slot, and the second pass adds each non-zero value into its slot in place.
 
 Peak memory of :func:`aggregate_file` is therefore about
 ``24 B x present (group, gene) pairs of the base groupings (20 B of statistics, 4 B of gene index)
-+ 8 B x non-zeros of one chunk + groups x genes / 4 B`` plus the interpreter; ``chunk_cells``
-trades the middle term for speed (more cells of a group per chunk: fewer cache misses).
++ 8 B x non-zeros of one chunk`` plus, in group order, the chunk's staged pairs (at most 24 B x
+its non-zeros) or, in file order, ``groups x genes / 4 B``, and the interpreter; ``chunk_cells``
+trades the chunk terms for speed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -67,6 +74,7 @@ TAXONOMY_LEVELS = ("cluster", "supertype", "subclass", "class")
 REGION_SUBCLASS = "region_subclass"
 GROUPINGS = (*TAXONOMY_LEVELS, REGION_SUBCLASS)
 DEFAULT_CHUNK_CELLS = 20_000
+_CACHED_ENOUGH = 0.9  # fraction of a file in the page cache above which it is read in group order
 NORMALIZATIONS = ("log2", "raw")
 _ONE = np.uint64(1)
 _SUM, _SUM_SQ = 0, 1  # columns of GroupStats.sums
@@ -143,13 +151,9 @@ def _slot(bitmap, offsets, group, gene):
 
 
 @numba.njit(cache=True, nogil=True)
-def _group_order(row_group, indptr, n_parts):
-    """Rows by group (rows without a group left out), cut into ``n_parts`` runs of about equal
+def _cut_runs(row_group, indptr, order, first, n_parts):
+    """Bounds cutting ``order[first:]`` (rows sorted by group) into ``n_parts`` runs of about equal
     non-zeros; a group never spans two runs, so each run's slots are its own."""
-    order = np.argsort(row_group, kind="mergesort")
-    first = 0
-    while first < order.shape[0] and row_group[order[first]] < 0:
-        first += 1
     total = 0
     for position in range(first, order.shape[0]):
         row = order[position]
@@ -165,7 +169,17 @@ def _group_order(row_group, indptr, n_parts):
             bounds[part] = position
             part += 1
         seen += indptr[row + 1] - indptr[row]
-    return order, bounds
+    return bounds
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_order(row_group, indptr, n_parts):
+    """Rows by group (rows without a group left out), cut into ``n_parts`` runs (:func:`_cut_runs`)."""
+    order = np.argsort(row_group, kind="mergesort")
+    first = 0
+    while first < order.shape[0] and row_group[order[first]] < 0:
+        first += 1
+    return order, _cut_runs(row_group, indptr, order, first, n_parts)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -238,6 +252,136 @@ def _drop_empty(indptr, indices, sums, nonzero):
                 position += 1
     new_indptr[indptr.shape[0] - 1] = position
     return new_indptr
+
+
+# --- group-ordered path: all rows of a group at once, dense per-thread accumulators -------------
+
+# libc's pread(fd, buffer, count, offset), called from the kernels by symbol (so they can be
+# cached, unlike a ctypes pointer); the buffer address goes as an integer of pointer size.
+_pread = types.ExternalFunction("pread", types.intp(types.intc, types.uintp, types.uintp, types.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _read_elements(fd, chunk_offsets, chunk_len, itemsize, lo, hi, address):
+    """Elements ``lo:hi`` of an unfiltered 1-d dataset (chunks at ``chunk_offsets`` in the file) to
+    ``address``; the file offset where the file ended early, else -1."""
+    position = lo
+    while position < hi:
+        chunk = position // chunk_len
+        stop = min(hi, (chunk + 1) * chunk_len)
+        file_at = chunk_offsets[chunk] + (position - chunk * chunk_len) * itemsize
+        target = address + (position - lo) * itemsize
+        remaining = (stop - position) * itemsize
+        while remaining > 0:
+            got = _pread(fd, target, remaining, file_at)
+            if got <= 0:
+                return file_at
+            target += got
+            file_at += got
+            remaining -= got
+        position = stop
+    return -1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _read_rows(fd, chunk_offsets, chunk_len, indptr, rows, out, n_threads):
+    """The stored elements of ``rows`` (by ``indptr``), one row after the other, into ``out``;
+    the file offset where the file ended early, else -1."""
+    starts = np.empty(rows.shape[0] + 1, np.int64)
+    starts[0] = 0
+    for i in range(rows.shape[0]):
+        starts[i + 1] = starts[i] + indptr[rows[i] + 1] - indptr[rows[i]]
+    failed = np.full(n_threads, -1, np.int64)
+    per = (rows.shape[0] + n_threads - 1) // n_threads
+    base = out.ctypes.data
+    for part in numba.prange(n_threads):
+        for i in range(part * per, min(rows.shape[0], (part + 1) * per)):
+            ended = _read_elements(fd, chunk_offsets, chunk_len, out.itemsize, indptr[rows[i]], indptr[rows[i] + 1],
+                                   base + starts[i] * out.itemsize)
+            if ended >= 0:
+                failed[part] = ended
+    return failed.max()
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _accumulate_groups(row_group, indptr, indices, values, bounds, n_genes, carry_in, carry_on,
+                       scratch, scratch_nonzero, carried, carried_nonzero, carry, carry_nonzero,
+                       stage_indices, stage_sums, stage_nonzero, group_pairs):
+    """Rows sorted by group; thread ``part`` takes rows ``bounds[part]:bounds[part + 1]`` (whole
+    groups), sums each group into its dense accumulators (genes x 20 B: in cache) and stages the
+    group's present genes, in gene order. The first group may go on from the previous batch
+    (``carry_in``: its sums so far are in ``carried``), the last may go on in the next
+    (``carry_on``: its sums go to ``carry``, which must be a different buffer: another thread may
+    be reading ``carried``). Returns pairs staged per thread and the number of
+    column indices outside 0..n_genes-1."""
+    n_threads = bounds.shape[0] - 1
+    staged = np.zeros(n_threads, np.int64)
+    outside = np.zeros(n_threads, np.int64)
+    for part in numba.prange(n_threads):
+        sums, nonzero = scratch[part], scratch_nonzero[part]
+        position = bounds[part]
+        while position < bounds[part + 1]:
+            group = row_group[position]
+            end = position
+            while end < bounds[part + 1] and row_group[end] == group:
+                for k in range(indptr[end], indptr[end + 1]):
+                    gene = indices[k]
+                    if gene < 0 or gene >= n_genes:
+                        outside[part] += 1
+                        continue
+                    value = np.float64(values[k])
+                    if value != 0.0:
+                        sums[gene, _SUM] += value
+                        sums[gene, _SUM_SQ] += value * value
+                        nonzero[gene] += 1
+                end += 1
+            if position == 0 and carry_in:
+                for gene in range(n_genes):
+                    if carried_nonzero[gene]:
+                        sums[gene, _SUM] += carried[gene, _SUM]
+                        sums[gene, _SUM_SQ] += carried[gene, _SUM_SQ]
+                        nonzero[gene] += carried_nonzero[gene]
+                        carried[gene, _SUM] = carried[gene, _SUM_SQ] = 0.0
+                        carried_nonzero[gene] = 0
+            if end == row_group.shape[0] and carry_on:
+                for gene in range(n_genes):
+                    if nonzero[gene]:
+                        carry[gene, _SUM], carry[gene, _SUM_SQ] = sums[gene, _SUM], sums[gene, _SUM_SQ]
+                        carry_nonzero[gene] = nonzero[gene]
+                        sums[gene, _SUM] = sums[gene, _SUM_SQ] = 0.0
+                        nonzero[gene] = 0
+            else:
+                n = staged[part]
+                for gene in range(n_genes):
+                    if nonzero[gene]:
+                        stage_indices[part, n] = gene
+                        stage_sums[part, n, _SUM] = sums[gene, _SUM]
+                        stage_sums[part, n, _SUM_SQ] = sums[gene, _SUM_SQ]
+                        stage_nonzero[part, n] = nonzero[gene]
+                        sums[gene, _SUM] = sums[gene, _SUM_SQ] = 0.0
+                        nonzero[gene] = 0
+                        n += 1
+                group_pairs[group] += n - staged[part]
+                staged[part] = n
+            position = end
+    return staged, outside.sum()
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _unstage(staged, stage_indices, stage_sums, stage_nonzero, at, indices, sums, nonzero):
+    """Append each thread's staged pairs, in thread order (= group order), at ``at``; the new end."""
+    starts = np.empty(staged.shape[0], np.int64)
+    position = at
+    for part in range(staged.shape[0]):
+        starts[part] = position
+        position += staged[part]
+    for part in numba.prange(staged.shape[0]):  # each thread first-touches its own share of the output
+        for k in range(staged[part]):
+            indices[starts[part] + k] = stage_indices[part, k]
+            sums[starts[part] + k, _SUM] = stage_sums[part, k, _SUM]
+            sums[starts[part] + k, _SUM_SQ] = stage_sums[part, k, _SUM_SQ]
+            nonzero[starts[part] + k] = stage_nonzero[part, k]
+    return position
 
 
 # --- statistics of one grouping ----------------------------------------------------------------
@@ -316,17 +460,16 @@ class _Accumulator:
         _add_stats(self.bitmap, self.offsets, row_group, stats.indptr, indices, stats.sums, stats.nonzero,
                    self.sums, self.nonzero)
 
-    def finish(self, grouping: str, groups: pd.DataFrame, genes: pd.DataFrame) -> GroupStats:
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """indptr, indices, sums and nonzero of the pairs with a non-zero value, in CSR order."""
         del self.offsets  # freed before the gene indices are allocated, at the peak of memory
         indices = _genes_of_bitmap(self.bitmap, int(self.indptr[-1]))
         indptr = self.indptr
         if _has_empty(self.nonzero):
             indptr = _drop_empty(indptr, indices, self.sums, self.nonzero)
         n = int(indptr[-1])
-        stats = GroupStats(grouping, groups.reset_index(drop=True), genes, indptr, indices[:n], self.sums[:n],
-                           self.nonzero[:n])
         del self.bitmap
-        return stats
+        return indptr, indices[:n], self.sums[:n], self.nonzero[:n]
 
 
 # --- inputs: taxonomy, assignments, h5ad -------------------------------------------------------
@@ -541,43 +684,175 @@ class Partial:
     stats: dict[str, GroupStats]
 
 
+def _cached_fraction(fd: int) -> float:
+    """Fraction of the file's pages in the page cache (``mincore`` on a mapping never touched)."""
+    size = os.fstat(fd).st_size
+    if not size:
+        return 1.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        return 0.0
+    try:
+        pages = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+        return float((pages & 1).mean()) if libc.mincore(address, size, pages.ctypes.data) == 0 else 0.0
+    finally:
+        libc.munmap(address, size)
+
+
+def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str, _FileRanges],
+                              codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]], n_genes: int,
+                              chunk_cells: int, raw: bool) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per base grouping: the rows of each group read together (``os.pread`` at their offsets, in
+    batches of ``chunk_cells`` rows) and summed in dense per-thread accumulators, so each group's
+    pairs are written once, already in CSR order. Returns indptr, indices, sums, nonzero."""
+    indptr = store["X"]["indptr"][:].astype(np.int64)
+    lengths = np.diff(indptr)
+    x = store["X"]
+    threads = _threads()
+    buffers = {name: np.empty(0, x[name].dtype) for name in ("indices", "data")}
+    stage = (np.empty((threads, 0), np.int32), np.empty((threads, 0, 2)), np.empty((threads, 0), np.uint32))
+    scratch, scratch_nonzero = np.zeros((threads, n_genes, 2)), np.zeros((threads, n_genes), np.uint32)
+    carries = [(np.zeros((n_genes, 2)), np.zeros(n_genes, np.uint32)) for _ in range(2)]  # in, out: swapped
+    out: dict[str, tuple[np.ndarray, ...]] = {}
+    checked = False
+    for grouping, (row_codes, groups) in codes.items():
+        order = np.argsort(row_codes, kind="stable")
+        first = int(np.searchsorted(row_codes[order], 0))
+        if not checked:  # rows of no group are not aggregated, but a bad index makes a bad file all the same
+            _check_rows(path, ranges["indices"], indptr, order[:first], n_genes, buffers, chunk_cells)
+            checked = True
+        order = order[first:]
+        batches = range(0, len(order), chunk_cells)
+        ends = np.cumsum(lengths[order])
+        largest = max((int(ends[min(len(order), b + chunk_cells) - 1] - (ends[b - 1] if b else 0))
+                       for b in batches), default=0)
+        for name in buffers:
+            if len(buffers[name]) < largest:
+                buffers[name] = np.empty(largest, x[name].dtype)
+        if stage[0].shape[1] < largest:  # pages are touched only as far as a batch's pairs reach
+            stage = (np.empty((threads, largest), np.int32), np.empty((threads, largest, 2)),
+                     np.empty((threads, largest), np.uint32))
+        # Room for every possible pair, of which only the pairs present are ever touched (memory
+        # is committed page by page): the output is written once, in order, never re-allocated.
+        capacity = min(len(groups) * n_genes, int(ends[-1]) if len(order) else 0)
+        indices, sums, nonzero = np.empty(capacity, np.int32), np.empty((capacity, 2)), np.empty(capacity, np.uint32)
+        group_pairs = np.zeros(len(groups), np.int64)
+        written = 0
+        for start in batches:
+            rows = order[start:start + chunk_cells]
+            row_group = row_codes[rows]
+            local_indptr = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(lengths[rows], out=local_indptr[1:])
+            n = int(local_indptr[-1])
+            for name in ("indices", "data"):
+                _read_rows_of(path, ranges[name], indptr, rows, buffers[name][:n], threads)
+            data = buffers["data"][:n]
+            values = _log2_cpm(local_indptr, data.astype(np.float64)) if raw else data
+            carry_in = start > 0 and row_codes[order[start - 1]] == row_group[0]
+            carry_on = start + chunk_cells < len(order) and row_codes[order[start + chunk_cells]] == row_group[-1]
+            bounds = _cut_runs(row_group, local_indptr, np.arange(len(rows)), 0, threads)
+            with _PARALLEL:
+                staged, outside = _accumulate_groups(row_group, local_indptr, buffers["indices"][:n], values, bounds,
+                                                     n_genes, carry_in, carry_on, scratch, scratch_nonzero,
+                                                     *carries[0], *carries[1], *stage, group_pairs)
+                carries.reverse()
+                if outside:
+                    raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+                written = _unstage(staged, *stage, written, indices, sums, nonzero)
+        group_indptr = np.zeros(len(groups) + 1, np.int64)
+        np.cumsum(group_pairs, out=group_indptr[1:])
+        out[grouping] = (group_indptr, indices[:written], sums[:written], nonzero[:written])
+    return out
+
+
+def _read_rows_of(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, out: np.ndarray,
+                  threads: int) -> None:
+    with _PARALLEL:
+        ended = _read_rows(ranges.fd, ranges.offsets, ranges.chunk_len, indptr, rows, out, threads)
+    if ended >= 0:
+        raise AggregationError(f"{path}: unreadable h5ad: file ends at byte {ended}, inside X")
+
+
+def _check_rows(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, n_genes: int,
+                buffers: dict[str, np.ndarray], chunk_cells: int) -> None:
+    """Gene indices of ``rows`` (cells not aggregated) within 0..n_genes-1."""
+    lengths = np.diff(indptr)
+    for start in range(0, len(rows), chunk_cells):
+        batch = rows[start:start + chunk_cells]
+        n = int(lengths[batch].sum())
+        if len(buffers["indices"]) < n:
+            buffers["indices"] = np.empty(n, buffers["indices"].dtype)
+        found = buffers["indices"][:n]
+        _read_rows_of(path, ranges, indptr, batch, found, _threads())
+        if n and (found.min() < 0 or found.max() >= n_genes):
+            raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+
+
+def _aggregate_in_file_order(store: h5py.File, path: Path, codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
+                             n_genes: int, chunk_cells: int, raw: bool) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per base grouping, from two sequential passes over X in row chunks: mark the pairs present
+    in a bitmap, then add each value into its pair's slot. Returns indptr, indices, sums, nonzero."""
+    accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
+    buffers: dict[str, np.ndarray] = {}
+    for start, indptr, indices, _ in _chunks(store, chunk_cells, False, buffers):
+        for grouping, accumulator in accumulators.items():
+            if accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices):
+                raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+    for accumulator in accumulators.values():
+        accumulator.allocate()
+    for start, indptr, indices, data in _chunks(store, chunk_cells, True, buffers):
+        values = _log2_cpm(indptr, data.astype(np.float64)) if raw else data
+        for grouping, accumulator in accumulators.items():
+            accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
+    buffers = indptr = indices = data = values = None  # freed before the gene indices come
+    return {grouping: accumulator.finish() for grouping, accumulator in accumulators.items()}
+
+
 def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy, *,
-                     chunk_cells: int = DEFAULT_CHUNK_CELLS, groupings: Sequence[str] = GROUPINGS) -> Partial:
+                     chunk_cells: int = DEFAULT_CHUNK_CELLS, groupings: Sequence[str] = GROUPINGS,
+                     group_order: bool | None = None) -> Partial:
     """Aggregate one h5ad file (streamed in row chunks) into base-grouping statistics, in memory.
 
     ``assignments`` has ``cell_label, cluster_alias, region_of_interest_acronym``; matrix rows it does
-    not list (cells QC'd out) or that have no cluster are skipped.
+    not list (cells QC'd out) or that have no cluster are skipped. ``group_order``: read the rows of
+    each group together rather than in two sequential passes; it needs X stored unfiltered, and by
+    default it is chosen when the file is in the page cache: its reads are scattered, which a
+    disk serves many times slower than sequential ones.
     """
     path = Path(h5ad_path)
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
     base = _base_groupings(groupings)
     try:
-        # No chunk cache: each chunk of X is read once, straight into the buffers of _chunks.
+        # No chunk cache: each chunk of X is read once, straight into the buffers.
         with h5py.File(path, "r", rdcc_nbytes=0) as store:
             matrix = _open_matrix(path, store)
             codes = _row_codes(matrix, assignments, tax, base)
             matrix.cell_labels = matrix.cell_labels[:0]  # not needed past the codes: free it before the peak
-            n_genes = len(matrix.genes)
-            accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
-            buffers: dict[str, np.ndarray] = {}
-            for start, indptr, indices, _ in _chunks(store, chunk_cells, False, buffers):
-                for grouping, accumulator in accumulators.items():
-                    if accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices):
-                        raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
-            for accumulator in accumulators.values():
-                accumulator.allocate()
-            for start, indptr, indices, data in _chunks(store, chunk_cells, True, buffers):
-                values = _log2_cpm(indptr, data.astype(np.float64)) if matrix.normalization == "raw" else data
-                for grouping, accumulator in accumulators.items():
-                    accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
-            buffers = indptr = indices = data = values = None  # freed before the gene indices come
+            raw = matrix.normalization == "raw"
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                ranges = {name: _FileRanges.of(store["X"][name], fd) for name in ("indices", "data")}
+                direct = all(r is not None for r in ranges.values())
+                if group_order and not direct:
+                    raise AggregationError(f"{path}: X is stored filtered (compressed): it can only be read in "
+                                           "file order")
+                if group_order or (group_order is None and direct and _cached_fraction(fd) >= _CACHED_ENOUGH):
+                    arrays = _aggregate_in_group_order(store, path, ranges, codes, len(matrix.genes), chunk_cells, raw)
+                else:
+                    arrays = _aggregate_in_file_order(store, path, codes, len(matrix.genes), chunk_cells, raw)
+            finally:
+                os.close(fd)
     except (OSError, KeyError) as exc:
         raise AggregationError(f"{path}: unreadable h5ad: {exc}") from exc
     stats = {}
-    for grouping, accumulator in accumulators.items():
-        row_codes, groups = codes[grouping]
+    for grouping, (row_codes, groups) in codes.items():
         groups = groups.assign(n_cells=np.bincount(row_codes[row_codes >= 0], minlength=len(groups)))
-        stats[grouping] = accumulator.finish(grouping, groups, matrix.genes)
+        stats[grouping] = GroupStats(grouping, groups.reset_index(drop=True), matrix.genes, *arrays.pop(grouping))
     aggregated = int((next(iter(codes.values()))[0] >= 0).sum()) if codes else 0
     return Partial(str(path), matrix.normalization, matrix.n_cells, aggregated, stats)
 
@@ -670,7 +945,7 @@ def _merge(grouping: str, parts: Sequence[GroupStats], group_of_row: Sequence[np
     n_cells = np.zeros(len(groups), np.int64)
     for part, rows in zip(parts, group_of_row, strict=True):
         np.add.at(n_cells, rows[rows >= 0], part.groups["n_cells"].to_numpy()[rows >= 0])
-    return accumulator.finish(grouping, groups.assign(n_cells=n_cells), genes)
+    return GroupStats(grouping, groups.assign(n_cells=n_cells).reset_index(drop=True), genes, *accumulator.finish())
 
 
 def _union_genes(parts: Iterable[GroupStats]) -> pd.DataFrame:

@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--dataset", action="append", help="only this metadata dataset (repeatable)")
     aggregate.add_argument("--chunk-cells", type=int,
                            help="cells per read chunk (default: etl.aggregate.DEFAULT_CHUNK_CELLS): more is "
-                                "faster and holds more memory (8 B per non-zero of a chunk)")
+                                "faster and holds more memory (8 B per non-zero of a chunk; up to 32 B read in group "
+                                "order)")
     aggregate.add_argument("--work-dir", help="where per-file partial results go (default: beside the mirror)")
     database_flag(aggregate)
     aggregate.set_defaults(handler=cmd_aggregate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -209,10 +210,59 @@ def test_chunks_are_the_rows_of_x(generated_bucket, tmp_path, layout):
                     for _, indptr, indices, data in aggregate._chunks(store, 37, with_data, buffers)]
         reference = expected if with_data else expected.astype(bool).astype(float)
         assert (sp.vstack(rows) != reference).nnz == 0
+    if direct is not None:  # rows in any order (as the group-ordered path reads them), at their file offsets
+        shuffled = np.random.default_rng(3).permutation(expected.shape[0])
+        with h5py.File(path, "r") as store:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                ranges = {name: aggregate._FileRanges.of(store["X"][name], fd) for name in ("indices", "data")}
+                indptr = store["X"]["indptr"][:].astype(np.int64)
+                lengths = np.diff(indptr)[shuffled]
+                out = {name: np.empty(lengths.sum(), store["X"][name].dtype) for name in ranges}
+                for name, r in ranges.items():
+                    assert aggregate._read_rows(r.fd, r.offsets, r.chunk_len, indptr, shuffled, out[name], 2) == -1
+            finally:
+                os.close(fd)
+        read = sp.csr_matrix((out["data"], out["indices"], np.concatenate([[0], np.cumsum(lengths)])),
+                             shape=expected.shape)
+        assert (read != expected[shuffled]).nnz == 0
 
 
+@pytest.mark.parametrize("chunk_cells", [13, 97, 1_000_000])
+def test_group_order_and_file_order_agree(generated_bucket, tmp_path, chunk_cells):
+    """Rows read group by group (scattered reads; a group carried across batches when it spans
+    them) or in two sequential passes: the same statistics; pairs whose values are all explicit
+    zeros are left out by both."""
+    path = tmp_path / _matrices(generated_bucket, MACOSKO, "log2")[0].name
+    path.write_bytes(_matrices(generated_bucket, MACOSKO, "log2")[0].read_bytes())
+    with h5py.File(path, "a") as store:
+        store["X"]["data"][::5] = 0.0
+    args = (path, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket))
+    by_group = aggregate.aggregate_matrix(*args, chunk_cells=chunk_cells, group_order=True)
+    by_file = aggregate.aggregate_matrix(*args, chunk_cells=chunk_cells, group_order=False)
+    for grouping, stats in by_group.stats.items():
+        other = by_file.stats[grouping]
+        assert stats.n_pairs > 0 and stats.nonzero.min() > 0
+        if chunk_cells == 13:
+            assert stats.groups["n_cells"].max() > 2 * chunk_cells  # groups span batches
+        np.testing.assert_array_equal(stats.indptr, other.indptr)
+        np.testing.assert_array_equal(stats.indices, other.indices)
+        np.testing.assert_array_equal(stats.nonzero, other.nonzero)
+        np.testing.assert_allclose(stats.sums, other.sums, rtol=1e-12)
+
+
+def test_compressed_x_cannot_be_read_in_group_order(generated_bucket, tmp_path):
+    path = tmp_path / _matrices(generated_bucket, MACOSKO, "log2")[0].name
+    ad.read_h5ad(_matrices(generated_bucket, MACOSKO, "log2")[0]).write_h5ad(path, compression="gzip")
+    args = (path, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket))
+    with pytest.raises(AggregationError, match=f"{path.name}: X is stored filtered"):
+        aggregate.aggregate_matrix(*args, group_order=True)
+    assert aggregate.aggregate_matrix(*args).stats["cluster"].n_pairs > 0  # the default reads it in file order
+
+
+@pytest.mark.parametrize("group_order", [True, False])
 @pytest.mark.parametrize("listed", [True, False])
-def test_gene_index_out_of_range_is_reported_by_file(generated_bucket, tmp_path, listed):
+def test_gene_index_out_of_range_is_reported_by_file(generated_bucket, tmp_path, listed, group_order):
     """In a cell that is aggregated or in one the metadata does not list: the file is bad either way."""
     source = _matrices(generated_bucket, MACOSKO, "log2")[0]
     broken = tmp_path / source.name
@@ -224,7 +274,7 @@ def test_gene_index_out_of_range_is_reported_by_file(generated_bucket, tmp_path,
         position = int(store["X"]["indptr"][row])
         store["X"]["indices"][position] = len(store["var"][store["var"].attrs["_index"]])
     with pytest.raises(AggregationError, match=f"{broken.name}: X/indices holds a gene index outside"):
-        aggregate.aggregate_matrix(broken, assignments, _membership(generated_bucket))
+        aggregate.aggregate_matrix(broken, assignments, _membership(generated_bucket), group_order=group_order)
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
