@@ -537,6 +537,12 @@ def _open_matrix(path: Path, store: h5py.File) -> _Matrix:
     symbols = ad.io.read_elem(var["gene_symbol"]) if "gene_symbol" in var else identifiers
     if len(obs_index) != n_cells or len(identifiers) != n_genes or len(x["indptr"]) != n_cells + 1:
         raise AggregationError(f"{path}: X is {n_cells} x {n_genes} but obs/var/indptr disagree")
+    indptr = x["indptr"][:]
+    stored = min(len(x["indices"]), len(x["data"]))
+    if n_cells and (indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] > stored):
+        # Rows are read at the offsets indptr gives: a bad one would read the wrong bytes.
+        raise AggregationError(f"{path}: X/indptr is not a row index of X/indices and X/data "
+                               f"(starts at {indptr[0]}, must not decrease, ends at {indptr[-1]} of {stored})")
     genes = pd.DataFrame({"gene_identifier": np.asarray(identifiers, dtype=str),
                           "gene_symbol": np.asarray(symbols, dtype=str)})
     return _Matrix(path, normalization_of(path), np.asarray(obs_index, dtype=str), genes, n_cells)

@@ -277,6 +277,18 @@ def test_gene_index_out_of_range_is_reported_by_file(generated_bucket, tmp_path,
         aggregate.aggregate_matrix(broken, assignments, _membership(generated_bucket), group_order=group_order)
 
 
+@pytest.mark.parametrize("group_order", [True, False])
+def test_bad_indptr_is_reported_by_file(generated_bucket, tmp_path, group_order):
+    source = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    broken = tmp_path / source.name
+    broken.write_bytes(source.read_bytes())
+    with h5py.File(broken, "a") as store:
+        store["X"]["indptr"][3] = store["X"]["indptr"][5] + 1  # row 3 ends before it starts
+    with pytest.raises(AggregationError, match=f"{broken.name}: X/indptr is not a row index"):
+        aggregate.aggregate_matrix(broken, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket),
+                                   group_order=group_order)
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
 def test_group_runs_cover_every_grouped_row_once(parts):
     rng = np.random.default_rng(parts)
