@@ -336,20 +336,9 @@ def _accumulate_groups(row_group, indptr, indices, values, bounds, n_genes, carr
                         nonzero[gene] += 1
                 end += 1
             if position == 0 and carry_in:
-                for gene in range(n_genes):
-                    if carried_nonzero[gene]:
-                        sums[gene, _SUM] += carried[gene, _SUM]
-                        sums[gene, _SUM_SQ] += carried[gene, _SUM_SQ]
-                        nonzero[gene] += carried_nonzero[gene]
-                        carried[gene, _SUM] = carried[gene, _SUM_SQ] = 0.0
-                        carried_nonzero[gene] = 0
+                _move_sums(carried, carried_nonzero, sums, nonzero)
             if end == row_group.shape[0] and carry_on:
-                for gene in range(n_genes):
-                    if nonzero[gene]:
-                        carry[gene, _SUM], carry[gene, _SUM_SQ] = sums[gene, _SUM], sums[gene, _SUM_SQ]
-                        carry_nonzero[gene] = nonzero[gene]
-                        sums[gene, _SUM] = sums[gene, _SUM_SQ] = 0.0
-                        nonzero[gene] = 0
+                _move_sums(sums, nonzero, carry, carry_nonzero)
             else:
                 n = staged[part]
                 for gene in range(n_genes):
@@ -365,6 +354,18 @@ def _accumulate_groups(row_group, indptr, indices, values, bounds, n_genes, carr
                 staged[part] = n
             position = end
     return staged, outside.sum()
+
+
+@numba.njit(inline="always")
+def _move_sums(source, source_nonzero, target, target_nonzero):
+    """Add a group's dense sums into ``target`` and clear them in ``source``."""
+    for gene in range(source_nonzero.shape[0]):
+        if source_nonzero[gene]:
+            target[gene, _SUM] += source[gene, _SUM]
+            target[gene, _SUM_SQ] += source[gene, _SUM_SQ]
+            target_nonzero[gene] += source_nonzero[gene]
+            source[gene, _SUM] = source[gene, _SUM_SQ] = 0.0
+            source_nonzero[gene] = 0
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -516,6 +517,7 @@ class _Matrix:
     cell_labels: np.ndarray
     genes: pd.DataFrame
     n_cells: int
+    indptr: np.ndarray  # int64, checked: rows are read at the offsets it gives
 
 
 def normalization_of(path: Path) -> str:
@@ -537,7 +539,7 @@ def _open_matrix(path: Path, store: h5py.File) -> _Matrix:
     symbols = ad.io.read_elem(var["gene_symbol"]) if "gene_symbol" in var else identifiers
     if len(obs_index) != n_cells or len(identifiers) != n_genes or len(x["indptr"]) != n_cells + 1:
         raise AggregationError(f"{path}: X is {n_cells} x {n_genes} but obs/var/indptr disagree")
-    indptr = x["indptr"][:]
+    indptr = x["indptr"][:].astype(np.int64)
     stored = min(len(x["indices"]), len(x["data"]))
     if n_cells and (indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] > stored):
         # Rows are read at the offsets indptr gives: a bad one would read the wrong bytes.
@@ -545,7 +547,7 @@ def _open_matrix(path: Path, store: h5py.File) -> _Matrix:
                                f"(starts at {indptr[0]}, must not decrease, ends at {indptr[-1]} of {stored})")
     genes = pd.DataFrame({"gene_identifier": np.asarray(identifiers, dtype=str),
                           "gene_symbol": np.asarray(symbols, dtype=str)})
-    return _Matrix(path, normalization_of(path), np.asarray(obs_index, dtype=str), genes, n_cells)
+    return _Matrix(path, normalization_of(path), np.asarray(obs_index, dtype=str), genes, n_cells, indptr)
 
 
 def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: Taxonomy,
@@ -616,22 +618,18 @@ class _FileRanges:
 
     def read_into(self, out: np.ndarray, lo: int, hi: int) -> None:
         """Elements ``lo:hi`` into ``out[:hi - lo]``; OSError if the file ends early."""
-        target = memoryview(out[: hi - lo]).cast("B")
-        position = lo
-        while position < hi:
-            chunk = position // self.chunk_len
-            stop = min(hi, (chunk + 1) * self.chunk_len)
-            file_at = int(self.offsets[chunk]) + (position - chunk * self.chunk_len) * self.itemsize
-            view = target[(position - lo) * self.itemsize:(stop - lo) * self.itemsize]
-            while len(view):
-                got = os.preadv(self.fd, [view], file_at)
-                if got <= 0:
-                    raise OSError(f"file ends at byte {file_at}, inside dataset data")
-                view, file_at = view[got:], file_at + got
-            position = stop
+        if len(out) < hi - lo or out.itemsize != self.itemsize or not out.flags.c_contiguous:
+            raise ValueError(f"buffer of {len(out)} x {out.itemsize} B for {hi - lo} x {self.itemsize} B")
+        _ended_early(_read_elements(self.fd, self.offsets, self.chunk_len, self.itemsize, lo, hi, out.ctypes.data))
 
 
-def _chunks(store: h5py.File, chunk_cells: int, with_data: bool,
+def _ended_early(ended: int) -> None:
+    """The reading kernels return the file offset where a read came short, or -1."""
+    if ended >= 0:
+        raise OSError(f"file ends at byte {ended}, inside X")
+
+
+def _chunks(store: h5py.File, indptr: np.ndarray, chunk_cells: int, with_data: bool,
             buffers: dict[str, np.ndarray]) -> Iterator[tuple[int, np.ndarray, ...]]:
     """(start, local indptr, indices, data) per row chunk; a yielded chunk is valid until the next one.
 
@@ -642,7 +640,6 @@ def _chunks(store: h5py.File, chunk_cells: int, with_data: bool,
     the memory of a second set of buffers is better spent on larger chunks.
     """
     x = store["X"]
-    indptr = x["indptr"][:].astype(np.int64)
     n = len(indptr) - 1
     starts = list(range(0, n, chunk_cells))
     if not starts:
@@ -690,6 +687,10 @@ class Partial:
     stats: dict[str, GroupStats]
 
 
+def _bad_gene_index(path: Path, n_genes: int) -> AggregationError:
+    return AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+
+
 def _cached_fraction(fd: int) -> float:
     """Fraction of the file's pages in the page cache (``mincore`` on a mapping never touched)."""
     size = os.fstat(fd).st_size
@@ -710,13 +711,13 @@ def _cached_fraction(fd: int) -> float:
         libc.munmap(address, size)
 
 
-def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str, _FileRanges],
-                              codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]], n_genes: int,
-                              chunk_cells: int, raw: bool) -> dict[str, tuple[np.ndarray, ...]]:
+def _aggregate_in_group_order(store: h5py.File, matrix: _Matrix, ranges: Mapping[str, _FileRanges],
+                              codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
+                              chunk_cells: int) -> dict[str, tuple[np.ndarray, ...]]:
     """Per base grouping: the rows of each group read together (``os.pread`` at their offsets, in
     batches of ``chunk_cells`` rows) and summed in dense per-thread accumulators, so each group's
     pairs are written once, already in CSR order. Returns indptr, indices, sums, nonzero."""
-    indptr = store["X"]["indptr"][:].astype(np.int64)
+    path, indptr, n_genes, raw = matrix.path, matrix.indptr, len(matrix.genes), matrix.normalization == "raw"
     lengths = np.diff(indptr)
     x = store["X"]
     threads = _threads()
@@ -725,14 +726,12 @@ def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str,
     scratch, scratch_nonzero = np.zeros((threads, n_genes, 2)), np.zeros((threads, n_genes), np.uint32)
     carries = [(np.zeros((n_genes, 2)), np.zeros(n_genes, np.uint32)) for _ in range(2)]  # in, out: swapped
     out: dict[str, tuple[np.ndarray, ...]] = {}
-    checked = False
+    if codes:  # rows of no group are not aggregated, but a bad index makes a bad file all the same
+        ungrouped = np.flatnonzero(next(iter(codes.values()))[0] < 0)
+        _check_rows(path, ranges["indices"], indptr, ungrouped, n_genes, buffers, chunk_cells)
     for grouping, (row_codes, groups) in codes.items():
         order = np.argsort(row_codes, kind="stable")
-        first = int(np.searchsorted(row_codes[order], 0))
-        if not checked:  # rows of no group are not aggregated, but a bad index makes a bad file all the same
-            _check_rows(path, ranges["indices"], indptr, order[:first], n_genes, buffers, chunk_cells)
-            checked = True
-        order = order[first:]
+        order = order[int(np.searchsorted(row_codes[order], 0)):]
         batches = range(0, len(order), chunk_cells)
         ends = np.cumsum(lengths[order])
         largest = max((int(ends[min(len(order), b + chunk_cells) - 1] - (ends[b - 1] if b else 0))
@@ -756,7 +755,7 @@ def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str,
             np.cumsum(lengths[rows], out=local_indptr[1:])
             n = int(local_indptr[-1])
             for name in ("indices", "data"):
-                _read_rows_of(path, ranges[name], indptr, rows, buffers[name][:n], threads)
+                _read_rows_of(ranges[name], indptr, rows, buffers[name][:n], threads)
             data = buffers["data"][:n]
             values = _log2_cpm(local_indptr, data.astype(np.float64)) if raw else data
             carry_in = start > 0 and row_codes[order[start - 1]] == row_group[0]
@@ -768,7 +767,7 @@ def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str,
                                                      *carries[0], *carries[1], *stage, group_pairs)
                 carries.reverse()
                 if outside:
-                    raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+                    raise _bad_gene_index(path, n_genes)
                 written = _unstage(staged, *stage, written, indices, sums, nonzero)
         group_indptr = np.zeros(len(groups) + 1, np.int64)
         np.cumsum(group_pairs, out=group_indptr[1:])
@@ -776,12 +775,9 @@ def _aggregate_in_group_order(store: h5py.File, path: Path, ranges: Mapping[str,
     return out
 
 
-def _read_rows_of(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, out: np.ndarray,
-                  threads: int) -> None:
+def _read_rows_of(ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, out: np.ndarray, threads: int) -> None:
     with _PARALLEL:
-        ended = _read_rows(ranges.fd, ranges.offsets, ranges.chunk_len, indptr, rows, out, threads)
-    if ended >= 0:
-        raise AggregationError(f"{path}: unreadable h5ad: file ends at byte {ended}, inside X")
+        _ended_early(_read_rows(ranges.fd, ranges.offsets, ranges.chunk_len, indptr, rows, out, threads))
 
 
 def _check_rows(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, n_genes: int,
@@ -794,24 +790,25 @@ def _check_rows(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.nd
         if len(buffers["indices"]) < n:
             buffers["indices"] = np.empty(n, buffers["indices"].dtype)
         found = buffers["indices"][:n]
-        _read_rows_of(path, ranges, indptr, batch, found, _threads())
+        _read_rows_of(ranges, indptr, batch, found, _threads())
         if n and (found.min() < 0 or found.max() >= n_genes):
-            raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+            raise _bad_gene_index(path, n_genes)
 
 
-def _aggregate_in_file_order(store: h5py.File, path: Path, codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
-                             n_genes: int, chunk_cells: int, raw: bool) -> dict[str, tuple[np.ndarray, ...]]:
+def _aggregate_in_file_order(store: h5py.File, matrix: _Matrix, codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
+                             chunk_cells: int) -> dict[str, tuple[np.ndarray, ...]]:
     """Per base grouping, from two sequential passes over X in row chunks: mark the pairs present
     in a bitmap, then add each value into its pair's slot. Returns indptr, indices, sums, nonzero."""
+    path, n_genes, raw = matrix.path, len(matrix.genes), matrix.normalization == "raw"
     accumulators = {g: _Accumulator(len(groups), n_genes) for g, (_, groups) in codes.items()}
     buffers: dict[str, np.ndarray] = {}
-    for start, indptr, indices, _ in _chunks(store, chunk_cells, False, buffers):
+    for start, indptr, indices, _ in _chunks(store, matrix.indptr, chunk_cells, False, buffers):
         for grouping, accumulator in accumulators.items():
             if accumulator.mark(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices):
-                raise AggregationError(f"{path}: X/indices holds a gene index outside 0..{n_genes - 1}")
+                raise _bad_gene_index(path, n_genes)
     for accumulator in accumulators.values():
         accumulator.allocate()
-    for start, indptr, indices, data in _chunks(store, chunk_cells, True, buffers):
+    for start, indptr, indices, data in _chunks(store, matrix.indptr, chunk_cells, True, buffers):
         values = _log2_cpm(indptr, data.astype(np.float64)) if raw else data
         for grouping, accumulator in accumulators.items():
             accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
@@ -839,7 +836,6 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
             matrix = _open_matrix(path, store)
             codes = _row_codes(matrix, assignments, tax, base)
             matrix.cell_labels = matrix.cell_labels[:0]  # not needed past the codes: free it before the peak
-            raw = matrix.normalization == "raw"
             fd = os.open(path, os.O_RDONLY)
             try:
                 ranges = {name: _FileRanges.of(store["X"][name], fd) for name in ("indices", "data")}
@@ -848,9 +844,9 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
                     raise AggregationError(f"{path}: X is stored filtered (compressed): it can only be read in "
                                            "file order")
                 if group_order or (group_order is None and direct and _cached_fraction(fd) >= _CACHED_ENOUGH):
-                    arrays = _aggregate_in_group_order(store, path, ranges, codes, len(matrix.genes), chunk_cells, raw)
+                    arrays = _aggregate_in_group_order(store, matrix, ranges, codes, chunk_cells)
                 else:
-                    arrays = _aggregate_in_file_order(store, path, codes, len(matrix.genes), chunk_cells, raw)
+                    arrays = _aggregate_in_file_order(store, matrix, codes, chunk_cells)
             finally:
                 os.close(fd)
     except (OSError, KeyError) as exc:
