@@ -1,0 +1,83 @@
+"""Where the time of one aggregation goes: seconds inside each step of etl.aggregate, in process.
+
+    .venv/bin/python benchmarks/aggregate_phases.py --order group|file [--chunk-cells N] [--cells 300000]
+
+Uses the file bench_aggregate.py generates (run that first with --keep). The file is read once
+before timing, as the benchmark does, so that it is in the page cache. A step's time includes
+the steps it calls (``_check_rows`` reads rows with ``_read_rows``) and, on its first call in
+the process, loading numba's cached kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_aggregate as bench  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from etl import aggregate  # noqa: E402
+
+STEPS = {
+    "group": ["_open_matrix", "_row_codes", "_check_rows", "_read_rows", "_accumulate_groups",
+              "_unstage"],
+    "file": ["_open_matrix", "_row_codes", "_chunks", "_mark", "_add_values", "_genes_of_bitmap"],
+}
+
+
+def timed(name: str, spent: collections.Counter):
+    function = getattr(aggregate, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        spent[name] += time.perf_counter() - start
+        return result
+
+    def generator_wrapper(*args, **kwargs):  # _chunks: time spent producing each chunk
+        iterator = function(*args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                spent[name] += time.perf_counter() - start
+            yield item
+
+    setattr(aggregate, name, generator_wrapper if name == "_chunks" else wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--order", choices=sorted(STEPS), required=True)
+    parser.add_argument("--chunk-cells", type=int, default=aggregate.DEFAULT_CHUNK_CELLS)
+    parser.add_argument("--cells", type=int, default=300_000)
+    args = parser.parse_args()
+    data = bench.WORK / f"cells{args.cells}"
+    matrix = data / f"{bench.LABEL}-log2.h5ad"
+    bench.warm(matrix)
+    assignments, taxonomy = bench.assignments_of(data), pd.read_csv(data / "membership.csv")
+    spent: collections.Counter = collections.Counter()
+    for name in STEPS[args.order]:
+        timed(name, spent)
+    start = time.perf_counter()
+    aggregate.aggregate_matrix(matrix, assignments, taxonomy, chunk_cells=args.chunk_cells,
+                               groupings=list(aggregate.TAXONOMY_LEVELS), group_order=args.order == "group")
+    total = time.perf_counter() - start
+    print(json.dumps({"order": args.order, "chunk_cells": args.chunk_cells, "seconds": round(total, 2),
+                      "steps": {name: round(spent[name], 2) for name in STEPS[args.order]},
+                      "peak_rss_gb": bench._peak_gb()}))
+
+
+if __name__ == "__main__":
+    main()
