@@ -13,10 +13,11 @@ without the GIL, each thread taking its own run of groups (so no two threads eve
 statistics). A file is read one of two ways:
 
 - **in group order**, where X is stored unfiltered and the file is in the page cache: the rows
-  of each group are read together (``pread`` at their offsets, in batches of ``chunk_cells``
-  rows), summed in a dense per-thread accumulator of genes x 20 B that stays in cache, and the
-  group's present genes are written out once, already in CSR order. One pass, no bitmap; the
-  reads are scattered, which is why a file not in the page cache is read the other way.
+  of each group are read together (``pread`` at their offsets, a row at a time into a per-thread
+  buffer that stays in cache), summed in a dense per-thread accumulator of genes x 20 B that
+  stays in cache too, and the group's present genes are written out once, already in CSR order,
+  in batches of ``chunk_cells`` rows. One pass, no bitmap; the reads are scattered, which is why
+  a file not in the page cache is read the other way.
 - **in file order** otherwise, in two sequential passes over row chunks (``os.preadv`` straight
   from the file where X is unfiltered, else through h5py): the first reads only column indices
   and sets one bit per (group, gene) pair present in a bitmap (groups x genes / 8 bytes: 27 MB
@@ -24,10 +25,10 @@ statistics). A file is read one of two ways:
   slot, and the second pass adds each non-zero value into its slot in place.
 
 Peak memory of :func:`aggregate_file` is therefore about
-``24 B x present (group, gene) pairs of the base groupings (20 B of statistics, 4 B of gene index)
-+ 8 B x non-zeros of one chunk`` plus, in group order, the chunk's staged pairs (at most 24 B x
-its non-zeros) or, in file order, ``groups x genes / 4 B``, and the interpreter; ``chunk_cells``
-trades the chunk terms for speed.
+``24 B x present (group, gene) pairs of the base groupings`` (20 B of statistics, 4 B of gene
+index) plus, in group order, a batch's staged pairs (at most 24 B x the non-zeros of its
+``chunk_cells`` rows) or, in file order, ``8 B x non-zeros of one chunk + groups x genes / 4 B``,
+and the interpreter; ``chunk_cells`` trades the chunk terms for speed.
 """
 
 from __future__ import annotations
@@ -283,58 +284,89 @@ def _read_elements(fd, chunk_offsets, chunk_len, itemsize, lo, hi, address):
     return -1
 
 
+@numba.njit(inline="always")
+def _read_row(reader, indptr, row, buffer):
+    """Row ``row``'s elements of one dataset (``reader``: fd, chunk offsets, chunk length) into
+    ``buffer``; the file offset where the file ended early, else -1."""
+    fd, chunk_offsets, chunk_len = reader
+    return _read_elements(fd, chunk_offsets, chunk_len, buffer.itemsize, indptr[row], indptr[row + 1],
+                          buffer.ctypes.data)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _read_rows(fd, chunk_offsets, chunk_len, indptr, rows, out, n_threads):
-    """The stored elements of ``rows`` (by ``indptr``), one row after the other, into ``out``;
-    the file offset where the file ended early, else -1."""
-    starts = np.empty(rows.shape[0] + 1, np.int64)
-    starts[0] = 0
-    for i in range(rows.shape[0]):
-        starts[i + 1] = starts[i] + indptr[rows[i] + 1] - indptr[rows[i]]
+def _count_outside(reader, indptr, rows, n_genes, row_indices):
+    """Column indices of ``rows`` outside 0..n_genes-1, each row read into its thread's buffer;
+    and the file offset where the file ended early, else -1."""
+    n_threads = row_indices.shape[0]
+    outside = np.zeros(n_threads, np.int64)
     failed = np.full(n_threads, -1, np.int64)
     per = (rows.shape[0] + n_threads - 1) // n_threads
-    base = out.ctypes.data
     for part in numba.prange(n_threads):
-        for i in range(part * per, min(rows.shape[0], (part + 1) * per)):
-            ended = _read_elements(fd, chunk_offsets, chunk_len, out.itemsize, indptr[rows[i]], indptr[rows[i] + 1],
-                                   base + starts[i] * out.itemsize)
+        for position in range(part * per, min(rows.shape[0], (part + 1) * per)):
+            row = rows[position]
+            ended = _read_row(reader, indptr, row, row_indices[part])
             if ended >= 0:
                 failed[part] = ended
-    return failed.max()
+                break
+            for k in range(indptr[row + 1] - indptr[row]):
+                if row_indices[part, k] < 0 or row_indices[part, k] >= n_genes:
+                    outside[part] += 1
+    return outside.sum(), failed.max()
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _accumulate_groups(row_group, indptr, indices, values, bounds, n_genes, carry_in, carry_on,
-                       scratch, scratch_nonzero, carried, carried_nonzero, carry, carry_nonzero,
+def _accumulate_groups(index_reader, data_reader, indptr, rows, row_group, bounds, n_genes, raw,
+                       row_indices, row_values, carry_in, carry_on, scratch, scratch_nonzero,
+                       carried, carried_nonzero, carry, carry_nonzero,
                        stage_indices, stage_sums, stage_nonzero, group_pairs):
-    """Rows sorted by group; thread ``part`` takes rows ``bounds[part]:bounds[part + 1]`` (whole
-    groups), sums each group into its dense accumulators (genes x 20 B: in cache) and stages the
-    group's present genes, in gene order. The first group may go on from the previous batch
-    (``carry_in``: its sums so far are in ``carried``), the last may go on in the next
+    """``rows`` sorted by group (``row_group`` theirs); thread ``part`` takes positions
+    ``bounds[part]:bounds[part + 1]`` (whole groups). Each row is read (``pread``) into the
+    thread's row buffers, which stay in cache, and summed into the thread's dense accumulators
+    (genes x 20 B: in cache too); a group's present genes are then staged, in gene order. ``raw``:
+    values are UMI counts, summed as log2(CPM + 1). The first group may go on from the previous
+    batch (``carry_in``: its sums so far are in ``carried``), the last may go on in the next
     (``carry_on``: its sums go to ``carry``, which must be a different buffer: another thread may
-    be reading ``carried``). Returns pairs staged per thread and the number of
-    column indices outside 0..n_genes-1."""
+    be reading ``carried``). Returns pairs staged per thread, the number of column indices
+    outside 0..n_genes-1, and the file offset where the file ended early, else -1."""
     n_threads = bounds.shape[0] - 1
     staged = np.zeros(n_threads, np.int64)
     outside = np.zeros(n_threads, np.int64)
+    failed = np.full(n_threads, -1, np.int64)
     for part in numba.prange(n_threads):
         sums, nonzero = scratch[part], scratch_nonzero[part]
+        genes, values = row_indices[part], row_values[part]
         position = bounds[part]
-        while position < bounds[part + 1]:
+        while position < bounds[part + 1] and failed[part] < 0:
             group = row_group[position]
             end = position
             while end < bounds[part + 1] and row_group[end] == group:
-                for k in range(indptr[end], indptr[end + 1]):
-                    gene = indices[k]
+                row = rows[end]
+                ended = max(_read_row(index_reader, indptr, row, genes), _read_row(data_reader, indptr, row, values))
+                if ended >= 0:
+                    failed[part] = ended
+                    break
+                n = indptr[row + 1] - indptr[row]
+                scale = 1.0
+                if raw:
+                    total = 0.0
+                    for k in range(n):
+                        total += np.float64(values[k])
+                    scale = 1e6 / total if total > 0 else 0.0
+                for k in range(n):
+                    gene = genes[k]
                     if gene < 0 or gene >= n_genes:
                         outside[part] += 1
                         continue
                     value = np.float64(values[k])
+                    if raw:
+                        value = np.log2(value * scale + 1.0)
                     if value != 0.0:
                         sums[gene, _SUM] += value
                         sums[gene, _SUM_SQ] += value * value
                         nonzero[gene] += 1
                 end += 1
+            if failed[part] >= 0:
+                break
             if position == 0 and carry_in:
                 _move_sums(carried, carried_nonzero, sums, nonzero)
             if end == row_group.shape[0] and carry_on:
@@ -353,7 +385,7 @@ def _accumulate_groups(row_group, indptr, indices, values, bounds, n_genes, carr
                 group_pairs[group] += n - staged[part]
                 staged[part] = n
             position = end
-    return staged, outside.sum()
+    return staged, outside.sum(), failed.max()
 
 
 @numba.njit(inline="always")
@@ -592,17 +624,18 @@ class _FileRanges:
     4.6 GB benchmark file); for compressed or otherwise filtered data :meth:`of` returns None and
     the caller lets HDF5 read."""
 
-    def __init__(self, fd: int, chunk_len: int, offsets: np.ndarray, itemsize: int) -> None:
-        self.fd, self.chunk_len, self.offsets, self.itemsize = fd, chunk_len, offsets, itemsize
+    def __init__(self, fd: int, chunk_len: int, offsets: np.ndarray, dtype: np.dtype) -> None:
+        self.fd, self.chunk_len, self.offsets, self.dtype = fd, chunk_len, offsets, dtype
+        self.itemsize = dtype.itemsize
 
     @classmethod
     def of(cls, dataset: h5py.Dataset, fd: int) -> _FileRanges | None:
         plist = dataset.id.get_create_plist()
-        if dataset.ndim != 1 or plist.get_nfilters() or not len(dataset):
+        if dataset.ndim != 1 or plist.get_nfilters() or not len(dataset) or not dataset.dtype.isnative:
             return None
         if plist.get_layout() == h5py.h5d.CONTIGUOUS:
             offset = dataset.id.get_offset()
-            return None if offset is None else cls(fd, len(dataset), np.array([offset]), dataset.dtype.itemsize)
+            return None if offset is None else cls(fd, len(dataset), np.array([offset]), dataset.dtype)
         if plist.get_layout() != h5py.h5d.CHUNKED:
             return None
         chunk_len = dataset.chunks[0]
@@ -614,7 +647,7 @@ class _FileRanges:
             dataset.id.chunk_iter(note)
         except (AttributeError, RuntimeError):  # chunk_iter needs h5py >= 3.8 on HDF5 >= 1.12.3
             return None
-        return cls(fd, chunk_len, offsets, dataset.dtype.itemsize) if (offsets >= 0).all() else None
+        return cls(fd, chunk_len, offsets, dataset.dtype) if (offsets >= 0).all() else None
 
     def read_into(self, out: np.ndarray, lo: int, hi: int) -> None:
         """Elements ``lo:hi`` into ``out[:hi - lo]``; OSError if the file ends early."""
@@ -711,24 +744,30 @@ def _cached_fraction(fd: int) -> float:
         libc.munmap(address, size)
 
 
-def _aggregate_in_group_order(store: h5py.File, matrix: _Matrix, ranges: Mapping[str, _FileRanges],
+def _aggregate_in_group_order(matrix: _Matrix, ranges: Mapping[str, _FileRanges],
                               codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
                               chunk_cells: int) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per base grouping: the rows of each group read together (``os.pread`` at their offsets, in
-    batches of ``chunk_cells`` rows) and summed in dense per-thread accumulators, so each group's
-    pairs are written once, already in CSR order. Returns indptr, indices, sums, nonzero."""
+    """Per base grouping: the rows of each group read together (``pread`` at their offsets, a row at
+    a time into a per-thread buffer that stays in cache, in batches of ``chunk_cells`` rows) and
+    summed in dense per-thread accumulators, so each group's pairs are written once, already in
+    CSR order. Returns indptr, indices, sums, nonzero."""
     path, indptr, n_genes, raw = matrix.path, matrix.indptr, len(matrix.genes), matrix.normalization == "raw"
     lengths = np.diff(indptr)
-    x = store["X"]
     threads = _threads()
-    buffers = {name: np.empty(0, x[name].dtype) for name in ("indices", "data")}
+    readers = {name: (r.fd, r.offsets, r.chunk_len) for name, r in ranges.items()}
+    longest = int(lengths.max()) if len(lengths) else 0
+    row_buffers = {name: np.empty((threads, longest), r.dtype) for name, r in ranges.items()}
     stage = (np.empty((threads, 0), np.int32), np.empty((threads, 0, 2)), np.empty((threads, 0), np.uint32))
     scratch, scratch_nonzero = np.zeros((threads, n_genes, 2)), np.zeros((threads, n_genes), np.uint32)
     carries = [(np.zeros((n_genes, 2)), np.zeros(n_genes, np.uint32)) for _ in range(2)]  # in, out: swapped
     out: dict[str, tuple[np.ndarray, ...]] = {}
     if codes:  # rows of no group are not aggregated, but a bad index makes a bad file all the same
         ungrouped = np.flatnonzero(next(iter(codes.values()))[0] < 0)
-        _check_rows(path, ranges["indices"], indptr, ungrouped, n_genes, buffers, chunk_cells)
+        with _PARALLEL:
+            outside, ended = _count_outside(readers["indices"], indptr, ungrouped, n_genes, row_buffers["indices"])
+        _ended_early(ended)
+        if outside:
+            raise _bad_gene_index(path, n_genes)
     for grouping, (row_codes, groups) in codes.items():
         order = np.argsort(row_codes, kind="stable")
         order = order[int(np.searchsorted(row_codes[order], 0)):]
@@ -736,9 +775,6 @@ def _aggregate_in_group_order(store: h5py.File, matrix: _Matrix, ranges: Mapping
         ends = np.cumsum(lengths[order])
         largest = max((int(ends[min(len(order), b + chunk_cells) - 1] - (ends[b - 1] if b else 0))
                        for b in batches), default=0)
-        for name in buffers:
-            if len(buffers[name]) < largest:
-                buffers[name] = np.empty(largest, x[name].dtype)
         if stage[0].shape[1] < largest:  # pages are touched only as far as a batch's pairs reach
             stage = (np.empty((threads, largest), np.int32), np.empty((threads, largest, 2)),
                      np.empty((threads, largest), np.uint32))
@@ -753,19 +789,16 @@ def _aggregate_in_group_order(store: h5py.File, matrix: _Matrix, ranges: Mapping
             row_group = row_codes[rows]
             local_indptr = np.zeros(len(rows) + 1, np.int64)
             np.cumsum(lengths[rows], out=local_indptr[1:])
-            n = int(local_indptr[-1])
-            for name in ("indices", "data"):
-                _read_rows_of(ranges[name], indptr, rows, buffers[name][:n], threads)
-            data = buffers["data"][:n]
-            values = _log2_cpm(local_indptr, data.astype(np.float64)) if raw else data
             carry_in = start > 0 and row_codes[order[start - 1]] == row_group[0]
             carry_on = start + chunk_cells < len(order) and row_codes[order[start + chunk_cells]] == row_group[-1]
             bounds = _cut_runs(row_group, local_indptr, np.arange(len(rows)), 0, threads)
             with _PARALLEL:
-                staged, outside = _accumulate_groups(row_group, local_indptr, buffers["indices"][:n], values, bounds,
-                                                     n_genes, carry_in, carry_on, scratch, scratch_nonzero,
-                                                     *carries[0], *carries[1], *stage, group_pairs)
+                staged, outside, ended = _accumulate_groups(
+                    readers["indices"], readers["data"], indptr, rows, row_group, bounds, n_genes, raw,
+                    row_buffers["indices"], row_buffers["data"], carry_in, carry_on, scratch, scratch_nonzero,
+                    *carries[0], *carries[1], *stage, group_pairs)
                 carries.reverse()
+                _ended_early(ended)
                 if outside:
                     raise _bad_gene_index(path, n_genes)
                 written = _unstage(staged, *stage, written, indices, sums, nonzero)
@@ -773,26 +806,6 @@ def _aggregate_in_group_order(store: h5py.File, matrix: _Matrix, ranges: Mapping
         np.cumsum(group_pairs, out=group_indptr[1:])
         out[grouping] = (group_indptr, indices[:written], sums[:written], nonzero[:written])
     return out
-
-
-def _read_rows_of(ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, out: np.ndarray, threads: int) -> None:
-    with _PARALLEL:
-        _ended_early(_read_rows(ranges.fd, ranges.offsets, ranges.chunk_len, indptr, rows, out, threads))
-
-
-def _check_rows(path: Path, ranges: _FileRanges, indptr: np.ndarray, rows: np.ndarray, n_genes: int,
-                buffers: dict[str, np.ndarray], chunk_cells: int) -> None:
-    """Gene indices of ``rows`` (cells not aggregated) within 0..n_genes-1."""
-    lengths = np.diff(indptr)
-    for start in range(0, len(rows), chunk_cells):
-        batch = rows[start:start + chunk_cells]
-        n = int(lengths[batch].sum())
-        if len(buffers["indices"]) < n:
-            buffers["indices"] = np.empty(n, buffers["indices"].dtype)
-        found = buffers["indices"][:n]
-        _read_rows_of(ranges, indptr, batch, found, _threads())
-        if n and (found.min() < 0 or found.max() >= n_genes):
-            raise _bad_gene_index(path, n_genes)
 
 
 def _aggregate_in_file_order(store: h5py.File, matrix: _Matrix, codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
@@ -844,7 +857,7 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
                     raise AggregationError(f"{path}: X is stored filtered (compressed): it can only be read in "
                                            "file order")
                 if group_order or (group_order is None and direct and _cached_fraction(fd) >= _CACHED_ENOUGH):
-                    arrays = _aggregate_in_group_order(store, matrix, ranges, codes, chunk_cells)
+                    arrays = _aggregate_in_group_order(matrix, ranges, codes, chunk_cells)
                 else:
                     arrays = _aggregate_in_file_order(store, matrix, codes, chunk_cells)
             finally:
