@@ -1,7 +1,7 @@
 """Aggregation benchmark: etl.aggregate side by side with scanpy's sc.get.aggregate, then the two
 analyst queries on the published tables.
 
-    .venv/bin/python benchmarks/bench_aggregate.py [--cells 300000] [--keep] [--no-queries]
+    .venv/bin/python benchmarks/bench_aggregate.py [--cells 300000] [--settle 10] [--keep] [--no-queries]
 
 Generates (once, under benchmarks/work/aggregate/) a release-shaped h5ad of ``--cells`` cells x
 32,000 genes over the 6,756-cluster taxonomy (~1,900 non-zeros per cell), plus 1/3 and 2/3
@@ -159,7 +159,12 @@ def warm(path: Path) -> None:
             pass
 
 
-def measure(kind: str, *args: str) -> dict:
+def measure(kind: str, *args: str, settle: float) -> dict:
+    # Memory a process frees goes back to this VM's host within seconds (free page reporting),
+    # and touching it again costs about ten times more than memory the guest still holds:
+    # after ``settle`` idle seconds each measurement starts from the same state, whatever the
+    # one before it freed (benchmarks/first_touch.py measures the two costs).
+    time.sleep(settle)
     warm(Path(args[0]))
     load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, "_measure", kind, *args], check=True,
@@ -217,6 +222,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=300_000)
     parser.add_argument("--chunk-cells", type=int, default=aggregate.DEFAULT_CHUNK_CELLS)
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="idle seconds before each measurement, so freed memory is back with the host")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--no-queries", action="store_true", help="skip publishing and the analyst queries")
     args = parser.parse_args()
@@ -226,18 +233,19 @@ def main() -> None:
     print(f"# data ready in {time.perf_counter() - start:.0f} s: {full} ({full.stat().st_size / 1e9:.1f} GB)")
     taxonomy_levels = ",".join(aggregate.TAXONOMY_LEVELS)
     # Compile (and cache) the numba kernels once, as any installation does on its first run.
-    measure("ours", str(row_prefix(full, 2000)), str(data), taxonomy_levels, str(args.chunk_cells))
+    measure("ours", str(row_prefix(full, 2000)), str(data), taxonomy_levels, str(args.chunk_cells), settle=0)
     results = []
     for fraction in (1 / 3, 2 / 3, 1):
         rows = round(args.cells * fraction)
         matrix = full if fraction == 1 else row_prefix(full, rows)
         for kind in ("ours", "scanpy"):
             extra = [taxonomy_levels, str(args.chunk_cells)] if kind == "ours" else []
-            result = measure(kind, str(matrix), str(data), *extra)
+            result = measure(kind, str(matrix), str(data), *extra, settle=args.settle)
             result["cells_per_second"] = result["cells"] / result["seconds"]
             print(json.dumps(result), flush=True)
             results.append(result)
-    everything = measure("ours", str(full), str(data), ",".join(aggregate.GROUPINGS), str(args.chunk_cells))
+    everything = measure("ours", str(full), str(data), ",".join(aggregate.GROUPINGS), str(args.chunk_cells),
+                         settle=args.settle)
     everything["cells_per_second"] = everything["cells"] / everything["seconds"]
     print(json.dumps(everything), flush=True)
     if not args.no_queries:
