@@ -166,12 +166,19 @@ def measure(kind: str, *args: str, settle: float) -> dict:
     # one before it freed (benchmarks/first_touch.py measures the two costs).
     time.sleep(settle)
     warm(Path(args[0]))
-    load_before = os.getloadavg()[0]
+    load_before, steal_before = os.getloadavg()[0], _steal_seconds()
     out = subprocess.run([sys.executable, __file__, "_measure", kind, *args], check=True,
                          capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["load_1min"] = [load_before, os.getloadavg()[0]]  # machine load before and after
+    result["steal_s"] = round(_steal_seconds() - steal_before, 2)  # CPU time the host gave to others
     return result
+
+
+def _steal_seconds() -> float:
+    """Time this VM's CPUs were ready to run but the host ran something else (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def query_timings(data: Path, partial: Path) -> dict:
