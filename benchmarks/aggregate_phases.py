@@ -1,6 +1,7 @@
 """Where the time of one aggregation goes: seconds inside each step of etl.aggregate, in process.
 
     .venv/bin/python benchmarks/aggregate_phases.py --order group|file [--chunk-cells N] [--cells 300000]
+        [--matrix prefix2000-log2.h5ad]
 
 Uses the file bench_aggregate.py generates (run that first with --keep). The file is read once
 before timing, as the benchmark does, so that it is in the page cache. A step's time includes
@@ -61,9 +62,11 @@ def main() -> None:
     parser.add_argument("--order", choices=sorted(STEPS), required=True)
     parser.add_argument("--chunk-cells", type=int, default=aggregate.DEFAULT_CHUNK_CELLS)
     parser.add_argument("--cells", type=int, default=300_000)
+    parser.add_argument("--matrix", default=f"{bench.LABEL}-log2.h5ad",
+                        help="a file beside the benchmark's, such as its row prefixes (fixed costs: prefix2000)")
     args = parser.parse_args()
     data = bench.WORK / f"cells{args.cells}"
-    matrix = data / f"{bench.LABEL}-log2.h5ad"
+    matrix = data / args.matrix
     bench.warm(matrix)
     assignments, taxonomy = bench.assignments_of(data), pd.read_csv(data / "membership.csv")
     spent: collections.Counter = collections.Counter()
