@@ -336,7 +336,7 @@ def _accumulate_groups(index_reader, data_reader, indptr, rows, row_group, bound
         sums, nonzero = scratch[part], scratch_nonzero[part]
         genes, values = row_indices[part], row_values[part]
         position = bounds[part]
-        while position < bounds[part + 1] and failed[part] < 0:
+        while position < bounds[part + 1]:
             group = row_group[position]
             end = position
             while end < bounds[part + 1] and row_group[end] == group:

@@ -295,6 +295,26 @@ def test_bad_indptr_is_reported_by_file(generated_bucket, tmp_path, group_order)
                                    group_order=group_order)
 
 
+@pytest.mark.parametrize("group_order", [True, False])
+def test_values_past_the_end_of_the_file_are_reported_by_file(generated_bucket, monkeypatch, group_order):
+    """X/data's chunks where the file no longer reaches (a file cut short while it is read): the
+    error names the file and the byte, whichever way the rows are read."""
+    path = _matrices(generated_bucket, MACOSKO, "log2")[0]
+    size = path.stat().st_size
+    ranges_of = aggregate._FileRanges.of.__func__
+
+    def data_past_the_end(cls, dataset, fd):
+        ranges = ranges_of(cls, dataset, fd)
+        if dataset.name.endswith("/data"):
+            ranges.offsets = ranges.offsets + size
+        return ranges
+
+    monkeypatch.setattr(aggregate._FileRanges, "of", classmethod(data_past_the_end))
+    with pytest.raises(AggregationError, match=rf"{path.name}: unreadable h5ad: file ends at byte \d+, inside X"):
+        aggregate.aggregate_matrix(path, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket),
+                                   group_order=group_order)
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
 def test_group_runs_cover_every_grouped_row_once(parts):
     rng = np.random.default_rng(parts)
