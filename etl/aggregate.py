@@ -744,6 +744,17 @@ def _cached_fraction(fd: int) -> float:
         libc.munmap(address, size)
 
 
+def _in_small_pages(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised array in 4 KB pages, for memory written in order and once: numpy asks for
+    transparent huge pages for large arrays, and on a VM whose host takes back freed memory their
+    first touch measured 4x slower (benchmarks/first_touch.py); the file-order slots, updated at
+    random, keep huge pages (fewer TLB misses: measured faster there)."""
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
+
+
 def _aggregate_in_group_order(matrix: _Matrix, ranges: Mapping[str, _FileRanges],
                               codes: Mapping[str, tuple[np.ndarray, pd.DataFrame]],
                               chunk_cells: int) -> dict[str, tuple[np.ndarray, ...]]:
@@ -776,12 +787,13 @@ def _aggregate_in_group_order(matrix: _Matrix, ranges: Mapping[str, _FileRanges]
         largest = max((int(ends[min(len(order), b + chunk_cells) - 1] - (ends[b - 1] if b else 0))
                        for b in batches), default=0)
         if stage[0].shape[1] < largest:  # pages are touched only as far as a batch's pairs reach
-            stage = (np.empty((threads, largest), np.int32), np.empty((threads, largest, 2)),
-                     np.empty((threads, largest), np.uint32))
+            stage = (_in_small_pages((threads, largest), np.int32), _in_small_pages((threads, largest, 2), np.float64),
+                     _in_small_pages((threads, largest), np.uint32))
         # Room for every possible pair, of which only the pairs present are ever touched (memory
         # is committed page by page): the output is written once, in order, never re-allocated.
         capacity = min(len(groups) * n_genes, int(ends[-1]) if len(order) else 0)
-        indices, sums, nonzero = np.empty(capacity, np.int32), np.empty((capacity, 2)), np.empty(capacity, np.uint32)
+        indices = _in_small_pages(capacity, np.int32)
+        sums, nonzero = _in_small_pages((capacity, 2), np.float64), _in_small_pages(capacity, np.uint32)
         group_pairs = np.zeros(len(groups), np.int64)
         written = 0
         for start in batches:
