@@ -165,10 +165,9 @@ def warm(path: Path) -> None:
 
 
 def measure(kind: str, *args: str, settle: float) -> dict:
-    # Memory a process frees goes back to this VM's host within seconds (free page reporting),
-    # and touching it again costs about ten times more than memory the guest still holds:
-    # after ``settle`` idle seconds each measurement starts from the same state, whatever the
-    # one before it freed (benchmarks/first_touch.py measures the two costs).
+    # On this VM, first touch of memory depends on what was freed just before and how long ago
+    # (benchmarks/first_touch.py): a measurement right after scanpy's exit could reuse its 12 GB
+    # cheaply. After ``settle`` idle seconds each measurement starts from the same state.
     time.sleep(settle)
     warm(Path(args[0]))
     load_before, steal_before = os.getloadavg()[0], _steal_seconds()

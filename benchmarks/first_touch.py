@@ -1,6 +1,5 @@
-"""What first touching memory costs on this machine: memory the guest still holds from a recent
-free, against memory it gave back to the VM's host (free page reporting, within seconds), in
-transparent huge pages (what numpy asks for, for large arrays) and in 4 KB pages.
+"""What first touching memory costs on this machine: right after a free and after idle seconds,
+in transparent huge pages (what numpy asks for, for large arrays) and in 4 KB pages.
 
     .venv/bin/python benchmarks/first_touch.py [--gb 2] [--idle 0 3 10] [--pages huge small]
 

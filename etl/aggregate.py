@@ -285,6 +285,16 @@ def _read_elements(fd, chunk_offsets, chunk_len, itemsize, lo, hi, address):
 
 
 @numba.njit(inline="always")
+def _cpm_scale(counts, lo, hi):
+    """The factor turning a cell's UMI counts ``counts[lo:hi]`` into counts per million (0 for a
+    cell with none); log2(CPM + 1) is then ``log2(count * scale + 1)``."""
+    total = 0.0
+    for k in range(lo, hi):
+        total += np.float64(counts[k])
+    return 1e6 / total if total > 0 else 0.0
+
+
+@numba.njit(inline="always")
 def _read_row(reader, indptr, row, buffer):
     """Row ``row``'s elements of one dataset (``reader``: fd, chunk offsets, chunk length) into
     ``buffer``; the file offset where the file ended early, else -1."""
@@ -346,12 +356,7 @@ def _accumulate_groups(index_reader, data_reader, indptr, rows, row_group, bound
                     failed[part] = ended
                     break
                 n = indptr[row + 1] - indptr[row]
-                scale = 1.0
-                if raw:
-                    total = 0.0
-                    for k in range(n):
-                        total += np.float64(values[k])
-                    scale = 1e6 / total if total > 0 else 0.0
+                scale = _cpm_scale(values, 0, n) if raw else 1.0
                 for k in range(n):
                     gene = genes[k]
                     if gene < 0 or gene >= n_genes:
@@ -626,7 +631,11 @@ class _FileRanges:
 
     def __init__(self, fd: int, chunk_len: int, offsets: np.ndarray, dtype: np.dtype) -> None:
         self.fd, self.chunk_len, self.offsets, self.dtype = fd, chunk_len, offsets, dtype
-        self.itemsize = dtype.itemsize
+
+    @property
+    def reader(self) -> tuple[int, np.ndarray, int]:
+        """What the reading kernels take (:func:`_read_row`): fd, chunk offsets, chunk length."""
+        return self.fd, self.offsets, self.chunk_len
 
     @classmethod
     def of(cls, dataset: h5py.Dataset, fd: int) -> _FileRanges | None:
@@ -651,9 +660,10 @@ class _FileRanges:
 
     def read_into(self, out: np.ndarray, lo: int, hi: int) -> None:
         """Elements ``lo:hi`` into ``out[:hi - lo]``; OSError if the file ends early."""
-        if len(out) < hi - lo or out.itemsize != self.itemsize or not out.flags.c_contiguous:
-            raise ValueError(f"buffer of {len(out)} x {out.itemsize} B for {hi - lo} x {self.itemsize} B")
-        _ended_early(_read_elements(self.fd, self.offsets, self.chunk_len, self.itemsize, lo, hi, out.ctypes.data))
+        itemsize = self.dtype.itemsize
+        if len(out) < hi - lo or out.itemsize != itemsize or not out.flags.c_contiguous:
+            raise ValueError(f"buffer of {len(out)} x {out.itemsize} B for {hi - lo} x {itemsize} B")
+        _ended_early(_read_elements(self.fd, self.offsets, self.chunk_len, itemsize, lo, hi, out.ctypes.data))
 
 
 def _ended_early(ended: int) -> None:
@@ -700,13 +710,15 @@ def _chunks(store: h5py.File, indptr: np.ndarray, chunk_cells: int, with_data: b
         os.close(fd)
 
 
-def _log2_cpm(indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """log2(CPM + 1) of a chunk of UMI counts (float64), as the -log2 matrices hold."""
-    lengths = np.diff(indptr)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    totals = np.bincount(rows, weights=counts, minlength=len(lengths))
-    scale = np.divide(1e6, totals, out=np.zeros_like(totals), where=totals > 0)
-    return np.log2(counts * scale[rows] + 1.0)
+@numba.njit(cache=True, nogil=True)
+def _log2_cpm(indptr, counts):
+    """log2(CPM + 1) of a chunk of UMI counts, as the -log2 matrices hold (float64)."""
+    out = np.empty(counts.shape[0])
+    for row in range(indptr.shape[0] - 1):
+        scale = _cpm_scale(counts, indptr[row], indptr[row + 1])
+        for k in range(indptr[row], indptr[row + 1]):
+            out[k] = np.log2(np.float64(counts[k]) * scale + 1.0)
+    return out
 
 
 @dataclass
@@ -746,9 +758,9 @@ def _cached_fraction(fd: int) -> float:
 
 def _in_small_pages(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
     """An uninitialised array in 4 KB pages, for memory written in order and once: numpy asks for
-    transparent huge pages for large arrays, and on a VM whose host takes back freed memory their
-    first touch measured 4x slower (benchmarks/first_touch.py); the file-order slots, updated at
-    random, keep huge pages (fewer TLB misses: measured faster there)."""
+    transparent huge pages for large arrays, whose first touch measured about 6x slower on the
+    VMs this ran on (benchmarks/first_touch.py) and which only pay back in fewer TLB misses under
+    random access; the file-order slots, updated at random, keep them (measured faster there)."""
     count = int(np.prod(shape))
     buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buffer.madvise(mmap.MADV_NOHUGEPAGE)
@@ -765,7 +777,7 @@ def _aggregate_in_group_order(matrix: _Matrix, ranges: Mapping[str, _FileRanges]
     path, indptr, n_genes, raw = matrix.path, matrix.indptr, len(matrix.genes), matrix.normalization == "raw"
     lengths = np.diff(indptr)
     threads = _threads()
-    readers = {name: (r.fd, r.offsets, r.chunk_len) for name, r in ranges.items()}
+    readers = {name: r.reader for name, r in ranges.items()}
     longest = int(lengths.max()) if len(lengths) else 0
     row_buffers = {name: np.empty((threads, longest), r.dtype) for name, r in ranges.items()}
     stage = (np.empty((threads, 0), np.int32), np.empty((threads, 0, 2)), np.empty((threads, 0), np.uint32))
@@ -834,7 +846,7 @@ def _aggregate_in_file_order(store: h5py.File, matrix: _Matrix, codes: Mapping[s
     for accumulator in accumulators.values():
         accumulator.allocate()
     for start, indptr, indices, data in _chunks(store, matrix.indptr, chunk_cells, True, buffers):
-        values = _log2_cpm(indptr, data.astype(np.float64)) if raw else data
+        values = _log2_cpm(indptr, data) if raw else data
         for grouping, accumulator in accumulators.items():
             accumulator.add_values(codes[grouping][0][start:start + len(indptr) - 1], indptr, indices, values)
     buffers = indptr = indices = data = values = None  # freed before the gene indices come

@@ -225,7 +225,7 @@ def test_chunks_are_the_rows_of_x(generated_bucket, tmp_path, layout):
                 for name, r in ranges.items():
                     buffer = np.empty(lengths.max(), r.dtype)
                     for row in shuffled:
-                        assert aggregate._read_row((r.fd, r.offsets, r.chunk_len), indptr, row, buffer) == -1
+                        assert aggregate._read_row(r.reader, indptr, row, buffer) == -1
                         out[name].append(buffer[:indptr[row + 1] - indptr[row]].copy())
             finally:
                 os.close(fd)
