@@ -12,6 +12,11 @@ against the previous release, release notes beside the mirror, ``published`` ale
 alerts through ``AbcWebhookNotifier``; mirror, load and aggregate steps are lineage steps
 (``abc.lineage_run``, OpenLineage events).
 
+Only the run's scope (``scope`` param, else ``ABC_SCOPE``; docs/scope.md) is mirrored, loaded and
+aggregated. A release whose scoped files are those of a published release is published by reference
+at ``load_metadata`` (no reload, no aggregation), and a matrix whose inputs did not change keeps the
+partial an earlier release aggregated from it.
+
 Every task is idempotent, so clearing and re-running any of them is safe: the mirror skips
 files already verified on disk, loads and aggregations rebuild their staging tables,
 publishing swaps partitions in (or does nothing when the release is already published), and
@@ -40,7 +45,9 @@ TRANSFER_POOL = "abc_transfers"
     params={
         "release": Param("", type="string", pattern="^([0-9]{8})?$",
                          description="YYYYMMDD; empty: the triggering asset partition, else the newest recorded"),
-        "datasets": Param([], type="array", description="only these datasets (empty: all)"),
+        "scope": Param("", type="string", enum=["", "consensus-mouse", "atlas"],
+                       description="what to mirror and load (empty: ABC_SCOPE, default consensus-mouse)"),
+        "datasets": Param([], type="array", description="only these datasets of the scope (empty: all)"),
         "kinds": Param([], type="array", description="only these kinds, e.g. metadata (empty: all)"),
         "target": Param("", type="string", description="mirror root: directory or s3://bucket/prefix "
                                                           "(empty: ABC_MIRROR_ROOT)"),
@@ -75,7 +82,8 @@ def abc_release():
 
         engine = db.make_engine(_settings(params).database_url)
         try:
-            files = pipeline.release_files(engine, release, params["datasets"], params["kinds"])
+            files = pipeline.release_files(engine, release, _settings(params).run_scope, params["datasets"],
+                                           params["kinds"])
         finally:
             engine.dispose()
         batches = pipeline.plan_batches(files, params["batch_bytes"] or pipeline.DEFAULT_BATCH_BYTES)
@@ -110,6 +118,10 @@ def abc_release():
 
         settings = _settings(params)
         if params["kinds"] and "metadata" not in params["kinds"]:
+            return []
+        shared = pipeline.share_if_unchanged(settings, release)
+        if shared:
+            print(f"release {release}: scoped files unchanged since {shared}; published by reference")
             return []
         report = pipeline.load_metadata(settings, release, params["datasets"] or None)
         for line in report.lines():
@@ -171,10 +183,11 @@ def abc_release():
 
 
 def _settings(params: dict):
-    """Settings of a task: the environment and connections, with the run's ``target`` mirror root."""
+    """Settings of a task: the environment and connections, with the run's ``target`` mirror root and ``scope``."""
     from etl.config import settings_for_airflow_task
 
-    return settings_for_airflow_task().with_overrides(mirror_root=params["target"] or None)
+    return settings_for_airflow_task().with_overrides(mirror_root=params["target"] or None,
+                                                      scope=params["scope"] or None)
 
 
 release_dag = abc_release()

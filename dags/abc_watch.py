@@ -3,7 +3,9 @@
 Thin wiring over ``etl.discovery``; each newly recorded release is announced on the
 ``abc://releases`` asset as an event partitioned by the release (``YYYYMMDD``), so that
 ``abc_release``, scheduled on that asset, runs once per new release, and alerted (``new_release``)
-on the webhook when one is configured.
+on the webhook when one is configured. Releases before the history floor (``ABC_FIRST_RELEASE``,
+by default the first release holding the scope's datasets) are recorded as skipped and announce
+no partition: a backfill is an explicit ``abc_release`` trigger with its ``release``.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ def abc_watch():
         for line in report.lines():
             print(line)
         monitor.announce_new_releases(settings, engine)
-        if report.new_releases:
-            outlet_events[RELEASES_ASSET].extra = {"new_releases": report.new_releases}
-            outlet_events[RELEASES_ASSET].add_partitions(report.new_releases)
+        if report.releases_to_process:
+            outlet_events[RELEASES_ASSET].extra = {"new_releases": report.releases_to_process}
+            outlet_events[RELEASES_ASSET].add_partitions(report.releases_to_process)
         return {
             "new_releases": report.new_releases,
+            "history_floor": report.floor,
+            "skipped": report.skipped,
             "changed_manifests": report.changed_manifests,
             "new_directories": [d.prefix for d in report.new_directories],
             "bad_manifests": report.bad_manifests,

@@ -1218,7 +1218,8 @@ def plan_release(settings: Settings, conn: psycopg.Connection, release: str,
                                f"{sorted(missing_datasets) or 'any'}; load the release's metadata first")
     engine = db.make_engine(settings.database_url)
     try:
-        files = release_files_on_disk(settings, engine, release, kinds=["expression_matrices"])
+        files = release_files_on_disk(settings, engine, release, kinds=["expression_matrices"],
+                                      keep=settings.run_scope.feeds_warehouse)
     finally:
         engine.dispose()
     by_tag: dict[str, tuple[str, Path]] = {}
@@ -1239,10 +1240,15 @@ def default_work_dir(settings: Settings, release: str) -> Path:
     return settings.mirror_path / ".abc-work" / release / "aggregate"
 
 
+def partial_path(work_dir: Path, item: Mapping[str, str]) -> Path:
+    """Where the partial of a planned item goes: ``<work_dir>/<dataset>/<file name>.npz``."""
+    return Path(work_dir) / item["dataset"] / (PurePosixPath(item["key"]).name + ".npz")
+
+
 def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
                    chunk_cells: int = DEFAULT_CHUNK_CELLS) -> dict[str, str]:
     """Aggregate one planned file for one dataset into its partial; safe to re-run (rewritten whole)."""
-    out = Path(work_dir) / item["dataset"] / (PurePosixPath(item["key"]).name + ".npz")
+    out = partial_path(work_dir, item)
     with db.copy_connection(settings.database_url) as conn:
         assignments = cell_assignments(conn, release, item["dataset"])
         taxonomy = release_taxonomy(conn, release)

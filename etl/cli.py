@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from etl.config import Settings
+from etl.scope import SCOPES
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -24,6 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         database_url=getattr(args, "database_url", None),
         bucket=getattr(args, "bucket", None),
         endpoint_url=getattr(args, "endpoint_url", None),
+        scope=getattr(args, "scope", None),
     )
 
 
@@ -53,15 +55,20 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     from etl.load import LoadError
     from etl.mirror import NotMirroredError
     from etl.monitor import QualityCheckFailed
+    from etl.scope import ScopeError
 
     try:
+        shared = pipeline.share_if_unchanged(settings, args.release)
+        if shared:
+            print(f"release {args.release}: scoped files unchanged since {shared}; published by reference")
+            return EXIT_OK
         report = pipeline.load_metadata(settings, args.release, args.dataset)
         print("\n".join(report.lines()))
         published = pipeline.validate_and_publish(settings, args.release)
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except (LoadError, QualityCheckFailed) as exc:
+    except (LoadError, QualityCheckFailed, ScopeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"release {args.release} published; data-quality checks passed" if published
@@ -106,7 +113,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(mirror_root=args.target)
     engine = db.make_engine(settings.database_url)
     target = target_name(settings.mirror_root)
-    print("\n".join(release_table(engine, target)))
+    print("\n".join(release_table(engine, target, settings.run_scope)))
     print("\n".join(status_lines(engine, target, args.release)))
     return EXIT_OK
 
@@ -124,8 +131,8 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     from etl import diff
 
     settings = settings.with_overrides(mirror_root=args.target)
-    result = diff.diff(diff.release_content(settings.database_url, args.old),
-                       diff.release_content(settings.database_url, args.new))
+    result = diff.diff(diff.release_content(settings.database_url, args.old, settings.run_scope),
+                       diff.release_content(settings.database_url, args.new, settings.run_scope))
     print(diff.release_notes_markdown(result), end="")
     if not args.no_store:
         diff.store(settings.database_url, result)
@@ -166,6 +173,10 @@ def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
     from etl.monitor import QualityCheckFailed
 
     try:
+        shared = pipeline.share_if_unchanged(settings, args.release)
+        if shared:
+            print(f"release {args.release}: scoped files unchanged since {shared}; published by reference")
+            return EXIT_OK
         entries = pipeline.aggregate_release(settings, args.release, args.dataset,
                                              Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
         for dataset, count in entries.items():
@@ -193,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     def database_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--database-url", help="SQLAlchemy URL (env ABC_DATABASE_URL)")
 
+    def scope_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--scope", choices=SCOPES, help="consensus-mouse: the consensus datasets, their WMB matrices "
+                       "and genes; atlas: every file listed, the consensus part loaded (env ABC_SCOPE; docs/scope.md)")
+
     db_parser = commands.add_parser("db", help="warehouse schema")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply pending sql/ migrations")
@@ -203,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     discover = commands.add_parser("discover", help="record new releases and dataset versions")
     source_flags(discover)
     database_flag(discover)
+    scope_flag(discover)
     discover.set_defaults(handler=cmd_discover)
 
     load = commands.add_parser("load", help="load a mirrored release's metadata into PostgreSQL and publish it")
     load.add_argument("--release", required=True, help="release version YYYYMMDD")
     load.add_argument("--dataset", action="append", help="only this dataset (repeatable); others are kept")
     database_flag(load)
+    scope_flag(load)
     load.set_defaults(handler=cmd_load)
 
     mirror = commands.add_parser("mirror", help="mirror a release's files, verified against its manifest")
@@ -230,12 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "after a power cut run with --verify)")
     source_flags(mirror)
     database_flag(mirror)
+    scope_flag(mirror)
     mirror.set_defaults(handler=cmd_mirror)
 
     status = commands.add_parser("status", help="releases' mirror status and the last run's integrity report")
     status.add_argument("--release", help="only this release")
     status.add_argument("--target", help="mirror target (env ABC_MIRROR_ROOT)")
     database_flag(status)
+    scope_flag(status)
     status.set_defaults(handler=cmd_status)
 
     lineage = commands.add_parser("lineage", help="a release's lineage: manifest, steps, files read, tables written")
@@ -249,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--no-store", action="store_true", help="only print: store nothing, write no release notes")
     diff.add_argument("--target", help="mirror root the release notes go beside (env ABC_MIRROR_ROOT)")
     database_flag(diff)
+    scope_flag(diff)
     diff.set_defaults(handler=cmd_diff)
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
@@ -275,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "order)")
     aggregate.add_argument("--work-dir", help="where per-file partial results go (default: beside the mirror)")
     database_flag(aggregate)
+    scope_flag(aggregate)
     aggregate.set_defaults(handler=cmd_aggregate)
     return parser
 
@@ -283,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.exc import OperationalError
 
     from etl.manifest import ManifestError
+    from etl.scope import ScopeError
     from etl.source import SourceUnreachable
 
     args = build_parser().parse_args(argv)
@@ -294,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: source unreachable: {exc}", file=sys.stderr)
     except OperationalError as exc:
         print(f"error: database unreachable: {exc.orig}", file=sys.stderr)
-    except (ManifestError, FileExistsError) as exc:
+    except (ManifestError, FileExistsError, ScopeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return EXIT_UNUSABLE
 

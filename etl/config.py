@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from etl.scope import AUTO_FLOOR, DEFAULT_DATASET_PATTERNS, Scope
+
 DEFAULT_BUCKET = "allen-brain-cell-atlas"
 DEFAULT_REGION = "us-west-2"
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/abc"
@@ -26,6 +28,12 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ABC_WORKERS": ("16", "parallel transfers"),
     "ABC_WEBHOOK_URL": ("", "JSON webhook for alerts (empty: none)"),
     "ABC_MAX_LAG_HOURS": ("72", "alert when the newest published release trails upstream's for longer than this"),
+    "ABC_SCOPE": ("consensus-mouse", "what scheduled runs take: consensus-mouse (the consensus datasets, their "
+                  "WMB matrices and genes) or atlas (mirror every file listed; load the consensus part)"),
+    "ABC_SCOPE_DATASETS": (",".join(DEFAULT_DATASET_PATTERNS), "comma-separated name patterns of the datasets the "
+                           "warehouse loads"),
+    "ABC_FIRST_RELEASE": (AUTO_FLOOR, "first release processed (YYYYMMDD); auto: the first whose manifest holds "
+                          "the scope's datasets. Older ones are recorded as skipped"),
 }
 
 
@@ -44,6 +52,9 @@ class Settings:
     workers: int = 16
     webhook_url: str | None = None
     max_lag_hours: float = 72.0
+    scope: str = "consensus-mouse"
+    scope_datasets: tuple[str, ...] = DEFAULT_DATASET_PATTERNS
+    first_release: str = AUTO_FLOOR
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,11 +68,19 @@ class Settings:
             workers=int(_env("ABC_WORKERS")),
             webhook_url=_env("ABC_WEBHOOK_URL") or None,
             max_lag_hours=float(_env("ABC_MAX_LAG_HOURS")),
+            scope=_env("ABC_SCOPE"),
+            scope_datasets=tuple(_env("ABC_SCOPE_DATASETS").split(",")),
+            first_release=_env("ABC_FIRST_RELEASE"),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:
         """Apply CLI flags that were given (``None`` means: keep the configured value)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def run_scope(self) -> Scope:
+        """The configured scope; raises :class:`etl.scope.ScopeError` for an unknown name."""
+        return Scope.named(self.scope, self.scope_datasets)
 
     @property
     def mirror_is_local(self) -> bool:

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from etl import db
 from etl.publish import staged_or_published
+from etl.scope import Scope
 
 FILE_IDENTITY = ["dataset", "kind", "tag", "normalization", "file_type"]
 ITEM_COLUMNS = ["dataset", "subject", "change", "item", "old_value", "new_value"]
@@ -151,29 +152,37 @@ def _frame(conn: psycopg.Connection, query: sql.Composable, dtypes: dict[str, st
     return pd.read_csv(buffer, dtype=dtypes, keep_default_na=False, na_values=[""])
 
 
-def release_content(database_url: str, release: str) -> ReleaseContent:
-    """A release's files and directories (manifest) and its loaded cells, clusters and genes."""
+def release_content(database_url: str, release: str, scope: Scope) -> ReleaseContent:
+    """A release's files and directories that feed the warehouse in ``scope`` (manifest), and its loaded
+    cells, clusters and genes (those of the release it shares when published by reference)."""
     def rows(table: str, columns: str) -> sql.Composed:
         return sql.SQL("SELECT {} FROM {} WHERE release = {}").format(
-            sql.SQL(columns), staged_or_published(conn, table, release), sql.Literal(release))
+            sql.SQL(columns), staged_or_published(conn, table, data), sql.Literal(data))
 
     text = str
     with db.copy_connection(database_url) as conn:
+        data = conn.execute("SELECT coalesce(shares_data_with, version) FROM abc.release WHERE version = %s",
+                            (release,)).fetchone()
+        data = data[0] if data else release
         files = _frame(conn, sql.SQL("SELECT relative_path, dataset, kind, tag, normalization, file_type, md5 "
                                      "FROM abc.release_file WHERE release = {}").format(sql.Literal(release)),
                        dict.fromkeys(["relative_path", *FILE_IDENTITY, "md5"], text))
+        files = files[[scope.feeds_warehouse(f) for f in files.itertuples()]].reset_index(drop=True)
         files["normalization"] = files["normalization"].fillna("")
         directories = _frame(conn, sql.SQL("SELECT dataset, kind, version FROM abc.release_directory "
                                            "WHERE release = {}").format(sql.Literal(release)),
                              dict.fromkeys(["dataset", "kind", "version"], text))
+        scoped = set(zip(files["dataset"], files["kind"], strict=True))
+        directories = directories[[(d, k) in scoped for d, k in zip(directories["dataset"], directories["kind"],
+                                                                      strict=True)]].reset_index(drop=True)
         # A cell's cluster is its own cluster_alias or, in the consensus layout, the taxonomy's
         # cell_to_cluster_membership row.
         cells = _frame(conn, sql.SQL(
             "SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias "
             "FROM {} c LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
             "WHERE c.release = {}").format(
-            staged_or_published(conn, "cell", release),
-            staged_or_published(conn, "cell_cluster_membership", release), sql.Literal(release)),
+            staged_or_published(conn, "cell", data),
+            staged_or_published(conn, "cell_cluster_membership", data), sql.Literal(data)),
             {"dataset": text, "cell_label": text, "cluster_alias": "Int64"})
         clusters = _frame(conn, rows("cluster", "dataset, cluster_alias"), {"dataset": text, "cluster_alias": "Int64"})
         genes = _frame(conn, rows("gene", "dataset, gene_identifier"), {"dataset": text, "gene_identifier": text})
@@ -235,7 +244,7 @@ def release_notes_markdown(result: ReleaseDiff) -> str:
              "| dataset | subject | " + " | ".join(CHANGES) + " |", "|---|---|" + "---:|" * len(CHANGES)]
     lines += ["| " + " | ".join(row) + " |" for row in _summary_rows(result)]
     if result.items.empty:
-        lines += ["", "No change."]
+        lines += ["", "No change in scope."]
     for subject, title in (("directory", "Dataset versions"), ("file", "Files")):
         listed = _listed(result, subject)
         if listed:
@@ -283,7 +292,7 @@ def release_notes_html(result: ReleaseDiff) -> str:
     title = f"Release {result.new}: changes since {result.old}"
     sections = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
                 table(["dataset", "subject", *CHANGES], _summary_rows(result)) if not result.items.empty
-                else "<p>No change.</p>"]
+                else "<p>No change in scope.</p>"]
     for subject, name in (("directory", "Dataset versions"), ("file", "Files")):
         listed = _listed(result, subject)
         if listed:

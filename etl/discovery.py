@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from etl.config import Settings
 from etl.lineage import record_discovery
 from etl.manifest import Manifest, ManifestError, parse_manifest
+from etl.scope import history_floor
 from etl.source import (
     DatedDirectory,
     FetchedObject,
@@ -36,10 +37,19 @@ class DiscoveryReport:
     changed_manifests: list[str] = field(default_factory=list)
     new_directories: list[DatedDirectory] = field(default_factory=list)
     bad_manifests: dict[str, str] = field(default_factory=dict)
+    floor: str | None = None
+    skipped: list[str] = field(default_factory=list)  # recorded now as before the history floor
+
+    @property
+    def releases_to_process(self) -> list[str]:
+        """New releases at or after the floor: the ones a scheduled deployment runs."""
+        return [v for v in self.new_releases if v not in self.skipped]
 
     def lines(self) -> list[str]:
-        out = [f"releases upstream: {', '.join(self.releases_seen) or 'none'}"]
-        out += [f"new release: {v}" for v in self.new_releases]
+        out = [f"releases upstream: {', '.join(self.releases_seen) or 'none'}",
+               f"history floor: {self.floor or 'none (no release holds the scope yet)'}"]
+        out += [f"new release: {v}" + (" (before the floor: recorded, skipped)" if v in self.skipped else "")
+                for v in self.new_releases]
         out += [f"manifest changed upstream: {v}" for v in self.changed_manifests]
         out += [f"new directory: {d.prefix}" for d in self.new_directories]
         out += [f"skipped malformed manifest {key}: {why}" for key, why in self.bad_manifests.items()]
@@ -116,8 +126,25 @@ def _record_problem(engine: Engine, fetched: FetchedObject, problem: str) -> Non
         )
 
 
+def apply_history_floor(engine: Engine, settings: Settings) -> tuple[str | None, list[str]]:
+    """Mark recorded releases before the history floor ``skipped``; return the floor and those marked.
+
+    Only releases still at ``upstream`` are marked: one an operator backfilled keeps its state.
+    Without a floor (no release holds the scope yet) every such release is skipped.
+    """
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT r.version, array_remove(array_agg(DISTINCT d.dataset), NULL) "
+                                    "FROM abc.release r LEFT JOIN abc.release_directory d ON d.release = r.version "
+                                    "GROUP BY r.version")).all()
+        floor = history_floor({v: set(datasets) for v, datasets in rows}, settings.run_scope, settings.first_release)
+        skipped = conn.execute(sa.text("UPDATE abc.release SET status = 'skipped' WHERE status = 'upstream' "
+                                       "AND (CAST(:floor AS text) IS NULL OR version < :floor) RETURNING version"),
+                               {"floor": floor}).scalars().all()
+    return floor, sorted(skipped)
+
+
 def discover(client: BaseClient, settings: Settings, engine: Engine) -> DiscoveryReport:
-    """List the bucket, record what is new, and say what that was."""
+    """List the bucket, record what is new, and say what that was (releases before the floor as skipped)."""
     report = DiscoveryReport()
     report.releases_seen = list_release_versions(client, settings)
     with engine.connect() as conn:
@@ -154,4 +181,6 @@ def discover(client: BaseClient, settings: Settings, engine: Engine) -> Discover
             ).rowcount
             if inserted:
                 report.new_directories.append(d)
+    report.floor, skipped = apply_history_floor(engine, settings)
+    report.skipped = [v for v in skipped if v in report.new_releases or v in report.changed_manifests]
     return report

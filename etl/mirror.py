@@ -36,6 +36,7 @@ from etl import source
 from etl.config import Settings
 from etl.discovery import ensure_release_recorded, load_manifest
 from etl.manifest import ManifestFile, UnsafeKeyError, check_relative_key
+from etl.scope import FileRow, Scope
 from etl.transfer import (
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
@@ -93,10 +94,12 @@ class LocalRoot:
             self._safe_dirs.add(directory)
 
 
-def _selected_release_files(conn: sa.Connection, release: str, datasets: list[str] | None,
-                            kinds: list[str] | None, normalizations: list[str] | None) -> list[sa.Row]:
-    """Rows of ``abc.release_file`` filtered exactly as :meth:`Manifest.select` filters files."""
-    query = "SELECT relative_path, size, md5 FROM abc.release_file WHERE release = :r"
+def selected_release_files(conn: sa.Connection, release: str, datasets: list[str] | None = None,
+                           kinds: list[str] | None = None, normalizations: list[str] | None = None,
+                           keep: Callable[[FileRow], bool] | None = None) -> list[sa.Row]:
+    """Rows of ``abc.release_file`` filtered as :meth:`Manifest.select` filters files, then by ``keep``
+    (a scope's :meth:`~etl.scope.Scope.mirrors` or :meth:`~etl.scope.Scope.feeds_warehouse`)."""
+    query = "SELECT relative_path, size, md5, dataset, kind, tag FROM abc.release_file WHERE release = :r"
     params: dict[str, object] = {"r": release}
     if datasets:
         query += " AND dataset = ANY(:datasets)"
@@ -107,16 +110,19 @@ def _selected_release_files(conn: sa.Connection, release: str, datasets: list[st
     if normalizations:
         query += " AND (normalization = '' OR normalization = ANY(:norms))"
         params["norms"] = list(normalizations)
-    return conn.execute(sa.text(query + " ORDER BY relative_path"), params).all()
+    rows = conn.execute(sa.text(query + " ORDER BY relative_path"), params).all()
+    return [row for row in rows if keep is None or keep(row)]
 
 
 def release_files_on_disk(settings: Settings, engine: Engine, release: str, datasets: list[str] | None = None,
-                          kinds: list[str] | None = None,
-                          normalizations: list[str] | None = None) -> dict[str, Path]:
+                          kinds: list[str] | None = None, normalizations: list[str] | None = None,
+                          keep: Callable[[FileRow], bool] | None = None) -> dict[str, Path]:
     """relative_path -> local path of every selected file of ``release``, each verified in the mirror.
 
-    A file counts only if the mirror records it with the manifest's size and MD5 and its size on
-    disk still matches; otherwise :class:`NotMirroredError` names the release and the files.
+    Files are selected as :func:`selected_release_files` does, ``keep`` defaulting to what the
+    configured scope mirrors. A file counts only if the mirror records it with the manifest's size
+    and MD5 and its size on disk still matches; otherwise :class:`NotMirroredError` names the
+    release and the files.
     """
     if not settings.mirror_is_local:
         raise NotMirroredError(f"release {release}: the mirror {settings.mirror_root} is not a local directory")
@@ -124,7 +130,8 @@ def release_files_on_disk(settings: Settings, engine: Engine, release: str, data
     with engine.connect() as conn:
         if conn.execute(sa.text("SELECT 1 FROM abc.release WHERE version = :r"), {"r": release}).scalar() is None:
             raise NotMirroredError(f"release {release} is not recorded: run discovery and mirror it first")
-        wanted = _selected_release_files(conn, release, datasets, kinds, normalizations)
+        wanted = selected_release_files(conn, release, datasets, kinds, normalizations,
+                                        keep or settings.run_scope.mirrors)
         recorded = {row.relative_path: row for row in conn.execute(
             sa.text("SELECT o.relative_path, o.size, o.md5 FROM abc.mirror_object o "
                     "JOIN abc.release_file rf ON rf.relative_path = o.relative_path "
@@ -433,15 +440,15 @@ def _start_run(engine: Engine, release: str, target: str, selection: dict, verif
         previous = conn.execute(sa.text("SELECT status FROM abc.release WHERE version = :r FOR UPDATE"),
                                 {"r": release}).scalar_one()
         conn.execute(sa.text("UPDATE abc.release SET status = 'mirroring' WHERE version = :r "
-                             "AND status IN ('upstream', 'mirrored', 'failed')"), {"r": release})
+                             "AND status IN ('upstream', 'skipped', 'mirrored', 'failed')"), {"r": release})
         run_id = conn.execute(sa.text(
             "INSERT INTO abc.mirror_run (release, target, selection, verify) VALUES (:r, :t, :s, :v) RETURNING id"),
             {"r": release, "t": target, "s": json.dumps(selection), "v": verify}).scalar_one()
     return run_id, previous
 
 
-def _finish_run(engine: Engine, run_id: int, report: MirrorReport, previous: str) -> None:
-    """Close the run; the release is 'mirrored' once every file of its manifest is verified in the target."""
+def _finish_run(engine: Engine, run_id: int, report: MirrorReport, previous: str, scope: Scope) -> None:
+    """Close the run; the release is 'mirrored' once every file its scope mirrors is verified in the target."""
     with engine.begin() as conn:
         conn.execute(sa.text("""
             UPDATE abc.mirror_run SET finished_at = now(), status = :status, files_selected = :sel, files_ok = :ok,
@@ -451,11 +458,11 @@ def _finish_run(engine: Engine, run_id: int, report: MirrorReport, previous: str
             {"id": run_id, "status": "failed" if report.failed else "succeeded", "sel": report.selected,
              "ok": report.ok, "fetched": report.fetched + report.copied, "skipped": report.skipped,
              "failed": len(report.failed), "bytes": report.bytes_fetched, "failures": json.dumps(report.failed)})
-        missing = conn.execute(sa.text("""
-            SELECT count(*) FROM abc.release_file rf
+        missing = sum(scope.mirrors(row) for row in conn.execute(sa.text("""
+            SELECT rf.dataset, rf.kind, rf.tag FROM abc.release_file rf
             LEFT JOIN abc.mirror_object o ON o.target = :t AND o.relative_path = rf.relative_path
                 AND o.md5 = rf.md5 AND o.size = rf.size
-            WHERE rf.release = :r AND o.relative_path IS NULL"""), {"r": report.release, "t": report.target}).scalar()
+            WHERE rf.release = :r AND o.relative_path IS NULL"""), {"r": report.release, "t": report.target}))
         if report.failed:
             first = sorted(report.failed)[:MAX_LISTED]
             error = f"mirror to {report.target}: {len(report.failed)} files failed: " + "; ".join(
@@ -490,7 +497,8 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
     fetched_manifest, manifest = load_manifest(client, settings, release)
     if not dry_run:
         ensure_release_recorded(engine, fetched_manifest, manifest)
-    files = manifest.select(datasets, kinds, normalizations)
+    scope = settings.run_scope
+    files = [f for f in manifest.select(datasets, kinds, normalizations) if scope.mirrors(f)]
     if keys is not None:
         wanted = set(keys)
         files = [f for f in files if f.relative_path in wanted]
@@ -555,7 +563,7 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
         _save_records(engine, target.name, records)
     report.bytes_fetched = meter.done
     report.seconds = time.monotonic() - started
-    _finish_run(engine, run_id, report, previous)
+    _finish_run(engine, run_id, report, previous, scope)
     return report
 
 

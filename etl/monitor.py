@@ -24,6 +24,7 @@ from etl import db
 from etl.alerts import Alert, already_sent, send
 from etl.config import Settings
 from etl.publish import staged_or_published
+from etl.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def lag(engine: Engine) -> Lag:
         row = conn.execute(sa.text("""
             SELECT (SELECT max(version) FROM abc.release) AS upstream,
                    (SELECT release FROM abc.current_release) AS published,
-                   (SELECT min(discovered_at) FROM abc.release WHERE version > coalesce(
+                   (SELECT min(discovered_at) FROM abc.release WHERE status <> 'skipped' AND version > coalesce(
                         (SELECT release FROM abc.current_release), '')) AS since""")).one()
     return Lag(row.upstream, row.published, row.since)
 
@@ -179,7 +180,7 @@ def announce_new_releases(settings: Settings, engine: Engine) -> list[str]:
         return []
     with engine.connect() as conn:
         releases = conn.execute(sa.text("SELECT version, n_files, total_bytes, manifest_key FROM abc.release "
-                                        "ORDER BY version")).all()
+                                        "WHERE status <> 'skipped' ORDER BY version")).all()
     announced = []
     for r in releases:
         if already_sent(engine, "new_release", r.version):
@@ -203,8 +204,8 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     if old is None:
         log.info("release %s: no earlier loaded release to diff against", release)
         return None
-    result = diff.diff(diff.release_content(settings.database_url, old),
-                       diff.release_content(settings.database_url, release))
+    result = diff.diff(diff.release_content(settings.database_url, old, settings.run_scope),
+                       diff.release_content(settings.database_url, release, settings.run_scope))
     diff.store(settings.database_url, result)
     if not settings.mirror_is_local:
         log.info("release notes of %s not written: mirror %s is not a local directory", release, settings.mirror_root)
@@ -215,8 +216,8 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
 def status_rows(engine: Engine, target: str) -> list[sa.Row]:
     """Every release with its upstream, mirror (in ``target``), load, publish and check state."""
     query = """
-        SELECT r.version, r.status, r.discovered_at, r.loaded_at, r.published_at, r.last_error, r.n_files,
-               r.total_bytes,
+        SELECT r.version, r.status, r.shares_data_with, r.discovered_at, r.loaded_at, r.published_at, r.last_error,
+               r.n_files, r.total_bytes,
                (SELECT count(*) FROM abc.release_file rf JOIN abc.mirror_object o ON o.target = :t
                     AND o.relative_path = rf.relative_path AND o.md5 = rf.md5 AND o.size = rf.size
                 WHERE rf.release = r.version) AS files_ok,
@@ -232,8 +233,45 @@ def status_rows(engine: Engine, target: str) -> list[sa.Row]:
         return conn.execute(sa.text(query), {"t": target}).all()
 
 
-def status_lines(engine: Engine, target: str, now: datetime | None = None) -> list[str]:
-    """``abc-mirror status``: every release in one table, then the lag behind upstream."""
+def dataset_states(engine: Engine, target: str, scope: Scope) -> dict[str, dict[str, list[str]]]:
+    """release -> state -> datasets: what happened to each dataset a release lists, in ``scope``.
+
+    States: ``skipped`` (release before the history floor), ``not in scope``, ``mirroring`` (some of
+    its scoped files not verified in ``target`` yet), ``mirrored, not loaded`` (no loader: mirrored
+    only), and for the datasets feeding the warehouse the release's own state (``published``,
+    ``published by reference``, ``loaded``, ``mirrored`` ...).
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("""
+            SELECT rf.release, r.status, r.shares_data_with, rf.dataset, rf.kind, rf.tag,
+                   o.relative_path IS NOT NULL AS ok
+            FROM abc.release_file rf JOIN abc.release r ON r.version = rf.release
+            LEFT JOIN abc.mirror_object o ON o.target = :t AND o.relative_path = rf.relative_path
+                AND o.md5 = rf.md5 AND o.size = rf.size"""), {"t": target}).all()
+    files: dict[tuple[str, str], list[sa.Row]] = {}
+    for row in rows:
+        files.setdefault((row.release, row.dataset), []).append(row)
+    states: dict[str, dict[str, list[str]]] = {}
+    for (release, dataset), listed in sorted(files.items()):
+        first, scoped = listed[0], [f for f in listed if scope.mirrors(f)]
+        if first.status == "skipped":
+            state = "skipped"
+        elif not scoped:
+            state = "not in scope"
+        elif not all(f.ok for f in scoped):
+            state = "mirroring"
+        elif not any(scope.feeds_warehouse(f) for f in scoped):
+            state = "mirrored, not loaded"
+        elif first.shares_data_with:
+            state = f"published by reference (data of {first.shares_data_with})"
+        else:
+            state = first.status
+        states.setdefault(release, {}).setdefault(state, []).append(dataset)
+    return states
+
+
+def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None = None) -> list[str]:
+    """``abc-mirror status``: every release in one table, the lag behind upstream, then each dataset's state."""
     rows = status_rows(engine, target)
     if not rows:
         return ["no release recorded: run `abc-mirror discover` first"]
@@ -243,7 +281,8 @@ def status_lines(engine: Engine, target: str, now: datetime | None = None) -> li
 
     header = ["release", "status", "upstream seen", "mirrored ok/failed/of", "bytes ok", "loaded", "published",
               "checks", "last error"]
-    table = [[r.version, r.status, when(r.discovered_at), f"{r.files_ok}/{r.files_failed or 0}/{r.n_files}",
+    table = [[r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
+              when(r.discovered_at), f"{r.files_ok}/{r.files_failed or 0}/{r.n_files}",
               _size(r.bytes_ok), when(r.loaded_at), when(r.published_at), r.checks if r.checks != "0/0" else "-",
               (r.last_error or "")[:60]] for r in rows]
     widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
@@ -253,6 +292,12 @@ def status_lines(engine: Engine, target: str, now: datetime | None = None) -> li
     hours = current.hours(now)
     out.append(f"lag: newest upstream {current.newest_upstream}, newest published {current.newest_published or '-'}"
                + (f", behind for {hours:.1f} h" if current.behind_since else ", up to date"))
+    out.append(f"datasets per release (scope {scope.name}):")
+    for release, by_state in dataset_states(engine, target, scope).items():
+        out.append(f"  {release}:")
+        for state, datasets in sorted(by_state.items()):
+            shown = ", ".join(datasets) if len(datasets) <= 6 else f"{len(datasets)} datasets"
+            out.append(f"    {state}: {shown}")
     return out
 
 
@@ -266,10 +311,11 @@ def _size(n: int) -> str:
 
 
 def releases_to_check(engine: Engine) -> list[str]:
-    """Loaded or published releases whose last load is newer than their last quality checks."""
+    """Loaded or published releases whose last load is newer than their last quality checks (a release
+    published by reference has no rows of its own to check)."""
     with engine.connect() as conn:
         return conn.execute(sa.text("""
-            SELECT version FROM abc.release r WHERE status IN ('loaded', 'published')
+            SELECT version FROM abc.release r WHERE status IN ('loaded', 'published') AND shares_data_with IS NULL
               AND NOT EXISTS (SELECT 1 FROM abc.quality_check q WHERE q.release = r.version
                               AND q.checked_at >= coalesce(r.loaded_at, r.published_at))
             ORDER BY version""")).scalars().all()

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
-from etl import alerts, db, lineage, monitor, source
+from etl import alerts, db, lineage, monitor, reuse, source
 from etl.config import Settings
 from etl.discovery import ensure_release_recorded, load_manifest
 from etl.load import METADATA_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
@@ -27,12 +27,13 @@ from etl.mirror import (
     MirrorFailedError,
     MirrorReport,
     _name_some,
-    _selected_release_files,
     mirror_release,
     release_files_on_disk,
+    selected_release_files,
     target_name,
 )
 from etl.publish import EXPRESSION_TABLES, is_staged, publish, staged_table
+from etl.scope import Scope
 
 DEFAULT_BATCH_BYTES = 8 << 30
 MAX_BATCHES = 256
@@ -63,13 +64,20 @@ def resolve_release(engine: Engine, requested: str | None) -> str:
     return newest
 
 
-def release_files(engine: Engine, release: str, datasets: list[str] | None = None,
+def release_files(engine: Engine, release: str, scope: Scope, datasets: list[str] | None = None,
                   kinds: list[str] | None = None, normalizations: list[str] | None = None) -> list[PlannedFile]:
-    """The manifest's files of ``release``, selected exactly as the mirror selects them, by key."""
+    """The manifest's files of ``release`` that ``scope`` mirrors, selected exactly as the mirror selects them."""
     with engine.connect() as conn:
-        rows = _selected_release_files(conn, release, datasets, kinds, normalizations)
+        listed = conn.execute(sa.text("SELECT DISTINCT dataset FROM abc.release_file WHERE release = :r"),
+                              {"r": release}).scalars().all()
+        rows = selected_release_files(conn, release, datasets, kinds, normalizations, scope.mirrors)
+    if not scope.holds_data(listed):
+        raise PlanError(f"release {release} holds no dataset the warehouse loads ({', '.join(scope.dataset_patterns)}):"
+                        " nothing to process (a release before the consensus data; `abc-mirror mirror --scope atlas`"
+                        " still copies it)")
     if not rows:
-        raise PlanError(f"release {release}: no file matches datasets={datasets or 'all'} kinds={kinds or 'all'}")
+        raise PlanError(f"release {release}: no file of scope {scope.name} matches datasets={datasets or 'all'} "
+                        f"kinds={kinds or 'all'}")
     return [PlannedFile(row.relative_path, row.size) for row in rows]
 
 
@@ -149,11 +157,23 @@ def mirror_task(settings: Settings, release: str, **options: object) -> dict:
             "bytes_fetched": report.bytes_fetched}
 
 
-def load_metadata(settings: Settings, release: str, datasets: list[str] | None = None) -> LoadReport:
-    """Stage the metadata of ``release`` from its verified mirror files, as the lineage step ``load_metadata``."""
+def share_if_unchanged(settings: Settings, release: str) -> str | None:
+    """Publish ``release`` by reference when its scoped files are a published release's; return that release."""
     engine = db.make_engine(settings.database_url)
     try:
-        files = release_files_on_disk(settings, engine, release, datasets=datasets, kinds=["metadata"])
+        return reuse.publish_by_reference(settings, engine, release)
+    finally:
+        engine.dispose()
+
+
+def load_metadata(settings: Settings, release: str, datasets: list[str] | None = None) -> LoadReport:
+    """Stage the metadata of ``release`` from its verified mirror files, as the lineage step ``load_metadata``."""
+    scope = settings.run_scope
+    scope.require_loaders(datasets)
+    engine = db.make_engine(settings.database_url)
+    try:
+        files = release_files_on_disk(settings, engine, release, datasets=datasets, kinds=["metadata"],
+                                      keep=scope.feeds_warehouse)
         with lineage.step(engine, release=release, step="load_metadata", inputs=sorted(files),
                           bucket=settings.bucket) as s:
             report = load_release_metadata(settings.database_url, release, files, datasets, publish_now=False)
@@ -203,9 +223,25 @@ def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] 
 
 def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
                    chunk_cells: int | None = None) -> dict[str, str]:
-    """One planned file aggregated into its partial; the result keeps the file's bucket key for lineage."""
+    """One planned file aggregated into its partial; the result keeps the file's bucket key for lineage.
+
+    When an earlier release aggregated the same file from the same inputs, its partial is linked
+    (or copied) into place instead (:func:`etl.reuse.reusable_partial`).
+    """
     from etl import aggregate
 
+    engine = db.make_engine(settings.database_url)
+    try:
+        found = reuse.reusable_partial(
+            engine, release, item["dataset"], item["key"], settings.run_scope,
+            lambda other: aggregate.partial_path(aggregate.default_work_dir(settings, other), item))
+    finally:
+        engine.dispose()
+    if found is not None:
+        out = aggregate.partial_path(work_dir, item)
+        reuse.place_copy(found[1], out)
+        print(f"{item['key']} ({item['dataset']}): inputs unchanged since release {found[0]}; its partial reused")
+        return {"dataset": item["dataset"], "partial": str(out), "key": item["key"], "reused_from": found[0]}
     done = aggregate.aggregate_item(settings, release, item, work_dir,
                                     chunk_cells or aggregate.DEFAULT_CHUNK_CELLS)
     return {**done, "key": item["key"]}
@@ -215,6 +251,8 @@ def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
     """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails."""
     engine = db.make_engine(settings.database_url)
     try:
+        if reuse.shared_with(engine, release):
+            return []  # published by reference: the shared release's rows passed their checks
         results = monitor.check_release(settings, engine, release)
     finally:
         engine.dispose()
@@ -267,8 +305,9 @@ def check_lineage(settings: Settings, release: str) -> dict[str, int]:
     engine = db.make_engine(settings.database_url)
     try:
         with engine.connect() as conn:
-            has_expression = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM abc.expression_group "
-                                                  "WHERE release = :r)"), {"r": release}).scalar_one()
+            has_expression = conn.execute(sa.text(
+                "SELECT EXISTS (SELECT 1 FROM abc.expression_group WHERE release = "
+                "(SELECT data_release FROM abc.published_release WHERE release = :r))"), {"r": release}).scalar_one()
         relations = ["abc.cell"] + (["abc.expression_by_cluster"] if has_expression else [])
         found = {relation: len({row.source_key for row in lineage.sources_of(engine, relation, release)})
                  for relation in relations}
@@ -290,6 +329,7 @@ def announce_published(settings: Settings, release: str) -> dict:
             previous = conn.execute(sa.text("SELECT old_release, summary FROM abc.release_diff WHERE new_release = :r "
                                             "ORDER BY old_release DESC LIMIT 1"), {"r": release}).first()
         details = {"previous_release": previous.old_release if previous else None,
+                   "shares_data_with": reuse.shared_with(engine, release),
                    "diff": previous.summary if previous else None,
                    "release_notes": [str(p) for p in notes] if notes else []}
         alerts.send(alerts.Alert("published", f"release {release} published", release, details),

@@ -130,8 +130,8 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
                                        "AND new_release = :n"), {"o": OLD_RELEASE, "n": NEW_RELEASE}).scalar_one()
         stored = conn.execute(sa.text("SELECT subject, change, count(*) FROM abc.release_diff_item "
                                       "GROUP BY 1, 2")).all()
-    result = diff.diff(diff.release_content(settings.database_url, OLD_RELEASE),
-                       diff.release_content(settings.database_url, NEW_RELEASE))
+    result = diff.diff(diff.release_content(settings.database_url, OLD_RELEASE, settings.run_scope),
+                       diff.release_content(settings.database_url, NEW_RELEASE, settings.run_scope))
     assert summary == result.counts()
     assert {(s, c): n for s, c, n in stored} == result.items.groupby(["subject", "change"]).size().to_dict()
     assert {c: result.count("file", c) for c in expected_files} == expected_files
