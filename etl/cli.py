@@ -149,7 +149,8 @@ def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
                        regions=args.regions)
     generated = make_bucket(Path(args.directory), spec)
     for release in generated.releases:
-        print(f"release {release}: {len(generated.files[release])} files")
+        consensus = "" if release in generated.consensus_releases else " (before the consensus data)"
+        print(f"release {release}: {len(generated.files[release])} files{consensus}")
     print(f"bucket tree at {generated.bucket_dir}")
     return EXIT_OK
 
@@ -273,12 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     fixture = commands.add_parser("fixture", help="generated buckets for tests and demos")
     fixture_commands = fixture.add_subparsers(dest="fixture_command", required=True)
-    make = fixture_commands.add_parser("make", help="write a generated bucket tree into DIR")
+    make = fixture_commands.add_parser("make", help="write a whole-atlas bucket tree (four releases) into DIR")
     make.add_argument("directory")
     make.add_argument("--seed", type=int, default=20251031)
     make.add_argument("--cells", type=int, default=4000, help="cells over both datasets")
     make.add_argument("--genes", type=int, default=500)
-    make.add_argument("--clusters", type=int, default=48)
+    make.add_argument("--clusters", type=int, default=48,
+                      help="clusters of the consensus taxonomy; 6721 gives the real term-set sizes")
     make.add_argument("--regions", type=int, default=3, help="region files per chemistry")
     make.set_defaults(handler=cmd_fixture_make)
     serve = fixture_commands.add_parser("serve", help="serve DIR over S3 with rclone")

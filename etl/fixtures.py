@@ -25,9 +25,13 @@ log-normal, so counts are sparse and overdispersed.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import os
+import sqlite3
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +44,20 @@ import scipy.sparse as sp
 
 BUCKET = "allen-brain-cell-atlas"
 BUCKET_URL = f"https://{BUCKET}.s3.us-west-2.amazonaws.com/"
+# The release history, oldest first: before the consensus data, the release that introduced them, one
+# that added another dataset only, and one that re-versioned the AIBS cells and the taxonomy.
+PRE_CONSENSUS_RELEASE = "20250531"
 OLD_RELEASE = "20251031"
+UNCHANGED_RELEASE = "20260131"
 NEW_RELEASE = "20260331"
+RELEASES = [PRE_CONSENSUS_RELEASE, OLD_RELEASE, UNCHANGED_RELEASE, NEW_RELEASE]
+CONSENSUS_RELEASES = [OLD_RELEASE, UNCHANGED_RELEASE, NEW_RELEASE]
 WMB_MATRIX_VERSION = "20230630"
+# The AIBS cells' genes: metadata/WMB-10X/<version>/gene.csv (no gene.csv in Consensus-WMB-AIBS-10X).
+WMB_10X = "WMB-10X"
+WMB_GENE_VERSION = "20241115"
+WMB_GENE_KEY = f"metadata/{WMB_10X}/{WMB_GENE_VERSION}/gene.csv"
+WMB_GENE_COLUMNS = ["gene_identifier", "gene_symbol", "name", "mapped_ncbi_identifier", "comment"]
 
 # Directory names as abc_atlas_access's consensus notebooks and client use them (the draft description
 # pages call them Consensus-Mouse-*; see docs/layout.md).
@@ -52,6 +67,33 @@ TAXONOMY = "Consensus-WMB-integrated-taxonomy"
 MACOSKO_MATRIX_PREFIX = "Macosko-10X"
 WMB_V2 = "WMB-10Xv2"
 WMB_V3 = "WMB-10Xv3"
+CONSENSUS_DATASETS = [CONSENSUS_WMB, MACOSKO, TAXONOMY]
+
+# The rest of the atlas, tiny (bytes to a few KB a file: only mirrored, never loaded), with real
+# dataset names, versions and the real manifests' quirks: sub-folders (views/, geojsons/), kinds
+# image_volumes and mapmycells, extensions h5, json, nii.gz, db and geojson, an empty kind entry
+# (HMBA-10xMultiome-BG image_volumes: its files lie deeper than the listing reaches) and a
+# directory whose total_size is not the sum of its listed files (metadata/WMB-taxonomy/20231215).
+WMB_TAXONOMY = "WMB-taxonomy"  # its cluster_alias values overlap the consensus taxonomy's
+MERFISH = "MERFISH-C57BL6J-638850"
+ALLEN_CCF = "Allen-CCF-2020"
+MMC_GENE_MAPPER = "mmc-gene-mapper"
+HMBA_BG = "HMBA-10xMultiome-BG"
+HMBA_MERSCOPE = "HMBA-MERSCOPE-H22.30.001-BG"
+WHB = "WHB-10Xv3"  # human
+NEW_DATASET = "Developing-Mouse-Vis-Cortex-10X"  # first listed by UNCHANGED_RELEASE
+# dataset -> kind -> directory version
+OTHER_DATASETS = {
+    WMB_10X: {"metadata": WMB_GENE_VERSION},
+    WMB_TAXONOMY: {"metadata": "20231215", "mapmycells": "20240831"},
+    MERFISH: {"metadata": "20241115", "expression_matrices": "20230830"},
+    ALLEN_CCF: {"image_volumes": "20250331"},
+    MMC_GENE_MAPPER: {"mapmycells": "20250630"},
+    HMBA_BG: {"metadata": "20250630", "image_volumes": "20250930"},
+    HMBA_MERSCOPE: {"image_volumes": "20250630"},
+    WHB: {"metadata": "20241115"},
+    NEW_DATASET: {"metadata": UNCHANGED_RELEASE},
+}
 
 # Region split tags of the real matrices. WMB: the tags both chemistries have come first (10Xv2 alone
 # also has Isocortex-3/4, 10Xv3 alone CB, MY, P, PAL, STR).
@@ -64,12 +106,23 @@ TERM_PREFIX = "CS20251031"  # terms
 TERM_SET_LABELS = {"neurotransmitter": f"{TAXONOMY_PREFIX}_NEUR", "neighborhood": f"{TAXONOMY_PREFIX}_LEVEL_0",
                    "class": f"{TAXONOMY_PREFIX}_LEVEL_1", "subclass": f"{TAXONOMY_PREFIX}_LEVEL_2",
                    "supertype": f"{TAXONOMY_PREFIX}_LEVEL_3", "cluster": f"{TAXONOMY_PREFIX}_LEVEL_4"}
-TERM_CODES = {"neurotransmitter": "NEUR", "neighborhood": "NBHD", "class": "CLAS", "subclass": "SUBC",
+TERM_CODES = {"neurotransmitter": "NEUR", "neighborhood": "NEIGH", "class": "CLAS", "subclass": "SUBC",
               "supertype": "SUPT", "cluster": "CLUS"}
 # Neighborhood names of the consensus taxonomy (each has a <name>_cell_2d_embedding_coordinates.csv).
 NEIGHBORHOODS = ["Pallium-Glut", "Subpallium-GABA", "HY-EA-Glut-GABA", "MB-GABA", "MB-Glut-Dopa-Sero",
                  "NN-IMN", "P-MY-CB-GABA", "P-MY-CB-Glut", "TH-EPI-Glut"]
-NEUROTRANSMITTERS = ["Glut", "GABA", "Glut-GABA", "Dopa", "Chol", "Sero", "NN"]
+# 22 neurotransmitter terms as in the real set (21 neurotransmitter types, NN last for non-neuronal
+# clusters); a smaller taxonomy uses the first ones and NN.
+NEUROTRANSMITTERS = ["Glut", "GABA", "Glut-GABA", "Dopa", "Chol", "Sero", "Nora", "Hist", "GABA-Glyc", "Glut-Chol",
+                     "GABA-Chol", "Glut-Dopa", "GABA-Dopa", "Glut-Sero", "GABA-Sero", "Glut-Nora", "GABA-Hist",
+                     "Glyc", "Glut-GABA-Dopa", "Dopa-Sero", "Chol-GABA-Glut", "NN"]
+# The real taxonomy's level sizes (abc_layout.md); smaller ones keep their proportions.
+REAL_TERM_SET_SIZES = {"neurotransmitter": 22, "neighborhood": 9, "class": 43, "subclass": 414, "supertype": 1386,
+                       "cluster": 6721}
+# cluster_alias values are distinct integers drawn from 1..ALIAS_RANGE (real ones are non-contiguous).
+ALIAS_RANGE = 20000
+# Genes of views/example_gene_expression.csv (those of them the dataset's gene set has).
+EXAMPLE_GENES = ["Snap25", "Slc17a7", "Gad2", "Olig2", "Gfap", "Mbp"]
 EMBEDDING = "cell_2d_embedding_coordinates"
 # The columns of the real consensus cell_metadata.csv, in their order.
 CELL_METADATA_COLUMNS = ["cell_label", "cell_barcode", "barcoded_cell_sample_label", "library_label",
@@ -102,12 +155,24 @@ class FixtureSpec:
 
     @property
     def taxonomy_sizes(self) -> dict[str, int]:
-        """Class/subclass/supertype counts in the consensus taxonomy's proportions."""
-        n = self.clusters
-        classes = max(2, round(n * 40 / 6756))
-        subclasses = max(classes, round(n * 411 / 6756))
-        supertypes = max(subclasses, round(n * 1753 / 6756))
+        """Class/subclass/supertype/cluster counts in the consensus taxonomy's proportions (with 6,721
+        clusters exactly the real 43, 414, 1,386)."""
+        n, real = self.clusters, REAL_TERM_SET_SIZES
+        classes = min(n, max(2, round(n * real["class"] / real["cluster"])))
+        subclasses = min(n, max(classes, round(n * real["subclass"] / real["cluster"])))
+        supertypes = min(n, max(subclasses, round(n * real["supertype"] / real["cluster"])))
         return {"class": classes, "subclass": subclasses, "supertype": supertypes, "cluster": n}
+
+    @property
+    def term_set_sizes(self) -> dict[str, int]:
+        """Terms per set, the flat ones too: with 6,721 clusters the real 22 neurotransmitter terms and
+        9 neighborhoods; fewer clusters, the same proportions (at least 2, at most the real count)."""
+        sizes = self.taxonomy_sizes
+        n, real = self.clusters, REAL_TERM_SET_SIZES
+        neighborhoods = min(real["neighborhood"], sizes["class"],
+                            max(2, round(n * real["neighborhood"] / real["cluster"])))
+        transmitters = min(real["neurotransmitter"], max(2, round(n * real["neurotransmitter"] / real["cluster"])))
+        return {"neurotransmitter": transmitters, "neighborhood": neighborhoods, **sizes}
 
 
 def md5_of_file(path: Path, block: int = 1 << 20) -> str:
@@ -131,6 +196,14 @@ class Taxonomy:
     neurotransmitter_of_cluster: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     neighborhood_colors: list[str] = field(default_factory=list)
     neurotransmitter_colors: list[str] = field(default_factory=list)
+    neurotransmitter_names: list[str] = field(default_factory=list)
+    # cluster_alias of cluster i (distinct, non-contiguous integers); alias_index maps back.
+    cluster_alias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def alias_index(self, aliases: np.ndarray) -> np.ndarray:
+        """Cluster indices of cluster_alias values."""
+        order = np.argsort(self.cluster_alias)
+        return order[np.searchsorted(self.cluster_alias, np.asarray(aliases), sorter=order)]
 
     def neighborhood(self, cluster: int) -> int:
         return int(self.neighborhood_of_class[self.lineage(cluster)["class"]])
@@ -146,9 +219,22 @@ class Taxonomy:
 
 @dataclass
 class Genes:
+    """All generated genes; the WMB (AIBS) and Macosko gene sets are overlapping subsets of them.
+
+    The WMB genes are the first ``spec.genes`` (so a WMB matrix column is a gene index); the Macosko
+    set is about two thirds as many: the well-known markers, part of the other WMB genes and some
+    genes of its own. Marker genes of the taxonomy are shared by both sets.
+    """
+
     identifiers: list[str]
     symbols: list[str]
-    background: np.ndarray  # cumulative distribution for background UMIs
+    background: np.ndarray  # cumulative distribution for background UMIs, over all genes
+    wmb: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # gene indices, in var order
+    macosko: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+
+    def of(self, dataset: str) -> np.ndarray:
+        """Gene indices (var order) of a metadata dataset's matrices."""
+        return self.macosko if dataset == MACOSKO else self.wmb
 
 
 @dataclass
@@ -162,14 +248,21 @@ class DatasetCells:
     cluster: np.ndarray
     libraries: pd.DataFrame  # library.csv rows (the dataset's real columns)
     donors: pd.DataFrame  # donor.csv rows
+    cluster_alias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # of cluster index
 
 
 @dataclass
 class GeneratedBucket:
     root: Path
     spec: FixtureSpec
-    releases: list[str]
+    releases: list[str]  # every release, oldest first
     files: dict[str, list[str]] = field(default_factory=dict)  # release -> relative paths
+    changes: dict[str, ReleaseChanges] = field(default_factory=dict)  # NEW_RELEASE vs OLD_RELEASE, per dataset
+
+    @property
+    def consensus_releases(self) -> list[str]:
+        """The releases that list the consensus data (from OLD_RELEASE on), oldest first."""
+        return [r for r in self.releases if r >= OLD_RELEASE]
 
     @property
     def bucket_dir(self) -> Path:
@@ -186,16 +279,32 @@ def _color(rng: np.random.Generator) -> str:
     return "#" + "".join(f"{v:02X}" for v in rng.integers(0, 256, size=3))
 
 
+def _gene_sets(spec: FixtureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gene indices of the WMB set, the Macosko set and the genes both share (markers come from these)."""
+    rng = _rng(spec, "genes:sets")
+    n = spec.genes
+    known = min(len(WELL_KNOWN_GENES), n)
+    n_macosko = max(known, round(n * 2 / 3))
+    own = min(n_macosko - known, max(1, n // 6)) if n_macosko > known else 0
+    others = rng.choice(np.arange(known, n), size=min(n - known, n_macosko - known - own), replace=False)
+    shared = np.sort(np.concatenate([np.arange(known), others])).astype(int)
+    macosko = np.concatenate([shared, np.arange(n, n + own)]).astype(int)
+    return np.arange(n), macosko, shared
+
+
 def make_genes(spec: FixtureSpec) -> Genes:
     rng = _rng(spec, "genes")
-    numbers = np.sort(rng.choice(np.arange(1, 99999), size=spec.genes, replace=False))
+    wmb, macosko, _ = _gene_sets(spec)
+    total = int(max(wmb.max(initial=-1), macosko.max(initial=-1))) + 1
+    numbers = rng.choice(np.arange(1, 99999), size=total, replace=False)
+    numbers = np.concatenate([np.sort(numbers[: spec.genes]), np.sort(numbers[spec.genes:])])
     identifiers = [f"ENSMUSG{n:011d}" for n in numbers]
-    symbols = [WELL_KNOWN_GENES[i] if i < len(WELL_KNOWN_GENES) else f"Gm{10000 + i}"
-               for i in range(spec.genes)]
-    weights = rng.lognormal(mean=0.0, sigma=2.0, size=spec.genes)
+    symbols = [WELL_KNOWN_GENES[i] if i < len(WELL_KNOWN_GENES) else f"Gm{10000 + i}" if i < spec.genes
+               else f"A{830000 + i - spec.genes}Rik" for i in range(total)]
+    weights = rng.lognormal(mean=0.0, sigma=2.0, size=total)
     cdf = np.cumsum(weights / weights.sum())
     cdf[-1] = 1.0
-    return Genes(identifiers, symbols, cdf)
+    return Genes(identifiers, symbols, cdf, wmb, macosko)
 
 
 def _term_labels(level: str, n: int) -> list[str]:
@@ -206,6 +315,7 @@ def _term_labels(level: str, n: int) -> list[str]:
 def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
     rng = _rng(spec, "taxonomy")
     sizes = spec.taxonomy_sizes
+    shared = _gene_sets(spec)[2]
     parents: dict[str, np.ndarray] = {}
     for parent, child in zip(TERM_SETS, TERM_SETS[1:], strict=False):
         # Every parent gets at least one child; the rest are spread at random.
@@ -227,24 +337,29 @@ def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
             names[level] = [f"{i + 1:04d} {names[above][parents[level][i]].split(' ', 1)[1]}_{i + 1}"
                             for i in range(n)]
         colors[level] = [_color(rng) for _ in range(n)]
-        k = min(markers_per_node[level], spec.genes)
-        markers[level] = [rng.choice(spec.genes, size=k, replace=False) for _ in range(n)]
+        k = min(markers_per_node[level], len(shared))
+        markers[level] = [shared[rng.choice(len(shared), size=k, replace=False)] for _ in range(n)]
     taxonomy = Taxonomy(parents, labels, names, colors, markers)
     # Neighborhoods group classes; every cluster has a neurotransmitter (NN for non-neuronal classes).
     # A separate stream, so the hierarchy and markers above do not depend on them.
     extra = _rng(spec, "taxonomy:neighborhood-neurotransmitter")
-    n_neighborhoods = min(len(NEIGHBORHOODS), max(2, round(sizes["cluster"] * 9 / 6721)), sizes["class"])
+    n_neighborhoods = spec.term_set_sizes["neighborhood"]
     taxonomy.neighborhood_of_class = np.sort(np.concatenate([
         np.arange(n_neighborhoods), extra.integers(0, n_neighborhoods, sizes["class"] - n_neighborhoods)]))
-    neuronal = np.array(NEUROTRANSMITTERS[:-1])
+    n_transmitters = spec.term_set_sizes["neurotransmitter"]
+    taxonomy.neurotransmitter_names = [*NEUROTRANSMITTERS[: n_transmitters - 1], "NN"]
+    n_neuronal = n_transmitters - 1
     transmitters = []
     for cluster in range(sizes["cluster"]):
         class_name = names["class"][taxonomy.lineage(cluster)["class"]]
-        transmitters.append(len(NEUROTRANSMITTERS) - 1 if class_name.endswith(" NN")
-                            else int(extra.integers(0, len(neuronal))))
+        transmitters.append(n_neuronal if class_name.endswith(" NN") else int(extra.integers(0, n_neuronal)))
     taxonomy.neurotransmitter_of_cluster = np.array(transmitters)
     taxonomy.neighborhood_colors = [_color(extra) for _ in range(n_neighborhoods)]
-    taxonomy.neurotransmitter_colors = [_color(extra) for _ in NEUROTRANSMITTERS]
+    taxonomy.neurotransmitter_colors = [_color(extra) for _ in taxonomy.neurotransmitter_names]
+    # Non-contiguous cluster_alias values, in no particular order (CLUS_0001 -> e.g. 2721).
+    aliases = _rng(spec, "taxonomy:cluster-alias")
+    taxonomy.cluster_alias = aliases.choice(np.arange(1, max(ALIAS_RANGE, 3 * sizes["cluster"]) + 1),
+                                            size=sizes["cluster"], replace=False).astype(np.int64)
     return taxonomy
 
 
@@ -368,17 +483,20 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
         "neighborhood_x": coordinates[:, 2], "neighborhood_y": coordinates[:, 3],
         "gene_count": 0,
         "umi_count": 0,
+        # log2 values of EXAMPLE_GENES (views/example_gene_expression.csv), filled by write_matrices.
+        **{f"example:{symbol}": np.nan for symbol in EXAMPLE_GENES},
     })
     in_metadata = rng.random(n_cells) >= spec.qc_dropped_fraction
     return DatasetCells(dataset, matrix_dataset, frame, in_metadata, cluster,
-                        libraries.drop(columns=["barcoded_cell_sample_label", "region"]), donor)
+                        libraries.drop(columns=["barcoded_cell_sample_label", "region"]), donor,
+                        taxonomy.cluster_alias)
 
 
 def _draw_counts(
     spec: FixtureSpec, rng: np.random.Generator, genes: Genes, taxonomy: Taxonomy,
     clusters: np.ndarray, depth: float,
 ) -> sp.csr_matrix:
-    """UMI counts for a block of cells, as CSR (cells x genes), without a dense matrix."""
+    """UMI counts for a block of cells, as CSR (cells x all genes), without a dense matrix."""
     n = len(clusters)
     totals = np.maximum(50, rng.lognormal(np.log(depth), 0.45, size=n)).astype(np.int64)
     marker_share = rng.beta(2.0, 5.0, size=n)
@@ -386,7 +504,7 @@ def _draw_counts(
     n_background = totals - n_marker
     rows_bg = np.repeat(np.arange(n), n_background)
     cols_bg = np.searchsorted(genes.background, rng.random(int(n_background.sum())), side="right")
-    cols_bg = np.minimum(cols_bg, spec.genes - 1)
+    cols_bg = np.minimum(cols_bg, len(genes.identifiers) - 1)
     rows_mk, cols_mk = [], []
     for i, cluster in enumerate(clusters):
         lineage = taxonomy.lineage(int(cluster))
@@ -396,7 +514,7 @@ def _draw_counts(
     rows = np.concatenate([rows_bg, *rows_mk])
     cols = np.concatenate([cols_bg, *cols_mk])
     counts = sp.coo_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)),
-                           shape=(n, spec.genes)).tocsr()
+                           shape=(n, len(genes.identifiers))).tocsr()
     counts.sum_duplicates()
     counts.sort_indices()
     return counts
@@ -456,8 +574,12 @@ def write_matrices(
     chosen = np.flatnonzero(frame["feature_matrix_label"].to_numpy() == matrix_label)
     chosen = chosen[np.argsort(frame["cell_label"].to_numpy()[chosen], kind="stable")]
     obs = pd.DataFrame(index=pd.Index(frame["cell_label"].to_numpy()[chosen], name="cell_label"))
-    var = pd.DataFrame({"gene_symbol": genes.symbols},
-                       index=pd.Index(genes.identifiers, name="gene_identifier"))
+    columns = genes.of(cells.dataset)
+    symbols = np.array(genes.symbols)[columns]
+    var = pd.DataFrame({"gene_symbol": symbols},
+                       index=pd.Index(np.array(genes.identifiers)[columns], name="gene_identifier"))
+    examples = {symbol: int(np.flatnonzero(symbols == symbol)[0]) for symbol in EXAMPLE_GENES if symbol in symbols}
+    example_values = np.full((len(chosen), len(examples)), np.nan)
     depth = spec.umis_per_cell * (0.6 if "10Xv2" in matrix_label else 1.0)
     rng = _rng(spec, f"counts:{matrix_label}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -466,9 +588,12 @@ def write_matrices(
     umi_count = np.zeros(len(chosen), dtype=np.int64)
     gene_count = np.zeros(len(chosen), dtype=np.int64)
     for part in _blocks(len(chosen), block_cells):
-        block = _draw_counts(spec, rng, genes, taxonomy, cells.cluster[chosen[part]], depth)
+        block = _draw_counts(spec, rng, genes, taxonomy, cells.cluster[chosen[part]], depth)[:, columns]
+        block.sort_indices()
         raw.append(block)
-        log2.append(log2_cpm(block))
+        normalised = log2_cpm(block)
+        log2.append(normalised)
+        example_values[part] = normalised[:, list(examples.values())].toarray()
         umi_count[part] = np.asarray(block.sum(axis=1)).ravel()
         gene_count[part] = np.diff(block.indptr)
     raw.close()
@@ -476,6 +601,8 @@ def write_matrices(
     # The real cell metadata carries these per-cell statistics of the matrices.
     frame.loc[frame.index[chosen], "umi_count"] = umi_count
     frame.loc[frame.index[chosen], "gene_count"] = gene_count
+    for i, symbol in enumerate(examples):
+        frame.loc[frame.index[chosen], f"example:{symbol}"] = np.round(example_values[:, i], 4)
     return [raw.path, log2.path]
 
 
@@ -500,9 +627,9 @@ def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, 
                   "supertype": "subclass", "cluster": "supertype"}
     labels = {**taxonomy.labels,
               "neighborhood": _term_labels("neighborhood", len(taxonomy.neighborhood_colors)),
-              "neurotransmitter": _term_labels("neurotransmitter", len(NEUROTRANSMITTERS))}
+              "neurotransmitter": _term_labels("neurotransmitter", len(taxonomy.neurotransmitter_names))}
     names = {**taxonomy.names, "neighborhood": NEIGHBORHOODS[: len(taxonomy.neighborhood_colors)],
-             "neurotransmitter": NEUROTRANSMITTERS}
+             "neurotransmitter": taxonomy.neurotransmitter_names}
     colors = {**taxonomy.colors, "neighborhood": taxonomy.neighborhood_colors,
               "neurotransmitter": taxonomy.neurotransmitter_colors}
     parents = {**taxonomy.parents, "class": taxonomy.neighborhood_of_class}
@@ -543,12 +670,12 @@ def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, 
                 "cluster_annotation_term_label": labels[level][node],
                 "cluster_annotation_term_set_name": level,
                 "cluster_annotation_term_name": names[level][node],
-                "cluster_alias": cluster + 1,
+                "cluster_alias": int(taxonomy.cluster_alias[cluster]),
                 "cluster_annotation_term_set_label": TERM_SET_LABELS[level],
             })
     return {
         "cluster": pd.DataFrame({"label": taxonomy.labels["cluster"],
-                                 "cluster_alias": np.arange(1, sizes["cluster"] + 1),
+                                 "cluster_alias": taxonomy.cluster_alias,
                                  "number_of_cells": cluster_cells}),
         "cluster_annotation_term_set": term_set,
         "cluster_annotation_term": pd.DataFrame(terms),
@@ -557,8 +684,23 @@ def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, 
 
 
 def gene_table(genes: Genes) -> pd.DataFrame:
-    """gene.csv of the consensus Macosko metadata: only identifier and symbol."""
-    return pd.DataFrame({"gene_identifier": genes.identifiers, "gene_symbol": genes.symbols})
+    """gene.csv of the consensus Macosko metadata: only identifier and symbol, the Macosko genes."""
+    return pd.DataFrame({"gene_identifier": np.array(genes.identifiers)[genes.macosko],
+                         "gene_symbol": np.array(genes.symbols)[genes.macosko]})
+
+
+def wmb_gene_table(genes: Genes) -> pd.DataFrame:
+    """metadata/WMB-10X/<version>/gene.csv: the WMB genes (those of the WMB-10Xv2/v3 matrices), with
+    the real file's columns."""
+    identifiers = np.array(genes.identifiers)[genes.wmb]
+    symbols = np.array(genes.symbols)[genes.wmb]
+    return pd.DataFrame({
+        "gene_identifier": identifiers,
+        "gene_symbol": symbols,
+        "name": [f"{s} gene" if s in WELL_KNOWN_GENES else f"predicted gene {s[2:]}" for s in symbols],
+        "mapped_ncbi_identifier": [f"NCBIGene:{int(i[7:]) % 900000 + 11000}" for i in identifiers],
+        "comment": "",
+    })
 
 
 def sample_tables(cells: DatasetCells) -> dict[str, pd.DataFrame]:
@@ -596,7 +738,7 @@ def value_sets(cells: DatasetCells) -> pd.DataFrame:
 
 def metadata_cells(cells: DatasetCells) -> pd.DataFrame:
     """The cells that passed QC, in label order, with the generator's bookkeeping columns."""
-    listed = cells.frame.assign(cluster_alias=cells.cluster + 1)[cells.in_metadata]
+    listed = cells.frame.assign(cluster_alias=cells.cluster_alias[cells.cluster])[cells.in_metadata]
     return listed.sort_values("cell_label", kind="stable")
 
 
@@ -611,7 +753,9 @@ def build_manifest(bucket_dir: Path, version: str) -> dict:
 
     For every ``<kind>/<dataset>/`` the release pins the newest dated directory not newer
     than the release; its files (one level of sub-directories included) are listed with size
-    and MD5.
+    and MD5. ``total_size`` counts every file below the directory, deeper ones too, so a directory
+    with deeper files has a total that is not the sum of its listed files, or an empty ``{}``
+    listing (as ``HMBA-10xMultiome-BG`` ``image_volumes`` in the real 20260711 manifest).
     """
     directory_listing: dict[str, dict] = {}
     file_listing: dict[str, dict] = {}
@@ -623,11 +767,12 @@ def build_manifest(bucket_dir: Path, version: str) -> dict:
                 continue
             pinned = versions[-1]
             rel = f"{kind_dir.name}/{dataset_dir.name}/{pinned}"
-            files = sorted(p for p in (dataset_dir / pinned).rglob("*") if p.is_file())
+            every = sorted(p for p in (dataset_dir / pinned).rglob("*") if p.is_file())
+            files = [p for p in every if len(p.relative_to(dataset_dir / pinned).parts) <= 2]
             directory_listing.setdefault(dataset_dir.name, {"directories": {}})["directories"][kind_dir.name] = {
                 "version": pinned, "relative_path": rel, "url": f"{BUCKET_URL}{rel}/",
                 "view_link": f"{BUCKET_URL}index.html#{rel}/",
-                "total_size": sum(p.stat().st_size for p in files),
+                "total_size": sum(p.stat().st_size for p in every),
             }
             tags = file_listing.setdefault(dataset_dir.name, {}).setdefault(kind_dir.name, {})
             for path in files:
@@ -684,13 +829,18 @@ def evolve_cells(spec: FixtureSpec, cells: DatasetCells, n_clusters: int) -> tup
     labels = cells.frame["cell_label"].to_numpy()
     changes = ReleaseChanges(sorted(labels[moved]), sorted(labels[dropped]), sorted(labels[admitted]))
     return DatasetCells(cells.dataset, cells.matrix_dataset, cells.frame.copy(), in_metadata, cluster,
-                        cells.libraries, cells.donors), changes
+                        cells.libraries, cells.donors, cells.cluster_alias), changes
 
 
 def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) -> None:
-    """A consensus dataset's metadata directory: cell_metadata, donor, library, value_sets and, for
-    Macosko only, gene (the AIBS cells' genes are those of the WMB matrices)."""
-    _write_csv(metadata_cells(cells)[CELL_METADATA_COLUMNS], out_dir / "cell_metadata.csv")
+    """A consensus dataset's metadata directory: cell_metadata, donor, library, value_sets,
+    views/example_gene_expression and, for Macosko only, gene (the AIBS cells' genes are in
+    metadata/WMB-10X/<version>/gene.csv)."""
+    listed = metadata_cells(cells)
+    _write_csv(listed[CELL_METADATA_COLUMNS], out_dir / "cell_metadata.csv")
+    example = [c for c in listed.columns if c.startswith("example:") and listed[c].notna().all()]
+    _write_csv(listed[["cell_label", *example]].rename(columns=lambda c: c.removeprefix("example:")),
+               out_dir / "views" / "example_gene_expression.csv")
     for stem, table in sample_tables(cells).items():
         _write_csv(table, out_dir / f"{stem}.csv")
     _write_csv(value_sets(cells), out_dir / "value_sets.csv")
@@ -703,20 +853,204 @@ def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[Dataset
     embeddings (all cells, and each neighborhood's cells) of the cells the datasets list."""
     listed = pd.concat([metadata_cells(cells) for cells in datasets]).sort_values("cell_label", kind="stable")
     n_clusters = len(taxonomy.labels["cluster"])
-    counts = np.bincount(listed["cluster_alias"].to_numpy() - 1, minlength=n_clusters)
+    cluster = taxonomy.alias_index(listed["cluster_alias"].to_numpy())
+    counts = np.bincount(cluster, minlength=n_clusters)
     for stem, table in taxonomy_tables(taxonomy, counts).items():
         _write_csv(table, out_dir / f"{stem}.csv")
     _write_csv(listed[["cell_label", "cluster_alias"]], out_dir / "cell_to_cluster_membership.csv")
     _write_csv(listed[["cell_label", "x", "y"]], out_dir / f"{EMBEDDING}.csv")
-    neighborhood = np.array([taxonomy.neighborhood(c - 1) for c in listed["cluster_alias"].to_numpy()])
+    neighborhood = np.array([taxonomy.neighborhood(int(c)) for c in cluster])
     for i in range(len(taxonomy.neighborhood_colors)):
         part = listed[neighborhood == i][["cell_label", "neighborhood_x", "neighborhood_y"]]
         _write_csv(part.rename(columns={"neighborhood_x": "x", "neighborhood_y": "y"}),
                    out_dir / f"{NEIGHBORHOODS[i]}_{EMBEDDING}.csv")
 
 
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _nifti_gz(rng: np.random.Generator, shape: tuple[int, int, int]) -> bytes:
+    """A tiny NIfTI-1 volume (uint8), gzipped without a timestamp."""
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, *shape, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 2, 8)  # datatype uint8, bitpix
+    struct.pack_into("<8f", header, 76, 1.0, 25.0, 25.0, 25.0, 0, 0, 0, 0)
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    header[344:348] = b"n+1\0"
+    voxels = rng.integers(0, 8, size=shape, dtype=np.uint8).tobytes(order="F")
+    return gzip.compress(bytes(header) + voxels, mtime=0)
+
+
+def _write_h5(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as handle:
+        for name, values in arrays.items():
+            handle.create_dataset(name, data=values, track_times=False)
+    os.replace(tmp, path)
+
+
+def _write_sqlite(path: Path, genes: Genes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(tmp)) as conn:
+        conn.execute("CREATE TABLE gene (identifier TEXT PRIMARY KEY, symbol TEXT, species TEXT)")
+        conn.executemany("INSERT INTO gene VALUES (?, ?, 'Mus musculus')",
+                         zip(genes.identifiers[:20], genes.symbols[:20], strict=True))
+        conn.commit()
+    os.replace(tmp, path)
+
+
+def _other_taxonomy(spec: FixtureSpec, taxonomy: Taxonomy) -> dict[str, pd.DataFrame]:
+    """WMB-taxonomy's tables (CCN20230722): a few clusters, half of them with a cluster_alias that the
+    consensus taxonomy also uses (the real taxonomies' aliases overlap)."""
+    rng = _rng(spec, f"other:{WMB_TAXONOMY}")
+    n = 8
+    shared = rng.choice(taxonomy.cluster_alias, size=min(n // 2, len(taxonomy.cluster_alias)), replace=False)
+    free = np.setdiff1d(np.arange(1, ALIAS_RANGE + 1), taxonomy.cluster_alias)
+    aliases = np.concatenate([shared, rng.choice(free, size=n - len(shared), replace=False)]).astype(np.int64)
+    levels = {"class": 2, "subclass": 4, "cluster": n}
+    codes = {"class": "CLAS", "subclass": "SUBC", "cluster": "CLUS"}
+    set_label = {level: f"CCN20230722_{codes[level]}" for level in levels}
+    labels = {level: [f"CS20230722_{codes[level]}_{i + 1:04d}" for i in range(k)] for level, k in levels.items()}
+    parent = {"subclass": np.array([0, 0, 1, 1]), "cluster": np.arange(n) // 2}
+    subclasses = ["001 CLA-EPd-CTX Car3 Glut", "002 IT EP-CLA Glut", "318 Astro-NT NN", "319 Astro-TE NN"]
+    names = {"class": ["01 IT-ET Glut", "30 Astro-Epen"], "subclass": subclasses,
+             "cluster": [f"{i + 1:04d} {subclasses[parent['cluster'][i]].split(' ', 1)[1]}_{i + 1}" for i in range(n)]}
+    above = {"class": None, "subclass": "class", "cluster": "subclass"}
+    terms, membership = [], []
+    for order, (level, k) in enumerate(levels.items()):
+        for i in range(k):
+            up = above[level]
+            j = int(parent[level][i]) if up else None
+            terms.append({"label": labels[level][i], "name": names[level][i],
+                          "cluster_annotation_term_set_label": set_label[level],
+                          "cluster_annotation_term_set_name": level, "color_hex_triplet": _color(rng),
+                          "term_order": i + 1, "term_set_order": order,
+                          "parent_term_label": labels[up][j] if up else "",
+                          "parent_term_name": names[up][j] if up else "",
+                          "parent_term_set_label": set_label[up] if up else ""})
+    for level in levels:
+        for c in range(n):
+            node = c if level == "cluster" else int(parent["cluster"][c]) if level == "subclass" else \
+                int(parent["subclass"][parent["cluster"][c]])
+            membership.append({"cluster_annotation_term_label": labels[level][node],
+                               "cluster_annotation_term_set_name": level,
+                               "cluster_annotation_term_name": names[level][node], "cluster_alias": int(aliases[c]),
+                               "cluster_annotation_term_set_label": set_label[level]})
+    term_sets = pd.DataFrame({"label": list(set_label.values()), "name": list(levels), "description": list(levels),
+                              "order": range(len(levels)),
+                              "parent_term_set_label": ["", set_label["class"], set_label["subclass"]]})
+    membership_frame = pd.DataFrame(membership)
+    colors = membership_frame.merge(pd.DataFrame(terms)[["label", "color_hex_triplet"]],
+                                    left_on="cluster_annotation_term_label", right_on="label")
+    return {
+        "cluster": pd.DataFrame({"label": labels["cluster"], "cluster_alias": aliases,
+                                 "number_of_cells": rng.integers(10, 5000, size=n)}),
+        "cluster_annotation_term_set": term_sets,
+        "cluster_annotation_term": pd.DataFrame(terms),
+        "cluster_to_cluster_annotation_membership": membership_frame,
+        "views/cluster_to_cluster_annotation_membership_color": colors.pivot(
+            index="cluster_alias", columns="cluster_annotation_term_set_name",
+            values="color_hex_triplet").add_suffix("_color").reset_index(),
+    }
+
+
+def write_other_datasets(bucket_dir: Path, spec: FixtureSpec, genes: Genes, taxonomy: Taxonomy) -> list[str]:
+    """The non-consensus datasets of OTHER_DATASETS, tiny; returns the keys written."""
+    rng = _rng(spec, "other")
+    written: list[Path] = []
+
+    def path(dataset: str, kind: str, name: str) -> Path:
+        out = bucket_dir / kind / dataset / OTHER_DATASETS[dataset][kind] / name
+        written.append(out)
+        return out
+
+    def csv(dataset: str, name: str, frame: pd.DataFrame, kind: str = "metadata") -> None:
+        _write_csv(frame, path(dataset, kind, f"{name}.csv"))
+
+    # WMB-10X: the AIBS cells' genes (those of the WMB-10Xv2/v3 matrices) and a small ROI table.
+    csv(WMB_10X, "gene", wmb_gene_table(genes))
+    csv(WMB_10X, "region_of_interest_metadata", pd.DataFrame({
+        "acronym": sorted(set(ROI_OF_REGION.values())), "order": range(1, len(set(ROI_OF_REGION.values())) + 1)}))
+    # WMB-taxonomy: tables (+ a view) whose aliases overlap the consensus ones, and MapMyCells files.
+    tables = _other_taxonomy(spec, taxonomy)
+    for stem, table in tables.items():
+        csv(WMB_TAXONOMY, stem, table)
+    # Two levels below the version directory: counted in total_size, not listed.
+    csv(WMB_TAXONOMY, "views/20230830/cluster_annotation_term", tables["cluster_annotation_term"].head(3))
+    markers = {label: list(genes.symbols[:5]) for label in tables["cluster"]["label"][:3]}
+    _write_bytes(json.dumps(markers, indent=1).encode(), path(WMB_TAXONOMY, "mapmycells", "mouse_markers_230821.json"))
+    _write_h5(path(WMB_TAXONOMY, "mapmycells", "precomputed_stats_ABC_revision_230821.h5"),
+              {"n_cells": rng.integers(10, 1000, size=8), "sum": rng.random((8, 5)).astype(np.float32)})
+    # MERFISH: cells mapped to WMB-taxonomy clusters, its gene panel, a view and tiny matrices.
+    n_cells, panel = 16, min(10, spec.genes)
+    merfish_genes = pd.DataFrame({"gene_identifier": genes.identifiers[:panel], "gene_symbol": genes.symbols[:panel],
+                                  "transcript_identifier": [f"ENSMUST{i:011d}" for i in range(panel)]})
+    cell_labels = [f"{1019171907102340000 + 37 * i}-1" for i in range(n_cells)]
+    cells = pd.DataFrame({"cell_label": cell_labels, "brain_section_label": "C57BL6J-638850.01",
+                          "cluster_alias": rng.choice(tables["cluster"]["cluster_alias"], size=n_cells),
+                          "average_correlation_score": np.round(rng.random(n_cells), 6),
+                          "feature_matrix_label": "C57BL6J-638850", "donor_label": "C57BL6J-638850",
+                          "donor_genotype": "wt/wt", "donor_sex": "M",
+                          "x": np.round(rng.random(n_cells) * 10, 6), "y": np.round(rng.random(n_cells) * 10, 6),
+                          "z": 5.0})
+    csv(MERFISH, "cell_metadata", cells)
+    csv(MERFISH, "gene", merfish_genes)
+    csv(MERFISH, "views/cell_metadata_with_cluster_annotation",
+        cells.merge(tables["cluster"][["label", "cluster_alias"]], on="cluster_alias").rename(
+            columns={"label": "cluster"}))
+    counts = sp.csr_matrix(rng.poisson(2.0, size=(n_cells, panel)).astype(np.float32))
+    obs = pd.DataFrame(index=pd.Index(cell_labels, name="cell_label"))
+    var = pd.DataFrame({"gene_symbol": merfish_genes["gene_symbol"].to_numpy()},
+                       index=pd.Index(merfish_genes["gene_identifier"].to_numpy(), name="gene_identifier"))
+    for norm, matrix in (("raw", counts), ("log2", log2_cpm(counts))):
+        out = path(MERFISH, "expression_matrices", f"C57BL6J-638850-{norm}.h5ad")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ad.AnnData(X=matrix, obs=obs, var=var).write_h5ad(out)
+    # Allen-CCF-2020 image volumes (.nii.gz, keyed by the stem before .nii.gz).
+    for stem in ("annotation_25", "average_template_25"):
+        _write_bytes(_nifti_gz(rng, (6, 5, 4)), path(ALLEN_CCF, "image_volumes", f"{stem}.nii.gz"))
+    # mmc-gene-mapper: one SQLite database.
+    _write_sqlite(path(MMC_GENE_MAPPER, "mapmycells", "mmc_gene_mapper.2025-08-04.db"), genes)
+    # HMBA-10xMultiome-BG: metadata, and image volumes that lie too deep for the listing ({} in file_listing).
+    csv(HMBA_BG, "donor", pd.DataFrame({"donor_label": ["H20.30.001", "QM23.50.001", "CJ23.56.004"],
+                                        "species_genus": ["Homo", "Macaca", "Callithrix"]}))
+    csv(HMBA_BG, "human_gene", pd.DataFrame({"gene_identifier": ["ENSG00000132639", "ENSG00000104888"],
+                                             "gene_symbol": ["SNAP25", "SLC17A7"]}))
+    for name, data in (("zarr.json", b'{"zarr_format": 3, "node_type": "group"}'), ("0/c/0/0/0", bytes(64))):
+        _write_bytes(data, path(HMBA_BG, "image_volumes", f"ome_zarr/HMBA-BG.zarr/{name}"))
+    # HMBA-MERSCOPE: section outlines under geojsons/.
+    for plane in ("BS.3.Plane.01", "CX.13.Plane.01"):
+        polygon = np.round(rng.random((4, 2)) * 1000, 2).tolist()
+        feature = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"name": plane},
+                   "geometry": {"type": "Polygon", "coordinates": [[*polygon, polygon[0]]]}}]}
+        _write_bytes(json.dumps(feature).encode(),
+                     path(HMBA_MERSCOPE, "image_volumes", f"geojsons/H22.30.001.{plane}.geojson"))
+    # WHB-10Xv3 (human): donors and a few genes.
+    csv(WHB, "donor", pd.DataFrame({"donor_label": ["H18.30.001", "H18.30.002", "H19.30.001"],
+                                    "donor_sex": ["Male", "Male", "Male"]}))
+    csv(WHB, "gene", pd.DataFrame({"gene_identifier": ["ENSG00000132639", "ENSG00000104888", "ENSG00000128683"],
+                                   "gene_symbol": ["SNAP25", "SLC17A7", "GAD1"]}))
+    # The dataset UNCHANGED_RELEASE adds.
+    dev_cells = pd.DataFrame({"cell_label": [f"AAACCCAAGT{i:06d}-1" for i in range(6)],
+                              "library_label": "L8TX_230101_01_A01", "donor_label": "P14-1"})
+    csv(NEW_DATASET, "cell_metadata", dev_cells)
+    csv(NEW_DATASET, "donor", pd.DataFrame({"donor_label": ["P14-1"], "donor_age": ["P14"]}))
+    csv(NEW_DATASET, "gene", merfish_genes[["gene_identifier", "gene_symbol"]])
+    csv(NEW_DATASET, "views/example_gene_expression",
+        dev_cells[["cell_label"]].assign(Snap25=np.round(rng.random(6) * 8, 4)))
+    return sorted(p.relative_to(bucket_dir).as_posix() for p in written)
+
+
 def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucket:
-    """Write the generated bucket under ``root/allen-brain-cell-atlas`` and its two manifests.
+    """Write the generated bucket under ``root/allen-brain-cell-atlas`` and its four release manifests.
 
     ``root`` is what ``rclone serve s3`` serves: each folder in it is a bucket.
     """
@@ -735,22 +1069,27 @@ def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucke
         for label, matrix_dataset in sorted(cells.matrix_dataset.items()):
             out_dir = bucket_dir / "expression_matrices" / matrix_dataset / version
             write_matrices(spec, out_dir, cells, genes, taxonomy, label)
+    # The rest of the atlas (WMB-10X's gene.csv among it), dated from 2023 to UNCHANGED_RELEASE.
+    write_other_datasets(bucket_dir, spec, genes, taxonomy)
 
+    # The consensus data, first listed by OLD_RELEASE.
     write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes)
     write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None)
     write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb])
-    write_manifest(bucket_dir, OLD_RELEASE)
 
-    # The newer release: the AIBS cells' list changes (cell_metadata.csv) and so does the taxonomy's
+    # NEW_RELEASE: the AIBS cells' list changes (cell_metadata.csv) and so does the taxonomy's
     # cell_to_cluster_membership (re-assigned, dropped, added cells), cluster counts and embeddings;
     # donor, library, value_sets and the taxonomy's term tables are the same files in new directories.
     wmb_new, changes = evolve_cells(spec, wmb, n_clusters)
     write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None)
     write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new])
-    write_manifest(bucket_dir, NEW_RELEASE)
 
-    generated = GeneratedBucket(root, spec, [OLD_RELEASE, NEW_RELEASE])
-    generated.changes = {CONSENSUS_WMB: changes}
+    # Each release pins the newest directory not newer than itself: PRE_CONSENSUS_RELEASE lists no
+    # consensus directory, UNCHANGED_RELEASE the consensus ones of OLD_RELEASE plus NEW_DATASET.
+    for release in RELEASES:
+        write_manifest(bucket_dir, release)
+
+    generated = GeneratedBucket(root, spec, list(RELEASES), changes={CONSENSUS_WMB: changes})
     for release in generated.releases:
         manifest = json.loads((bucket_dir / "releases" / release / "manifest.json").read_text())
         generated.files[release] = sorted(

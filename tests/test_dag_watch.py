@@ -6,7 +6,7 @@ import importlib.util
 
 import sqlalchemy as sa
 
-from etl.fixtures import NEW_RELEASE, OLD_RELEASE
+from etl.fixtures import RELEASES
 from tests.conftest import REPO
 
 
@@ -37,14 +37,14 @@ def test_watch_dag_records_and_announces_releases(airflow_home, s3_server, datab
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM abc.release ORDER BY version")).scalars().all()
         directories = conn.execute(sa.text("SELECT count(*) FROM abc.upstream_directory")).scalar_one()
-    assert versions == [OLD_RELEASE, NEW_RELEASE]
+    assert versions == RELEASES
     assert directories > 0
     assert sorted((body["kind"], body["release"]) for body in webhook.received) == [
-        ("new_release", OLD_RELEASE), ("new_release", NEW_RELEASE)]
+        ("new_release", release) for release in RELEASES]
 
     again = dag.test()
     webhook.close()
     assert again.state == "success"
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM abc.release")).scalar_one() == 2
-    assert len(webhook.received) == 2  # each release announced once
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release")).scalar_one() == len(RELEASES)
+    assert len(webhook.received) == len(RELEASES)  # each release announced once

@@ -26,7 +26,7 @@ def _count(engine: sa.Engine, sql: str, **params) -> int:
 def test_discovery_records_each_release_and_directory_once(settings: Settings, engine, generated_bucket):
     client = source.make_client(settings)
     first = discover(client, settings, engine)
-    assert first.new_releases == [OLD_RELEASE, NEW_RELEASE]
+    assert first.new_releases == generated_bucket.releases
     assert first.bad_manifests == {}
     kinds = {(d.kind, d.dataset, d.version) for d in first.new_directories}
     assert ("metadata", CONSENSUS_WMB, NEW_RELEASE) in kinds
@@ -36,9 +36,10 @@ def test_discovery_records_each_release_and_directory_once(settings: Settings, e
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT version, status, n_files, total_bytes FROM abc.release ORDER BY version")).all()
-    assert [r.version for r in rows] == [OLD_RELEASE, NEW_RELEASE]
-    assert all(r.status == "upstream" for r in rows)
-    for release in (OLD_RELEASE, NEW_RELEASE):
+    assert [r.version for r in rows] == generated_bucket.releases
+    # (The release before the consensus data is recorded too; its status is not asserted here.)
+    assert all(r.status == "upstream" for r in rows if r.version in generated_bucket.consensus_releases)
+    for release in generated_bucket.releases:
         assert _count(engine, "SELECT count(*) FROM abc.release_file WHERE release = :r",
                       r=release) == len(generated_bucket.files[release])
     # The newer release pins the new consensus WMB metadata and keeps the WMB matrices.
@@ -50,7 +51,7 @@ def test_discovery_records_each_release_and_directory_once(settings: Settings, e
     second = discover(client, settings, engine)
     assert second.new_releases == [] and second.new_directories == [] and second.changed_manifests == []
     assert "nothing new" in second.lines()
-    assert _count(engine, "SELECT count(*) FROM abc.release") == 2
+    assert _count(engine, "SELECT count(*) FROM abc.release") == len(generated_bucket.releases)
     assert _count(engine, "SELECT count(*) FROM abc.upstream_directory") == len(kinds)
 
 
@@ -94,12 +95,13 @@ def test_malformed_manifest_is_reported_by_key_and_skipped(generated_bucket, tmp
         report = discover(source.make_client(settings), settings, engine)
     finally:
         server.stop()
-    assert report.new_releases == [OLD_RELEASE]
+    good = [r for r in generated_bucket.releases if r != NEW_RELEASE]
+    assert report.new_releases == good
     bad_key = f"releases/{NEW_RELEASE}/manifest.json"
     assert set(report.bad_manifests) == {bad_key, "releases/20270101/manifest.json"}
     assert "not-a-hash" in report.bad_manifests[bad_key]
     assert "not valid JSON" in report.bad_manifests["releases/20270101/manifest.json"]
-    assert _count(engine, "SELECT count(*) FROM abc.release") == 1
+    assert _count(engine, "SELECT count(*) FROM abc.release") == len(good)
     assert _count(engine, "SELECT count(*) FROM abc.manifest_problem") == 2
 
 

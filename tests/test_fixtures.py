@@ -9,16 +9,30 @@ import numpy as np
 import pandas as pd
 
 from etl.fixtures import (
+    CONSENSUS_DATASETS,
     CONSENSUS_WMB,
+    HMBA_BG,
     MACOSKO,
+    NEW_DATASET,
     NEW_RELEASE,
     OLD_RELEASE,
+    PRE_CONSENSUS_RELEASE,
     TAXONOMY,
+    UNCHANGED_RELEASE,
+    WMB_GENE_COLUMNS,
+    WMB_GENE_KEY,
+    WMB_TAXONOMY,
+    WMB_V2,
+    WMB_V3,
     FixtureSpec,
     make_bucket,
     make_taxonomy,
     md5_of_file,
 )
+
+
+def _manifest(generated_bucket, release):
+    return json.loads((generated_bucket.bucket_dir / f"releases/{release}/manifest.json").read_text())
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -47,10 +61,11 @@ def test_manifest_schema_and_release_semantics(generated_bucket):
     assert h5ad["raw"]["files"]["h5ad"]["relative_path"].endswith("WMB-10Xv3-CTXsp-raw.h5ad")
     assert "cell_metadata" in old["file_listing"][MACOSKO]["metadata"]
     assert "cluster_to_cluster_annotation_membership" in old["file_listing"][TAXONOMY]["metadata"]
-    # The newer release pins new directories for the consensus WMB cells and the taxonomy only.
+    # The newer release pins new directories for the consensus WMB cells and the taxonomy only (and
+    # lists the dataset UNCHANGED_RELEASE added).
     changed = {(d, k) for d, body in new["directory_listing"].items() for k, v in body["directories"].items()
-               if v != old["directory_listing"][d]["directories"][k]}
-    assert changed == {(CONSENSUS_WMB, "metadata"), (TAXONOMY, "metadata")}
+               if v != old["directory_listing"].get(d, {}).get("directories", {}).get(k)}
+    assert changed == {(CONSENSUS_WMB, "metadata"), (TAXONOMY, "metadata"), (NEW_DATASET, "metadata")}
 
     def entry(doc, dataset, stem):
         return doc["file_listing"][dataset]["metadata"][stem]["files"]["csv"]
@@ -71,8 +86,10 @@ def test_metadata_files_and_columns_are_the_real_ones(generated_bucket):
     bucket = generated_bucket.bucket_dir
     manifest = json.loads((bucket / f"releases/{OLD_RELEASE}/manifest.json").read_text())
     stems = {d: set(manifest["file_listing"][d]["metadata"]) for d in (MACOSKO, CONSENSUS_WMB, TAXONOMY)}
-    assert stems[CONSENSUS_WMB] == {"cell_metadata", "donor", "library", "value_sets"}
-    assert stems[MACOSKO] == {"cell_metadata", "donor", "gene", "library", "value_sets"}
+    assert stems[CONSENSUS_WMB] == {"cell_metadata", "donor", "library", "value_sets", "example_gene_expression"}
+    assert stems[MACOSKO] == {"cell_metadata", "donor", "gene", "library", "value_sets", "example_gene_expression"}
+    example = manifest["file_listing"][MACOSKO]["metadata"]["example_gene_expression"]["files"]["csv"]
+    assert example["relative_path"] == f"metadata/{MACOSKO}/{OLD_RELEASE}/views/example_gene_expression.csv"
     neighborhoods = {s for s in stems[TAXONOMY] if s.endswith("_cell_2d_embedding_coordinates")}
     assert neighborhoods and stems[TAXONOMY] - neighborhoods == {
         "cell_2d_embedding_coordinates", "cell_to_cluster_membership", "cluster", "cluster_annotation_term",
@@ -143,12 +160,13 @@ def test_matrices_match_metadata_and_markers_mark_clusters(generated_bucket):
     totals = counts.sum(axis=1)
     np.testing.assert_allclose(log2.X.toarray(), np.log2(counts / totals[:, None] * 1e6 + 1), rtol=1e-5)
     means = counts.mean(axis=0)
-    assert (counts.var(axis=0)[means > 1] > means[means > 1]).all()  # overdispersed
+    # Overdispersed (at means near 1, a few hundred cells' variance is too noisy to tell).
+    assert (counts.var(axis=0)[means > 2] > means[means > 2]).all()
 
     # Each cluster's own markers are higher in it than in the other cells.
     spec = generated_bucket.spec
     taxonomy = make_taxonomy(spec)
-    cluster = listed.loc[raw.obs.index[in_metadata], "cluster_alias"].to_numpy() - 1
+    cluster = taxonomy.alias_index(listed.loc[raw.obs.index[in_metadata], "cluster_alias"].to_numpy())
     cpm = counts[in_metadata] / totals[in_metadata, None]
     checked = 0
     for c in np.unique(cluster):
@@ -166,10 +184,18 @@ def test_taxonomy_tables_are_consistent(generated_bucket):
     terms = pd.read_csv(directory / "cluster_annotation_term.csv")
     membership = pd.read_csv(directory / "cluster_to_cluster_annotation_membership.csv")
     clusters = pd.read_csv(directory / "cluster.csv")
-    sizes = generated_bucket.spec.taxonomy_sizes
+    sizes = generated_bucket.spec.term_set_sizes
     per_set = terms.groupby("cluster_annotation_term_set_name").size().to_dict()
-    assert {level: per_set.pop(level) for level in sizes} == sizes
-    assert set(per_set) == {"neighborhood", "neurotransmitter"} and min(per_set.values()) >= 2
+    assert per_set == sizes and min(sizes.values()) >= 2
+    codes = {"neurotransmitter": "NEUR", "neighborhood": "NEIGH", "class": "CLAS", "subclass": "SUBC",
+             "supertype": "SUPT", "cluster": "CLUS"}
+    for level, code in codes.items():
+        in_set = terms[terms.cluster_annotation_term_set_name == level]
+        assert in_set.label.str.fullmatch(rf"CS20251031_{code}_\d{{4}}").all()
+    assert "NN" in set(terms[terms.cluster_annotation_term_set_name == "neurotransmitter"].name)
+    # cluster_alias values are distinct, non-contiguous integers (not 1..n).
+    aliases = clusters.cluster_alias
+    assert aliases.is_unique and sorted(aliases) != list(range(1, len(aliases) + 1))
     # Every cluster has one term of each of the six sets (neurotransmitter, neighborhood .. cluster).
     assert len(membership) == 6 * len(clusters)
     assert (membership.groupby("cluster_alias").cluster_annotation_term_set_name.nunique() == 6).all()
@@ -213,3 +239,95 @@ def test_newer_release_changes_are_in_the_real_files(generated_bucket):
     assert sorted(old_cells - new_cells) == changes.removed and sorted(new_cells - old_cells) == changes.added
     assert set(old_cluster.index) - set(new_cluster.index) == set(changes.removed)
     assert set(new_cluster.index) - set(old_cluster.index) == set(changes.added)
+
+
+def test_taxonomy_sizes_follow_the_real_ones():
+    assert FixtureSpec(clusters=6721).term_set_sizes == {
+        "neurotransmitter": 22, "neighborhood": 9, "class": 43, "subclass": 414, "supertype": 1386, "cluster": 6721}
+    for clusters in (6, 12, 48, 500, 3000):
+        sizes = FixtureSpec(clusters=clusters).term_set_sizes
+        assert 2 <= sizes["neurotransmitter"] <= 22 and 2 <= sizes["neighborhood"] <= 9
+        assert 2 <= sizes["class"] <= sizes["subclass"] <= sizes["supertype"] <= sizes["cluster"] == clusters
+    taxonomy = make_taxonomy(FixtureSpec(clusters=500))
+    assert taxonomy.neurotransmitter_names[-1] == "NN" and len(set(taxonomy.cluster_alias)) == 500
+    assert (taxonomy.alias_index(taxonomy.cluster_alias[::-1]) == np.arange(500)[::-1]).all()
+
+
+def test_release_history(generated_bucket):
+    """Four releases: none with consensus data, the one that adds them, one that adds another dataset
+    only, and one that re-versions the AIBS cells and the taxonomy."""
+    assert generated_bucket.releases == [PRE_CONSENSUS_RELEASE, OLD_RELEASE, UNCHANGED_RELEASE, NEW_RELEASE]
+    assert generated_bucket.consensus_releases == [OLD_RELEASE, UNCHANGED_RELEASE, NEW_RELEASE]
+    pre, old, unchanged = (_manifest(generated_bucket, r) for r in (PRE_CONSENSUS_RELEASE, OLD_RELEASE,
+                                                                     UNCHANGED_RELEASE))
+    assert not set(CONSENSUS_DATASETS) & set(pre["directory_listing"])
+    assert {WMB_V2, WMB_V3, WMB_TAXONOMY} <= set(pre["directory_listing"])
+    assert WMB_GENE_KEY in generated_bucket.files[PRE_CONSENSUS_RELEASE]
+    assert set(CONSENSUS_DATASETS) <= set(old["directory_listing"])
+    # UNCHANGED_RELEASE adds one dataset directory, dated itself, and keeps every other one (same keys,
+    # same bytes).
+    assert set(unchanged["directory_listing"]) - set(old["directory_listing"]) == {NEW_DATASET}
+    assert unchanged["directory_listing"][NEW_DATASET]["directories"]["metadata"]["version"] == UNCHANGED_RELEASE
+    for dataset in old["directory_listing"]:
+        assert unchanged["directory_listing"][dataset] == old["directory_listing"][dataset]
+        assert unchanged["file_listing"][dataset] == old["file_listing"][dataset]
+    assert set(generated_bucket.files[UNCHANGED_RELEASE]) - set(generated_bucket.files[OLD_RELEASE]) == {
+        k for k in generated_bucket.files[UNCHANGED_RELEASE] if k.startswith(f"metadata/{NEW_DATASET}/")}
+
+
+def test_whole_atlas_quirks(generated_bucket):
+    """The other datasets carry the real manifests' quirks."""
+    manifest = _manifest(generated_bucket, NEW_RELEASE)
+    keys = generated_bucket.files[NEW_RELEASE]
+    kinds = {kind for body in manifest["directory_listing"].values() for kind in body["directories"]}
+    assert kinds == {"metadata", "expression_matrices", "image_volumes", "mapmycells"}
+    extensions = {ext for kinds_ in manifest["file_listing"].values() for tags in kinds_.values()
+                  for entry in tags.values() for sub in ([entry] if "files" in entry else entry.values())
+                  for ext in sub["files"]}
+    assert extensions == {"csv", "h5ad", "h5", "json", "nii.gz", "db", "geojson"}
+    assert any("/views/" in k for k in keys) and any("/geojsons/" in k and k.endswith(".geojson") for k in keys)
+    ccf = manifest["file_listing"]["Allen-CCF-2020"]["image_volumes"]
+    assert ccf["annotation_25"]["files"]["nii.gz"]["relative_path"].endswith("/annotation_25.nii.gz")
+    # An empty kind entry whose directory is listed (its files lie deeper than the listing).
+    assert manifest["file_listing"][HMBA_BG]["image_volumes"] == {}
+    assert manifest["directory_listing"][HMBA_BG]["directories"]["image_volumes"]["total_size"] > 0
+    # A directory whose total_size is not the sum of its listed files.
+    listed = sum(e["files"]["csv"]["size"] for e in manifest["file_listing"][WMB_TAXONOMY]["metadata"].values())
+    assert manifest["directory_listing"][WMB_TAXONOMY]["directories"]["metadata"]["total_size"] != listed
+    # Every listed file exists with its size and MD5.
+    for key in keys:
+        assert (generated_bucket.bucket_dir / key).is_file()
+    # WMB-taxonomy's cluster_alias values overlap the consensus taxonomy's.
+    bucket = generated_bucket.bucket_dir
+    ours = pd.read_csv(bucket / f"metadata/{TAXONOMY}/{OLD_RELEASE}/cluster.csv").cluster_alias
+    theirs = pd.read_csv(bucket / f"metadata/{WMB_TAXONOMY}/20231215/cluster.csv").cluster_alias
+    assert set(ours) & set(theirs) and set(theirs) - set(ours)
+
+
+def test_gene_sets_differ(generated_bucket):
+    """Macosko's gene.csv and WMB-10X's gene.csv are overlapping, different sets; each dataset's matrices
+    carry its own set."""
+    bucket = generated_bucket.bucket_dir
+    wmb = pd.read_csv(bucket / WMB_GENE_KEY)
+    macosko = pd.read_csv(bucket / f"metadata/{MACOSKO}/{OLD_RELEASE}/gene.csv")
+    assert list(wmb.columns) == WMB_GENE_COLUMNS
+    assert len(wmb) == generated_bucket.spec.genes and 0.5 * len(wmb) < len(macosko) < 0.8 * len(wmb)
+    shared = set(wmb.gene_identifier) & set(macosko.gene_identifier)
+    assert shared and set(macosko.gene_identifier) - shared and set(wmb.gene_identifier) - shared
+    assert {"Snap25", "Gad1", "Olig2", "Mbp"} <= set(wmb.gene_symbol) & set(macosko.gene_symbol)
+    for key, genes in (("expression_matrices/WMB-10Xv2/20230630/WMB-10Xv2-HPF-raw.h5ad", wmb),
+                       (f"expression_matrices/{MACOSKO}/{OLD_RELEASE}/Macosko-10X-HPF-log2.h5ad", macosko)):
+        var = ad.read_h5ad(bucket / key, backed="r").var
+        assert list(var.index) == list(genes.gene_identifier)
+        assert list(var.gene_symbol) == list(genes.gene_symbol)
+
+
+def test_example_gene_expression(generated_bucket):
+    bucket = generated_bucket.bucket_dir
+    for dataset, release in ((CONSENSUS_WMB, OLD_RELEASE), (CONSENSUS_WMB, NEW_RELEASE), (MACOSKO, OLD_RELEASE)):
+        example = pd.read_csv(bucket / f"metadata/{dataset}/{release}/views/example_gene_expression.csv")
+        cells = pd.read_csv(bucket / f"metadata/{dataset}/{release}/cell_metadata.csv")
+        assert example.columns[0] == "cell_label" and len(example.columns) > 3
+        assert example.cell_label.tolist() == cells.cell_label.tolist()
+        assert example.drop(columns="cell_label").notna().all().all()
+        assert (example.drop(columns="cell_label") > 0).any().any()
