@@ -121,7 +121,7 @@ def abc_release():
             return []
         shared = pipeline.share_if_unchanged(settings, release)
         if shared:
-            print(f"release {release}: scoped files unchanged since {shared}; published by reference")
+            print(f"release {release}: scoped files unchanged since {shared.release}; published by reference")
             return []
         report = pipeline.load_metadata(settings, release, params["datasets"] or None)
         for line in report.lines():

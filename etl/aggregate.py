@@ -34,6 +34,7 @@ and the interpreter; ``chunk_cells`` trades the chunk terms for speed.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import mmap
@@ -68,6 +69,7 @@ from etl.publish import (
     publish,
     staged_or_published,
 )
+from etl.reuse import place_copy
 
 log = logging.getLogger(__name__)
 
@@ -909,7 +911,7 @@ def _base_groupings(groupings: Sequence[str]) -> list[str]:
 _STAT_ARRAYS = ("indptr", "indices", "sums", "nonzero")
 
 
-def save_partial(partial: Partial, path: Path) -> Path:
+def save_partial(partial: Partial, path: Path, inputs: str | None = None) -> Path:
     """Write a partial as one uncompressed .npz, atomically (temporary name, then rename)."""
     arrays: dict[str, np.ndarray] = {}
     genes = next(iter(partial.stats.values())).genes if partial.stats else pd.DataFrame(
@@ -924,7 +926,7 @@ def save_partial(partial: Partial, path: Path) -> Path:
             arrays[f"{grouping}.{name}"] = getattr(stats, name)
     info = {"source": partial.source, "normalization": partial.normalization,
             "n_cells_in_file": partial.n_cells_in_file, "n_cells_aggregated": partial.n_cells_aggregated,
-            "groupings": list(partial.stats)}
+            "groupings": list(partial.stats), "inputs": inputs}
     arrays["info"] = np.array(json.dumps(info))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -952,15 +954,17 @@ def load_partial(path: Path) -> Partial:
 
 def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy,
                    out_path: Path, *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
-                   groupings: Sequence[str] = GROUPINGS) -> Path:
+                   groupings: Sequence[str] = GROUPINGS, inputs: str | None = None) -> Path:
     """Aggregate one h5ad file and persist its partial result at ``out_path`` (.npz); return the path.
+
+    ``inputs`` (:func:`inputs_digest`) is kept in the partial so that a later release can reuse it.
 
     This is the unit of parallel work: partials of a dataset's files are merged by
     :func:`merge_partials`, in any order.
     """
     partial = aggregate_matrix(h5ad_path, assignments, taxonomy, chunk_cells=chunk_cells, groupings=groupings)
     log.info("aggregated %s: %d of %d cells", h5ad_path, partial.n_cells_aggregated, partial.n_cells_in_file)
-    return save_partial(partial, Path(out_path))
+    return save_partial(partial, Path(out_path), inputs)
 
 
 # --- merging files and rolling up --------------------------------------------------------------
@@ -1245,14 +1249,44 @@ def partial_path(work_dir: Path, item: Mapping[str, str]) -> Path:
     return Path(work_dir) / item["dataset"] / (PurePosixPath(item["key"]).name + ".npz")
 
 
+def inputs_digest(matrix_md5: str, assignments: pd.DataFrame, taxonomy: pd.DataFrame) -> str:
+    """What a file's partial depends on, as one digest: the matrix's bytes (MD5), the assignments of its
+    cells and the taxonomy. Equal digests give equal partials, so a partial can be reused."""
+    digest = hashlib.sha256(matrix_md5.encode())
+    for frame in (assignments, taxonomy):
+        ordered = frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
+        digest.update(pd.util.hash_pandas_object(ordered, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def partial_inputs(path: Path) -> str | None:
+    """The inputs digest a partial was written with (None for a partial without one)."""
+    with np.load(path) as stored:
+        return json.loads(str(stored["info"])).get("inputs")
+
+
 def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
-                   chunk_cells: int = DEFAULT_CHUNK_CELLS) -> dict[str, str]:
-    """Aggregate one planned file for one dataset into its partial; safe to re-run (rewritten whole)."""
+                   chunk_cells: int = DEFAULT_CHUNK_CELLS, earlier: Sequence[Path] = ()) -> dict[str, str]:
+    """Aggregate one planned file for one dataset into its partial; safe to re-run (rewritten whole).
+
+    Only the file's own cells are read from the warehouse (by ``feature_matrix_label``). When one of
+    the ``earlier`` partials (other releases' partials of this file) was written from the same inputs
+    (:func:`inputs_digest`), it is linked into place instead of reading the matrix again.
+    """
     out = partial_path(work_dir, item)
+    label = PurePosixPath(item["key"]).name.rsplit("-", 1)[0]
     with db.copy_connection(settings.database_url) as conn:
-        assignments = cell_assignments(conn, release, item["dataset"])
+        assignments = cell_assignments(conn, release, item["dataset"], label)
         taxonomy = release_taxonomy(conn, release)
-    aggregate_file(Path(item["path"]), assignments, taxonomy, out, chunk_cells=chunk_cells)
+        md5 = conn.execute("SELECT md5 FROM abc.release_file WHERE release = %s AND relative_path = %s",
+                           (release, item["key"])).fetchone()
+    inputs = inputs_digest(md5[0] if md5 else "", assignments, taxonomy)
+    for candidate in earlier:
+        if candidate.is_file() and partial_inputs(candidate) == inputs:
+            place_copy(candidate, out)
+            log.info("%s (%s): inputs unchanged; partial %s reused", item["key"], item["dataset"], candidate)
+            return {"dataset": item["dataset"], "partial": str(out), "reused": str(candidate)}
+    aggregate_file(Path(item["path"]), assignments, taxonomy, out, chunk_cells=chunk_cells, inputs=inputs)
     return {"dataset": item["dataset"], "partial": str(out)}
 
 

@@ -60,19 +60,21 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     try:
         shared = pipeline.share_if_unchanged(settings, args.release)
         if shared:
-            print(f"release {args.release}: scoped files unchanged since {shared}; published by reference")
-            return EXIT_OK
-        report = pipeline.load_metadata(settings, args.release, args.dataset)
-        print("\n".join(report.lines()))
-        published = pipeline.validate_and_publish(settings, args.release)
+            published = shared.published_now
+            print(f"release {args.release}: scoped files unchanged since {shared.release}; "
+                  + ("published by reference" if published else "already published by reference"))
+        else:
+            report = pipeline.load_metadata(settings, args.release, args.dataset)
+            print("\n".join(report.lines()))
+            published = pipeline.validate_and_publish(settings, args.release)
+            print(f"release {args.release} published; data-quality checks passed" if published
+                  else f"release {args.release} already published, nothing staged")
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     except (LoadError, QualityCheckFailed, ScopeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"release {args.release} published; data-quality checks passed" if published
-          else f"release {args.release} already published, nothing staged")
     if published:
         notes = pipeline.announce_published(settings, args.release)["release_notes"]
         print("\n".join(f"release notes: {path}" for path in notes))
@@ -176,7 +178,8 @@ def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         shared = pipeline.share_if_unchanged(settings, args.release)
         if shared:
-            print(f"release {args.release}: scoped files unchanged since {shared}; published by reference")
+            print(f"release {args.release}: scoped files unchanged since {shared.release}; published by reference, "
+                  "nothing to aggregate")
             return EXIT_OK
         entries = pipeline.aggregate_release(settings, args.release, args.dataset,
                                              Path(args.work_dir) if args.work_dir else None, args.chunk_cells)

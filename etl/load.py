@@ -571,8 +571,10 @@ def publish_staged_metadata(conn: psycopg.Connection, release: str) -> None:
                  "WHERE version = %s", (release,))
 
 
-def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd.DataFrame:
-    """Cells of one dataset of a release with their cluster, region and matrix, staged or published.
+def cell_assignments(conn: psycopg.Connection, release: str, dataset: str,
+                     feature_matrix_label: str | None = None) -> pd.DataFrame:
+    """Cells of one dataset of a release (of one matrix file, with ``feature_matrix_label``) with their
+    cluster, region and matrix, staged or published.
 
     The staged tables are read when there are (a load not yet published), else the partitions. A
     cell's cluster is its own ``cluster_alias`` or the taxonomy's cell_to_cluster_membership row,
@@ -589,9 +591,10 @@ def cell_assignments(conn: psycopg.Connection, release: str, dataset: str) -> pd
         "c.feature_matrix_label FROM {} c "
         "LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
         "LEFT JOIN {} l ON l.release = c.release AND l.dataset = c.dataset AND l.library_label = c.library_label "
-        "WHERE c.release = {} AND c.dataset = {} ORDER BY c.cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
+        "WHERE c.release = {} AND c.dataset = {}{} ORDER BY c.cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
         source("cell"), source("cell_cluster_membership"), source("library"), sql.Literal(release),
-        sql.Literal(dataset))
+        sql.Literal(dataset), sql.SQL(" AND c.feature_matrix_label = {}").format(sql.Literal(feature_matrix_label))
+        if feature_matrix_label is not None else sql.SQL(""))
     buffer = io.BytesIO()
     with conn.cursor().copy(query) as copy:
         for data in copy:

@@ -157,8 +157,8 @@ def mirror_task(settings: Settings, release: str, **options: object) -> dict:
             "bytes_fetched": report.bytes_fetched}
 
 
-def share_if_unchanged(settings: Settings, release: str) -> str | None:
-    """Publish ``release`` by reference when its scoped files are a published release's; return that release."""
+def share_if_unchanged(settings: Settings, release: str) -> reuse.Shared | None:
+    """Publish ``release`` by reference when its scoped files are a published release's (:mod:`etl.reuse`)."""
     engine = db.make_engine(settings.database_url)
     try:
         return reuse.publish_by_reference(settings, engine, release)
@@ -223,27 +223,18 @@ def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] 
 
 def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
                    chunk_cells: int | None = None) -> dict[str, str]:
-    """One planned file aggregated into its partial; the result keeps the file's bucket key for lineage.
-
-    When an earlier release aggregated the same file from the same inputs, its partial is linked
-    (or copied) into place instead (:func:`etl.reuse.reusable_partial`).
-    """
+    """One planned file aggregated into its partial (or an earlier release's partial of the same inputs
+    reused); the result keeps the file's bucket key for lineage."""
     from etl import aggregate
 
     engine = db.make_engine(settings.database_url)
     try:
-        found = reuse.reusable_partial(
-            engine, release, item["dataset"], item["key"], settings.run_scope,
-            lambda other: aggregate.partial_path(aggregate.default_work_dir(settings, other), item))
+        earlier = [aggregate.partial_path(aggregate.default_work_dir(settings, other), item)
+                   for other in reuse.earlier_releases(engine, release)]
     finally:
         engine.dispose()
-    if found is not None:
-        out = aggregate.partial_path(work_dir, item)
-        reuse.place_copy(found[1], out)
-        print(f"{item['key']} ({item['dataset']}): inputs unchanged since release {found[0]}; its partial reused")
-        return {"dataset": item["dataset"], "partial": str(out), "key": item["key"], "reused_from": found[0]}
     done = aggregate.aggregate_item(settings, release, item, work_dir,
-                                    chunk_cells or aggregate.DEFAULT_CHUNK_CELLS)
+                                    chunk_cells or aggregate.DEFAULT_CHUNK_CELLS, earlier)
     return {**done, "key": item["key"]}
 
 

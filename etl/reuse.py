@@ -7,8 +7,8 @@ shares (``abc.published_release.data_release`` is where to read them), and a lin
 ``publish_by_reference`` records the files it pins, so lineage and status say what it shares.
 
 When some scoped directories changed (AIBS metadata 20251031 -> 20260415 in 20260711), the
-metadata is loaded again, but a matrix file whose inputs are unchanged (the file itself, its
-dataset's metadata and the taxonomy) keeps the partial an earlier release aggregated from it.
+metadata is loaded again, but a matrix file whose inputs are unchanged (the file itself, the
+assignments of its cells and the taxonomy) keeps the partial an earlier release aggregated from it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -56,18 +56,25 @@ def unchanged_published_release(conn: sa.Connection, release: str, scope: Scope)
     return next((row.data_release for row in published if scoped_files(conn, row.release, scope) == mine), None)
 
 
-def publish_by_reference(settings: Settings, engine: Engine, release: str) -> str | None:
-    """Publish ``release`` as sharing an unchanged published release's rows; return that release, or None.
+class Shared(NamedTuple):
+    """A release published by reference: whose rows it shares, and whether this call published it."""
+
+    release: str
+    published_now: bool
+
+
+def publish_by_reference(settings: Settings, engine: Engine, release: str) -> Shared | None:
+    """Publish ``release`` as sharing an unchanged published release's rows; None when it cannot.
 
     A release already published with rows of its own is left alone; one already published by
-    reference returns the release it shares, so the step is safe to run again.
+    reference is reported again (``published_now`` False), so the step is safe to run again.
     """
     scope = settings.run_scope
     with engine.connect() as conn:
         state = conn.execute(sa.text("SELECT status, shares_data_with, manifest_key FROM abc.release "
                                      "WHERE version = :r"), {"r": release}).first()
-        if state is None or state.shares_data_with or state.status == "published":
-            return state.shares_data_with if state is not None else None
+        if state is None or state.status == "published":
+            return Shared(state.shares_data_with, False) if state is not None and state.shares_data_with else None
         shared = unchanged_published_release(conn, release, scope)
         keys = sorted(key for key, _ in scoped_files(conn, release, scope))
     if shared is None:
@@ -81,37 +88,15 @@ def publish_by_reference(settings: Settings, engine: Engine, release: str) -> st
         for table in METADATA_TABLES + EXPRESSION_TABLES:
             s.wrote(f"abc.{table}", partition=release)
     log.info("release %s: scoped files unchanged since %s; published by reference", release, shared)
-    return shared
+    return Shared(shared, True)
 
 
-def _aggregation_inputs(conn: sa.Connection, release: str, dataset: str, key: str,
-                        scope: Scope) -> frozenset[tuple[str, str]]:
-    """(key, MD5) of what aggregating ``key`` for ``dataset`` reads: the matrix, the dataset's metadata and
-    the metadata of the loaded datasets without cells of their own (the taxonomy)."""
-    rows = conn.execute(sa.text("SELECT relative_path, md5, dataset, kind, tag FROM abc.release_file "
-                                "WHERE release = :r AND (relative_path = :k OR kind = 'metadata')"),
-                        {"r": release, "k": key}).all()
-    with_cells = {row.dataset for row in rows if row.tag == "cell_metadata"}
-    return frozenset((row.relative_path, row.md5) for row in rows
-                     if row.relative_path == key or row.dataset == dataset
-                     or (scope.has_loader(row.dataset) and row.dataset not in with_cells))
-
-
-def reusable_partial(engine: Engine, release: str, dataset: str, key: str, scope: Scope,
-                     partial_of: Callable[[str], Path]) -> tuple[str, Path] | None:
-    """An earlier published release's partial of ``key`` for ``dataset`` aggregated from the same inputs.
-
-    ``partial_of(release)`` is where that release's partial would be; returns (release, path).
-    """
+def earlier_releases(engine: Engine, release: str) -> list[str]:
+    """Published releases before ``release`` with rows of their own, newest first: where reusable
+    aggregation partials may be (:func:`etl.aggregate.aggregate_item` checks their inputs)."""
     with engine.connect() as conn:
-        mine = _aggregation_inputs(conn, release, dataset, key, scope)
-        earlier = conn.execute(sa.text("SELECT release FROM abc.published_release WHERE release < :r "
-                                       "AND shares_data_with IS NULL ORDER BY release DESC"), {"r": release}).scalars()
-        for other in earlier.all():
-            path = partial_of(other)
-            if path.is_file() and _aggregation_inputs(conn, other, dataset, key, scope) == mine:
-                return other, path
-    return None
+        return conn.execute(sa.text("SELECT release FROM abc.published_release WHERE release < :r AND "
+                                    "shares_data_with IS NULL ORDER BY release DESC"), {"r": release}).scalars().all()
 
 
 def place_copy(source: Path, target: Path) -> None:

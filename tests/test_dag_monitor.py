@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from etl import source
 from etl.discovery import discover
-from etl.fixtures import NEW_RELEASE, OLD_RELEASE, RELEASES
+from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE, RELEASES
 from tests.conftest import REPO
 from tests.test_dag_watch import load_dag
 from tests.test_monitor import Webhook, closed_port_url, load
@@ -37,7 +37,7 @@ def test_monitor_dag_alerts_new_release_failed_check_and_lag(airflow_home, setti
         by_kind = {}
         for body in webhook.received:
             by_kind.setdefault(body["kind"], []).append(body)
-        assert sorted(b["release"] for b in by_kind["new_release"]) == RELEASES
+        assert sorted(b["release"] for b in by_kind["new_release"]) == CONSENSUS_RELEASES
         (failed,) = by_kind["failed_check"]
         assert failed["release"] == OLD_RELEASE and failed["details"]["checks"][0]["name"] == "gene_symbol_present"
         (lag,) = by_kind["lag"]

@@ -6,7 +6,7 @@ import importlib.util
 
 import sqlalchemy as sa
 
-from etl.fixtures import RELEASES
+from etl.fixtures import CONSENSUS_RELEASES, PRE_CONSENSUS_RELEASE, RELEASES
 from tests.conftest import REPO
 
 
@@ -39,12 +39,16 @@ def test_watch_dag_records_and_announces_releases(airflow_home, s3_server, datab
         directories = conn.execute(sa.text("SELECT count(*) FROM abc.upstream_directory")).scalar_one()
     assert versions == RELEASES
     assert directories > 0
+    # Releases before the history floor are recorded, as skipped, and not announced.
     assert sorted((body["kind"], body["release"]) for body in webhook.received) == [
-        ("new_release", release) for release in RELEASES]
+        ("new_release", release) for release in CONSENSUS_RELEASES]
+    with engine.connect() as conn:
+        skipped = conn.execute(sa.text("SELECT version FROM abc.release WHERE status = 'skipped'")).scalars().all()
+    assert skipped == [PRE_CONSENSUS_RELEASE]
 
     again = dag.test()
     webhook.close()
     assert again.state == "success"
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.release")).scalar_one() == len(RELEASES)
-    assert len(webhook.received) == len(RELEASES)  # each release announced once
+    assert len(webhook.received) == len(CONSENSUS_RELEASES)  # each release announced once

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from etl import source
 from etl.config import Settings
 from etl.discovery import discover
-from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, TAXONOMY
+from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, TAXONOMY
 from etl.s3server import free_port, start_s3_server
 
 
@@ -37,8 +37,11 @@ def test_discovery_records_each_release_and_directory_once(settings: Settings, e
         rows = conn.execute(sa.text(
             "SELECT version, status, n_files, total_bytes FROM abc.release ORDER BY version")).all()
     assert [r.version for r in rows] == generated_bucket.releases
-    # (The release before the consensus data is recorded too; its status is not asserted here.)
-    assert all(r.status == "upstream" for r in rows if r.version in generated_bucket.consensus_releases)
+    # The release before the consensus data is recorded too, as skipped: it is before the history floor.
+    assert {r.version: r.status for r in rows} == {PRE_CONSENSUS_RELEASE: "skipped",
+                                                   **dict.fromkeys(generated_bucket.consensus_releases, "upstream")}
+    assert (first.floor, first.skipped, first.releases_to_process) == (
+        OLD_RELEASE, [PRE_CONSENSUS_RELEASE], generated_bucket.consensus_releases)
     for release in generated_bucket.releases:
         assert _count(engine, "SELECT count(*) FROM abc.release_file WHERE release = :r",
                       r=release) == len(generated_bucket.files[release])

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from etl import source
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, UNCHANGED_RELEASE
 
 
 def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generated_bucket, monkeypatch, capsys):
@@ -24,12 +24,13 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
         monkeypatch.setattr(sys, "argv", ["abc-mirror", *arguments])  # what lineage records as the invocation
         return main(arguments)
 
-    for release in (OLD_RELEASE, NEW_RELEASE):
+    for release in generated_bucket.consensus_releases:
         assert cli("mirror", "--release", release, "--target", settings.mirror_root, "--no-progress") == EXIT_OK
         assert cli("load", "--release", release) == EXIT_OK
         assert cli("aggregate", "--release", release) == EXIT_OK
     out = capsys.readouterr().out
     assert f"release {NEW_RELEASE} published; data-quality checks passed" in out
+    assert f"release {UNCHANGED_RELEASE}: scoped files unchanged since {OLD_RELEASE}; published by reference" in out
     assert f"release notes: {settings.mirror_path / 'releases' / NEW_RELEASE / 'release-notes.md'}" in out
 
     with engine.connect() as conn:
@@ -40,14 +41,16 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
                                      "ORDER BY id"), {"r": NEW_RELEASE}).all()
         checks = conn.execute(sa.text("SELECT count(*), bool_and(passed) FROM abc.quality_check "
                                       "WHERE release = :r"), {"r": NEW_RELEASE}).one()
-        diff = conn.execute(sa.text("SELECT summary FROM abc.release_diff WHERE old_release = :o "
-                                    "AND new_release = :n"), {"o": OLD_RELEASE, "n": NEW_RELEASE}).scalar_one()
+        diffs = dict(conn.execute(sa.text("SELECT new_release, summary FROM abc.release_diff")).all())
         published = conn.execute(sa.text("SELECT release FROM abc.alert WHERE kind = 'published' "
                                          "ORDER BY release")).scalars().all()
     assert [s.step for s in steps] == ["discover", "mirror", "load_metadata", "aggregate"]
     assert all(s.status == "succeeded" for s in steps) and {s.orchestrator for s in steps[1:]} == {"cli"}
-    matrices = {k for k in generated_bucket.files[NEW_RELEASE] if k.endswith("-log2.h5ad")}
-    cells = {k for k in generated_bucket.files[NEW_RELEASE] if k.endswith("/cell_metadata.csv")}
+    matrices = {k for k in generated_bucket.files[NEW_RELEASE]
+                if k.endswith("-log2.h5ad") and k.split("/")[1] in {MACOSKO, "WMB-10Xv2", "WMB-10Xv3"}}
+    cells = {k for k in generated_bucket.files[NEW_RELEASE]
+             if k.endswith("/cell_metadata.csv") and settings.run_scope.has_loader(k.split("/")[1])}
+    assert len(cells) == 2  # the consensus AIBS and Macosko cells; other datasets' cells are not in scope
     assert {key for step, _, key in sources if step == "aggregate"} <= matrices
     assert {key for step, _, key in sources if step == "load_metadata"} >= cells
     masked = url.replace(":s3cret@", ":***@")
@@ -56,6 +59,34 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
         ("load_metadata", f"cli abc-mirror load --release {NEW_RELEASE} --database-url {masked}")}
     assert checks == (5, True)
     changes = generated_bucket.changes[CONSENSUS_WMB]
-    assert diff[CONSENSUS_WMB]["cell"] == {"added": len(changes.added), "removed": len(changes.removed),
-                                           "reassigned": len(changes.reassigned)}
-    assert published == [OLD_RELEASE, NEW_RELEASE]
+    assert diffs[NEW_RELEASE][CONSENSUS_WMB]["cell"] == {"added": len(changes.added), "removed": len(changes.removed),
+                                                         "reassigned": len(changes.reassigned)}
+    assert diffs[UNCHANGED_RELEASE] == {}  # the new dataset it adds is not in scope
+    notes = (settings.mirror_path / "releases" / UNCHANGED_RELEASE / "release-notes.md").read_text()
+    assert "No change in scope." in notes
+    assert published == generated_bucket.consensus_releases
+
+    # The unchanged release shares the older one's rows: nothing copied, reloaded or aggregated.
+    with engine.connect() as conn:
+        shared = conn.execute(sa.text("SELECT status, shares_data_with FROM abc.release WHERE version = :r"),
+                              {"r": UNCHANGED_RELEASE}).one()
+        own_rows = conn.execute(sa.text("SELECT count(*) FROM abc.cell WHERE release = :r"),
+                                {"r": UNCHANGED_RELEASE}).scalar_one()
+        shared_steps = conn.execute(sa.text("SELECT step FROM abc.lineage_run WHERE release = :r ORDER BY id"),
+                                    {"r": UNCHANGED_RELEASE}).scalars().all()
+        shared_sources = conn.execute(sa.text("SELECT DISTINCT source_key FROM "
+                                              "abc.lineage_sources('abc.expression_by_cluster', :r)"),
+                                      {"r": UNCHANGED_RELEASE}).scalars().all()
+        reader_rows = conn.execute(sa.text(
+            "SELECT count(*) FROM abc.expression_by_cluster WHERE release = "
+            "(SELECT data_release FROM abc.published_release WHERE release = :r)"), {"r": UNCHANGED_RELEASE}).scalar()
+    assert tuple(shared) == ("published", OLD_RELEASE) and own_rows == 0
+    assert shared_steps == ["discover", "mirror", "publish_by_reference"]
+    assert matrices <= set(shared_sources)
+    assert reader_rows > 0
+    # The newer release changed the AIBS cells only: the Macosko matrices' partials were reused, not re-read.
+    work = settings.mirror_path / ".abc-work"
+    macosko = sorted((work / NEW_RELEASE / "aggregate" / MACOSKO).glob("*.npz"))
+    assert macosko and all(p.samefile(work / OLD_RELEASE / "aggregate" / MACOSKO / p.name) for p in macosko)
+    aibs = sorted((work / NEW_RELEASE / "aggregate" / CONSENSUS_WMB).glob("*.npz"))
+    assert aibs and not any(p.samefile(work / OLD_RELEASE / "aggregate" / CONSENSUS_WMB / p.name) for p in aibs)
