@@ -15,9 +15,19 @@ from etl import db
 from etl.config import Settings
 from etl.fixtures import FixtureSpec, GeneratedBucket, make_bucket
 from etl.s3server import S3Server, start_s3_server
+from etl.scope import Scope
 
 SERVER_URL = os.environ.get("ABC_TEST_SERVER_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def scoped_keys(bucket: GeneratedBucket, release: str, scope: Scope | None = None) -> list[str]:
+    """Keys of a generated release that ``scope`` (default: the shipped consensus-mouse) mirrors."""
+    from etl.manifest import parse_manifest
+
+    key = f"releases/{release}/manifest.json"
+    manifest = parse_manifest((bucket.bucket_dir / key).read_bytes(), key)
+    return sorted(f.relative_path for f in (scope or Settings().run_scope).mirrored(manifest.files))
 
 
 def _database_url(name: str) -> str:

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from etl.fixtures import OLD_RELEASE, md5_of_file
 from etl.mirror import release_files_on_disk
+from tests.conftest import scoped_keys
 from tests.test_dag_watch import load_dag
 
 
@@ -23,7 +24,7 @@ def test_mirror_dag_mirrors_one_release(airflow_home, settings, engine, generate
     run = dag.test(run_conf={"release": OLD_RELEASE})
     assert run.state == "success", _task_states(run)
     files = release_files_on_disk(settings, engine, OLD_RELEASE)
-    assert set(files) == set(generated_bucket.files[OLD_RELEASE])
+    assert set(files) == set(scoped_keys(generated_bucket, OLD_RELEASE))
     assert all(md5_of_file(path) == md5_of_file(generated_bucket.bucket_dir / key) for key, path in files.items())
     with engine.connect() as conn:
         status = conn.execute(sa.text("SELECT status FROM abc.release WHERE version = :r"),

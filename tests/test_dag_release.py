@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from etl import db, pipeline, source
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE
+from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, UNCHANGED_RELEASE
 from tests.test_dag_watch import load_dag
 
 
@@ -79,17 +79,25 @@ def test_plan_batches_are_even_and_bounded():
         pipeline.plan_batches(files, batch_bytes=1, max_batches=3)) == 3
 
 
-def test_both_releases_publish_through_the_dag(release_env, engine):
+def test_each_release_from_the_floor_publishes_through_the_dag(release_env, engine):
     dag = _release_dag()
-    for release in (OLD_RELEASE, NEW_RELEASE):
-        run = dag.test(run_conf={"release": release, "batch_bytes": 1 << 20})
-        assert run.state == "success", release
-    assert _published(engine) == {OLD_RELEASE: "published", NEW_RELEASE: "published"}
+    runs = {}
+    for release in CONSENSUS_RELEASES:
+        runs[release] = dag.test(run_conf={"release": release, "batch_bytes": 1 << 20})
+        assert runs[release].state == "success", release
+    assert _published(engine) == {PRE_CONSENSUS_RELEASE: "skipped", OLD_RELEASE: "published",
+                                  UNCHANGED_RELEASE: "published", NEW_RELEASE: "published"}
     for release in (OLD_RELEASE, NEW_RELEASE):
         counts = _counts(engine, release)
         assert counts["cells"] == counts["distinct_cells"] > 0
         assert counts["expression_groups"] > 0 and counts["expression_files"] > 0
+    # The release unchanged in scope is published by reference: no rows of its own, nothing aggregated.
+    assert _counts(engine, UNCHANGED_RELEASE) == dict.fromkeys(_counts(engine, OLD_RELEASE), 0)
+    states = {ti.task_id: ti.state for ti in runs[UNCHANGED_RELEASE].get_task_instances()}
+    assert states["aggregate"] == "skipped" and states["publish"] == "success", states
     with engine.connect() as conn:
+        shared = conn.execute(sa.text("SELECT shares_data_with FROM abc.release WHERE version = :r"),
+                              {"r": UNCHANGED_RELEASE}).scalar_one()
         checks = conn.execute(sa.text("SELECT release, bool_and(passed), count(*) FROM abc.quality_check "
                                       "GROUP BY release ORDER BY release")).all()
         sources = conn.execute(sa.text("SELECT DISTINCT step, run_ref, source_key FROM "
@@ -97,19 +105,21 @@ def test_both_releases_publish_through_the_dag(release_env, engine):
                                {"r": NEW_RELEASE}).all()
         matrices = conn.execute(sa.text("SELECT source FROM abc.expression_file WHERE release = :r"),
                                 {"r": NEW_RELEASE}).scalars().all()
-        diff = conn.execute(sa.text("SELECT old_release FROM abc.release_diff WHERE new_release = :r"),
-                            {"r": NEW_RELEASE}).scalars().all()
+        diffs = dict(conn.execute(sa.text("SELECT new_release, old_release FROM abc.release_diff")).all())
         published_alerts = conn.execute(sa.text("SELECT release FROM abc.alert WHERE kind = 'published' "
                                                 "ORDER BY release")).scalars().all()
+    assert shared == OLD_RELEASE
     assert [(r, ok) for r, ok, _ in checks] == [(OLD_RELEASE, True), (NEW_RELEASE, True)]
     # Lineage through the views: the h5ad files the aggregate task read and the metadata behind its cells.
     by_step = {step: {key for s, _, key in sources if s == step} for step, _, _ in sources}
     assert {key.rsplit("/", 1)[-1] for key in by_step["aggregate"]} >= {m.rsplit("/", 1)[-1] for m in matrices}
     assert any(key.endswith("/cell_metadata.csv") for key in by_step["load_metadata"])
     assert all(ref.startswith("airflow abc_release/") for _, ref, _ in sources)
-    assert diff == [OLD_RELEASE]
+    assert diffs == {UNCHANGED_RELEASE: OLD_RELEASE, NEW_RELEASE: UNCHANGED_RELEASE}
     assert (release_env.mirror_path / "releases" / NEW_RELEASE / "release-notes.md").is_file()
-    assert published_alerts == [OLD_RELEASE, NEW_RELEASE]
+    assert "No change in scope." in (release_env.mirror_path / "releases" / UNCHANGED_RELEASE
+                                     / "release-notes.md").read_text()
+    assert published_alerts == CONSENSUS_RELEASES
 
 
 def test_failed_quality_check_blocks_publication(release_env, engine, monkeypatch):

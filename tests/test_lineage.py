@@ -16,7 +16,7 @@ from openlineage.client.transport.file import FileConfig, FileTransport
 from etl import lineage, source
 from etl.cli import main
 from etl.discovery import discover
-from etl.fixtures import OLD_RELEASE
+from etl.fixtures import MACOSKO, OLD_RELEASE, WMB_GENE_KEY
 from etl.load import load_release_metadata
 from etl.mirror import mirror_release
 
@@ -79,10 +79,18 @@ def lineage_graph(settings, engine, generated_bucket, tmp_path):
     emitter = file_emitter(events)
     cli = lineage.RunContext.cli(["abc-mirror", "load", "--release", release])
     discover(source.make_client(settings), settings, engine)
-    assert lineage.record_source_objects(engine, source.make_client(settings), settings, release) == \
-        len(generated_bucket.files[release])
-    metadata = [k for k in generated_bucket.files[release] if k.startswith("metadata/")]
-    matrices = [k for k in generated_bucket.files[release] if k.endswith("-log2.h5ad")]
+    # Every object under the directories the release pins, also those its manifest does not list.
+    manifest = json.loads((generated_bucket.bucket_dir / "releases" / release / "manifest.json").read_text())
+    pinned = [generated_bucket.bucket_dir / d["relative_path"] for body in manifest["directory_listing"].values()
+              for d in body["directories"].values()]
+    objects = sum(1 for directory in pinned for path in directory.rglob("*") if path.is_file())
+    assert objects > len(generated_bucket.files[release])
+    assert lineage.record_source_objects(engine, source.make_client(settings), settings, release) == objects
+    scope = settings.run_scope
+    metadata = [k for k in generated_bucket.files[release]
+                if k.startswith("metadata/") and (scope.has_loader(k.split("/")[1]) or k == WMB_GENE_KEY)]
+    matrices = [k for k in generated_bucket.files[release]
+                if k.endswith("-log2.h5ad") and k.split("/")[1] in (MACOSKO, "WMB-10Xv2", "WMB-10Xv3")]
     with lineage.step(engine, release=release, step="mirror", inputs=metadata, run=cli, emitter=emitter) as s:
         report = mirror_release(settings, engine, release, kinds=["metadata"], progress=False)
         s.wrote("abc.mirror_object", rows=report.ok)

@@ -19,9 +19,9 @@ import pytest
 
 from etl import db, source
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_DATASETS, CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
 from etl.load import LoadError, cell_assignments, load_release_metadata, publish_staged_metadata
-from tests.conftest import REPO
+from tests.conftest import REPO, scoped_keys
 
 CSV_OF_TABLE = {"cell": "cell_metadata", "gene": "gene", "donor": "donor", "library": "library",
                 "cluster": "cluster", "cluster_annotation_term_set": "cluster_annotation_term_set",
@@ -34,9 +34,8 @@ CSV_OF_TABLE = {"cell": "cell_metadata", "gene": "gene", "donor": "donor", "libr
 def metadata_files(generated_bucket, release: str, root: Path | None = None) -> dict[str, Path]:
     """The release's metadata files, from its manifest, at their place in the bucket (or a copy of it)."""
     base = root or generated_bucket.bucket_dir
-    # The consensus datasets' metadata only (the other datasets are mirrored, not loaded).
-    return {rel: base / rel for rel in generated_bucket.files[release]
-            if rel.startswith("metadata/") and rel.split("/")[1] in CONSENSUS_DATASETS}
+    # What the consensus scope loads: the consensus datasets' metadata and the AIBS genes.
+    return {rel: base / rel for rel in scoped_keys(generated_bucket, release) if rel.startswith("metadata/")}
 
 
 def copied_files(generated_bucket, release: str, tmp_path: Path) -> dict[str, Path]:

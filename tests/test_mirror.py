@@ -23,7 +23,18 @@ from botocore.client import BaseClient
 from etl import cli, source
 from etl.config import Settings
 from etl.discovery import discover
-from etl.fixtures import BUCKET, CONSENSUS_WMB, NEW_RELEASE, OLD_RELEASE, TAXONOMY, md5_of_file, write_manifest
+from etl.fixtures import (
+    BUCKET,
+    CONSENSUS_WMB,
+    NEW_DATASET,
+    NEW_RELEASE,
+    OLD_RELEASE,
+    TAXONOMY,
+    UNCHANGED_RELEASE,
+    WMB_GENE_KEY,
+    md5_of_file,
+    write_manifest,
+)
 from etl.manifest import ManifestError, UnsafeKeyError
 from etl.mirror import InsufficientSpaceError, LocalRoot, NotMirroredError, mirror_release, release_files_on_disk
 from etl.s3server import S3Server, start_s3_server
@@ -62,8 +73,9 @@ def mirror_server(mirror_source):
 
 @pytest.fixture
 def msettings(mirror_server: S3Server, settings: Settings) -> Settings:
-    """The test's settings (own database and mirror root) pointed at the bucket with the volume."""
-    return replace(settings, endpoint_url=mirror_server.endpoint_url)
+    """The test's settings (own database and mirror root) pointed at the bucket with the volume, in the
+    ``atlas`` scope: the engine mirrors every file a manifest lists, of every kind."""
+    return replace(settings, endpoint_url=mirror_server.endpoint_url, scope="atlas")
 
 
 def _manifest_files(bucket_dir: Path, release: str) -> dict[str, dict]:
@@ -106,7 +118,8 @@ def test_full_mirror_then_nothing_then_only_what_changed(msettings, engine, mirr
 
     new_files = _manifest_files(bucket_dir, NEW_RELEASE)
     changed = {k for k in new_files if k not in old_files}
-    new_directories = (f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/", f"metadata/{TAXONOMY}/{NEW_RELEASE}/")
+    new_directories = (f"metadata/{CONSENSUS_WMB}/{NEW_RELEASE}/", f"metadata/{TAXONOMY}/{NEW_RELEASE}/",
+                       f"metadata/{NEW_DATASET}/{UNCHANGED_RELEASE}/")
     assert changed and all(k.startswith(new_directories) for k in changed)
     newer = mirror_release(msettings, engine, NEW_RELEASE, progress=False)
     assert newer.failed == {} and newer.skipped == len(new_files) - len(changed)
@@ -192,8 +205,8 @@ def test_two_releases_mirrored_at_once_share_their_files(msettings, engine, mirr
 def test_killed_download_resumes_from_its_partial(msettings, engine, mirror_source):
     env = {**os.environ, "ABC_DATABASE_URL": msettings.database_url, "AWS_ENDPOINT_URL_S3": msettings.endpoint_url}
     command = [sys.executable, "-m", "etl.cli", "mirror", "--release", OLD_RELEASE, "--target", msettings.mirror_root,
-               "--dataset", "Test-Volume", "--part-size", "1", "--workers", "2", "--max-bandwidth", "3M",
-               "--no-progress"]
+               "--dataset", "Test-Volume", "--scope", "atlas", "--part-size", "1", "--workers", "2",
+               "--max-bandwidth", "3M", "--no-progress"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sidecar = msettings.mirror_path / (VOLUME + ".partial.json")
     deadline = time.monotonic() + 60
@@ -235,8 +248,7 @@ def tampered_server(mirror_source, tmp_path_factory):
 
 
 def test_corrupted_objects_are_never_placed(tampered_server, msettings, engine, capsys, monkeypatch):
-    settings = Settings(database_url=msettings.database_url, endpoint_url=tampered_server.endpoint_url,
-                        mirror_root=msettings.mirror_root, workers=4)
+    settings = replace(msettings, endpoint_url=tampered_server.endpoint_url)
     bad = {VOLUME, f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"}
     monkeypatch.setattr("etl.mirror.backoff_delay", lambda attempt: 0.0)
     report = mirror_release(settings, engine, OLD_RELEASE, part_size=SMALL_PARTS, progress=False)
@@ -254,7 +266,8 @@ def test_corrupted_objects_are_never_placed(tampered_server, msettings, engine, 
     monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
     capsys.readouterr()
-    code = cli.main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--no-progress"])
+    code = cli.main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--scope", "atlas",
+                     "--no-progress"])
     captured = capsys.readouterr()
     assert code == cli.EXIT_FAILED
     assert "2 files failed" in captured.err and VOLUME in captured.err and "donor.csv" in captured.err
@@ -322,8 +335,7 @@ def test_s3_target(msettings, engine, mirror_source, tmp_path, monkeypatch):
     (tmp_path / "target" / "mirror-target").mkdir(parents=True)
     target_server = start_s3_server(tmp_path / "target")
     try:
-        settings = Settings(database_url=msettings.database_url, endpoint_url=msettings.endpoint_url,
-                            mirror_root="s3://mirror-target/abc/", workers=4)
+        settings = replace(msettings, mirror_root="s3://mirror-target/abc/")
         files = _manifest_files(mirror_source / BUCKET, OLD_RELEASE)
         report = mirror_release(settings, engine, OLD_RELEASE, target_endpoint_url=target_server.endpoint_url,
                                 part_size=SMALL_PARTS, progress=False)
@@ -355,10 +367,11 @@ def test_release_files_on_disk_requires_verified_records(settings, engine, gener
     assert all(path.read_bytes() == (generated_bucket.bucket_dir / key).read_bytes() for key, path in files.items())
     raw = release_files_on_disk(settings, engine, OLD_RELEASE, kinds=["expression_matrices"], normalizations=["raw"])
     assert raw and all(key.endswith("-raw.h5ad") for key in raw)
-    # The newer release pins new consensus WMB and taxonomy metadata directories that nobody mirrored.
-    unmirrored = [k for k in generated_bucket.files[NEW_RELEASE]
-                  if k.startswith("metadata/") and k not in generated_bucket.files[OLD_RELEASE]]
-    selected = [k for k in generated_bucket.files[NEW_RELEASE] if k.startswith("metadata/")]
+    # The newer release pins new consensus WMB and taxonomy metadata directories that nobody mirrored;
+    # what the consensus scope selects of its metadata: the consensus datasets' and the AIBS genes.
+    selected = [k for k in generated_bucket.files[NEW_RELEASE] if k.startswith("metadata/")
+                and (settings.run_scope.has_loader(k.split("/")[1]) or k == WMB_GENE_KEY)]
+    unmirrored = [k for k in selected if k not in generated_bucket.files[OLD_RELEASE]]
     assert len(unmirrored) > 4
     with pytest.raises(NotMirroredError, match=f"release {NEW_RELEASE}: {len(unmirrored)} of {len(selected)} "):
         release_files_on_disk(settings, engine, NEW_RELEASE, kinds=["metadata"])

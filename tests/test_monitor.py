@@ -18,7 +18,6 @@ from etl import alerts, diff, monitor, source
 from etl.cli import main
 from etl.discovery import discover
 from etl.fixtures import (
-    CONSENSUS_DATASETS,
     CONSENSUS_RELEASES,
     CONSENSUS_WMB,
     MACOSKO,
@@ -27,6 +26,7 @@ from etl.fixtures import (
     TAXONOMY,
 )
 from etl.load import load_release_metadata
+from tests.conftest import scoped_keys
 
 
 class Webhook:
@@ -71,9 +71,9 @@ def closed_port_url() -> str:
 
 
 def load(settings, generated_bucket, release: str) -> None:
-    # Only the consensus datasets' metadata (the other datasets are mirrored, not loaded).
-    files = {k: generated_bucket.bucket_dir / k for k in generated_bucket.files[release]
-             if k.startswith("metadata/") and k.split("/")[1] in CONSENSUS_DATASETS}
+    # What the consensus scope loads (the other datasets are not loaded).
+    files = {k: generated_bucket.bucket_dir / k for k in scoped_keys(generated_bucket, release)
+             if k.startswith("metadata/")}
     load_release_metadata(settings.database_url, release, files)
 
 
@@ -86,15 +86,18 @@ def both_loaded(settings, engine, generated_bucket):
 
 
 def manifest_files(generated_bucket, release: str) -> dict[tuple, tuple[str, str]]:
-    """(dataset, kind, tag, normalization) -> (key, md5), read straight from the manifest JSON."""
+    """(dataset, kind, tag, normalization) -> (key, md5) of the consensus scope, read straight from the
+    manifest JSON."""
     manifest = json.loads((generated_bucket.bucket_dir / "releases" / release / "manifest.json").read_text())
+    scoped = set(scoped_keys(generated_bucket, release))
     out = {}
     for dataset, kinds in manifest["file_listing"].items():
         for kind, tags in kinds.items():
             for tag, entry in tags.items():
                 for norm, sub in ([("", entry)] if "files" in entry else entry.items()):
                     for file_type, f in sub["files"].items():
-                        out[(dataset, kind, tag, norm, file_type)] = (f["relative_path"], f["file_hash"])
+                        if f["relative_path"] in scoped:
+                            out[(dataset, kind, tag, norm, file_type)] = (f["relative_path"], f["file_hash"])
     return out
 
 
@@ -121,7 +124,7 @@ def test_cell_diff_on_generated_csvs_matches_the_generator(generated_bucket):
 
 def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine, generated_bucket):
     settings = both_loaded
-    md, html = monitor.record_diff(settings, engine, NEW_RELEASE)
+    md, html = monitor.record_diff(settings, engine, NEW_RELEASE, old=OLD_RELEASE)
     assert (md, html) == (settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.md",
                           settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.html")
 
@@ -199,20 +202,21 @@ def test_new_release_and_lag_alerts(settings, engine, generated_bucket, webhook)
     load(settings, generated_bucket, OLD_RELEASE)
     settings = settings.with_overrides(webhook_url=webhook.url, max_lag_hours=24.0)
 
-    assert monitor.announce_new_releases(settings, engine) == generated_bucket.releases
-    assert monitor.announce_new_releases(settings, engine) == []  # each release once
-    assert [b["release"] for b in webhook.received] == generated_bucket.releases
+    # Each release from the history floor, once; the one before it is not announced.
+    assert monitor.announce_new_releases(settings, engine) == generated_bucket.consensus_releases
+    assert monitor.announce_new_releases(settings, engine) == []
+    assert [b["release"] for b in webhook.received] == generated_bucket.consensus_releases
 
     current = monitor.check_lag(settings, engine)
     assert (current.newest_upstream, current.newest_published) == (NEW_RELEASE, OLD_RELEASE)
-    assert webhook.kinds() == ["new_release", "new_release"]  # seen minutes ago: within the allowed lag
+    assert webhook.kinds() == ["new_release"] * 3  # seen minutes ago: within the allowed lag
     monitor.check_lag(settings, engine, now=datetime.now(UTC) + timedelta(hours=25))
     lag = webhook.received[-1]
     assert lag["kind"] == "lag" and lag["details"]["newest_published"] == OLD_RELEASE
     assert lag["details"]["lag_hours"] > 24
 
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE delivered")).scalar_one() == 3
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE delivered")).scalar_one() == 4
 
 
 def test_down_webhook_only_warns(engine, monkeypatch):
