@@ -233,33 +233,40 @@ def status_rows(engine: Engine, target: str) -> list[sa.Row]:
         return conn.execute(sa.text(query), {"t": target}).all()
 
 
-def dataset_states(engine: Engine, target: str, scope: Scope) -> dict[str, dict[str, list[str]]]:
-    """release -> state -> datasets: what happened to each dataset a release lists, in ``scope``.
-
-    States: ``skipped`` (release before the history floor), ``not in scope``, ``mirroring`` (some of
-    its scoped files not verified in ``target`` yet), ``mirrored, not loaded`` (no loader: mirrored
-    only), and for the datasets feeding the warehouse the release's own state (``published``,
-    ``published by reference``, ``loaded``, ``mirrored`` ...).
-    """
+def _release_files(engine: Engine, target: str) -> list[sa.Row]:
+    """Every file of every recorded release, with its release's state and whether ``target`` holds it verified."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("""
-            SELECT rf.release, r.status, r.shares_data_with, rf.dataset, rf.kind, rf.tag,
+        return conn.execute(sa.text("""
+            SELECT rf.release, r.status, r.shares_data_with, rf.dataset, rf.kind, rf.tag, rf.size,
                    o.relative_path IS NOT NULL AS ok
             FROM abc.release_file rf JOIN abc.release r ON r.version = rf.release
             LEFT JOIN abc.mirror_object o ON o.target = :t AND o.relative_path = rf.relative_path
                 AND o.md5 = rf.md5 AND o.size = rf.size"""), {"t": target}).all()
-    files: dict[tuple[str, str], list[sa.Row]] = {}
-    for row in rows:
-        files.setdefault((row.release, row.dataset), []).append(row)
+
+
+def dataset_states(files: list[sa.Row], scope: Scope) -> dict[str, dict[str, list[str]]]:
+    """release -> state -> datasets: what happened to each dataset a release lists, in ``scope``.
+
+    States: ``skipped`` (release before the history floor), ``not in scope``, ``not mirrored`` and
+    ``partly mirrored`` (none or some of its scoped files verified in the target), ``mirrored, not
+    loaded`` (no loader: mirrored only), and for the datasets feeding the warehouse the release's own
+    state (``published``, ``published by reference``, ``loaded``, ``mirrored`` ...). ``files`` are
+    :func:`_release_files` rows.
+    """
+    by_dataset: dict[tuple[str, str], list[sa.Row]] = {}
+    for row in files:
+        by_dataset.setdefault((row.release, row.dataset), []).append(row)
     states: dict[str, dict[str, list[str]]] = {}
-    for (release, dataset), listed in sorted(files.items()):
+    for (release, dataset), listed in sorted(by_dataset.items()):
         first, scoped = listed[0], [f for f in listed if scope.mirrors(f)]
         if first.status == "skipped":
             state = "skipped"
         elif not scoped:
             state = "not in scope"
+        elif not any(f.ok for f in scoped):
+            state = "not mirrored"
         elif not all(f.ok for f in scoped):
-            state = "mirroring"
+            state = "partly mirrored"
         elif not any(scope.feeds_warehouse(f) for f in scoped):
             state = "mirrored, not loaded"
         elif first.shares_data_with:
@@ -271,20 +278,29 @@ def dataset_states(engine: Engine, target: str, scope: Scope) -> dict[str, dict[
 
 
 def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None = None) -> list[str]:
-    """``abc-mirror status``: every release in one table, the lag behind upstream, then each dataset's state."""
+    """``abc-mirror status``: every release in one table (its files in ``scope``), the lag behind upstream,
+    then each dataset's state."""
     rows = status_rows(engine, target)
     if not rows:
         return ["no release recorded: run `abc-mirror discover` first"]
+    files = _release_files(engine, target)
+    scoped: dict[str, list[sa.Row]] = {}
+    for f in files:
+        if scope.mirrors(f):
+            scoped.setdefault(f.release, []).append(f)
 
     def when(value: datetime | None) -> str:
         return f"{value:%Y-%m-%d %H:%M}" if value else "-"
 
-    header = ["release", "status", "upstream seen", "mirrored ok/failed/of", "bytes ok", "loaded", "published",
-              "checks", "last error"]
-    table = [[r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
-              when(r.discovered_at), f"{r.files_ok}/{r.files_failed or 0}/{r.n_files}",
-              _size(r.bytes_ok), when(r.loaded_at), when(r.published_at), r.checks if r.checks != "0/0" else "-",
-              (r.last_error or "")[:60]] for r in rows]
+    header = ["release", "status", "upstream seen", "in scope: mirrored ok/failed/of", "bytes ok", "loaded",
+              "published", "checks", "last error"]
+    table = []
+    for r in rows:
+        mine = scoped.get(r.version, [])
+        table.append([r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
+                      when(r.discovered_at), f"{sum(f.ok for f in mine)}/{r.files_failed or 0}/{len(mine)}",
+                      _size(sum(f.size for f in mine if f.ok)), when(r.loaded_at), when(r.published_at),
+                      r.checks if r.checks != "0/0" else "-", (r.last_error or "")[:60]])
     widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *table]]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -293,7 +309,7 @@ def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None
     out.append(f"lag: newest upstream {current.newest_upstream}, newest published {current.newest_published or '-'}"
                + (f", behind for {hours:.1f} h" if current.behind_since else ", up to date"))
     out.append(f"datasets per release (scope {scope.name}):")
-    for release, by_state in dataset_states(engine, target, scope).items():
+    for release, by_state in dataset_states(files, scope).items():
         out.append(f"  {release}:")
         for state, datasets in sorted(by_state.items()):
             shown = ", ".join(datasets) if len(datasets) <= 6 else f"{len(datasets)} datasets"

@@ -9,7 +9,8 @@ import sqlalchemy as sa
 from etl import source
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, UNCHANGED_RELEASE
+from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, UNCHANGED_RELEASE
+from tests.conftest import scoped_keys
 
 
 def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generated_bucket, monkeypatch, capsys):
@@ -90,3 +91,23 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
     assert macosko and all(p.samefile(work / OLD_RELEASE / "aggregate" / MACOSKO / p.name) for p in macosko)
     aibs = sorted((work / NEW_RELEASE / "aggregate" / CONSENSUS_WMB).glob("*.npz"))
     assert aibs and not any(p.samefile(work / OLD_RELEASE / "aggregate" / CONSENSUS_WMB / p.name) for p in aibs)
+
+    # status: every release, its files in scope, and every dataset's state.
+    capsys.readouterr()
+    assert cli("status", "--target", settings.mirror_root) == EXIT_OK
+    status = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in status if line[:8].isdigit()}
+    assert rows.keys() == set(generated_bucket.releases)
+    assert rows[PRE_CONSENSUS_RELEASE][1] == "skipped"
+    assert rows[UNCHANGED_RELEASE][1:4] == ["published", "(=", f"{OLD_RELEASE})"]
+    in_scope = len(scoped_keys(generated_bucket, OLD_RELEASE))
+    assert rows[OLD_RELEASE][1] == "published" and rows[OLD_RELEASE][4] == f"{in_scope}/0/{in_scope}"
+    states = status[status.index("datasets per release (scope consensus-mouse):"):]
+    loaded = "Consensus-WMB-AIBS-10X, Consensus-WMB-Macosko-10X, Consensus-WMB-integrated-taxonomy, WMB-10X, " \
+             "WMB-10Xv2, WMB-10Xv3"
+    others = len({k.split("/")[1] for k in generated_bucket.files[UNCHANGED_RELEASE]}) - 6
+    block = states[states.index(f"  {UNCHANGED_RELEASE}:") + 1:][:2]
+    assert block == [f"    not in scope: {others} datasets",
+                     f"    published by reference (data of {OLD_RELEASE}): {loaded}"]
+    assert states[states.index(f"  {OLD_RELEASE}:") + 2] == f"    published: {loaded}"
+    assert states[states.index(f"  {PRE_CONSENSUS_RELEASE}:") + 1].startswith("    skipped: ")
