@@ -909,6 +909,8 @@ def _base_groupings(groupings: Sequence[str]) -> list[str]:
 # --- partials on disk --------------------------------------------------------------------------
 
 _STAT_ARRAYS = ("indptr", "indices", "sums", "nonzero")
+# Bump when what a partial holds or how it is computed changes: older partials are then never reused.
+PARTIAL_FORMAT = 1
 
 
 def save_partial(partial: Partial, path: Path, inputs: str | None = None) -> Path:
@@ -1250,9 +1252,10 @@ def partial_path(work_dir: Path, item: Mapping[str, str]) -> Path:
 
 
 def inputs_digest(matrix_md5: str, assignments: pd.DataFrame, taxonomy: pd.DataFrame) -> str:
-    """What a file's partial depends on, as one digest: the matrix's bytes (MD5), the assignments of its
-    cells and the taxonomy. Equal digests give equal partials, so a partial can be reused."""
-    digest = hashlib.sha256(matrix_md5.encode())
+    """What a file's partial depends on, as one digest: the statistics' definition (PARTIAL_FORMAT), the
+    matrix's bytes (MD5), the assignments of its cells and the taxonomy. Equal digests give equal
+    partials, so a partial can be reused."""
+    digest = hashlib.sha256(f"{PARTIAL_FORMAT}:{matrix_md5}".encode())
     for frame in (assignments, taxonomy):
         ordered = frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
         digest.update(pd.util.hash_pandas_object(ordered, index=False).to_numpy().tobytes())
@@ -1280,7 +1283,9 @@ def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], wo
         taxonomy = release_taxonomy(conn, release)
         md5 = conn.execute("SELECT md5 FROM abc.release_file WHERE release = %s AND relative_path = %s",
                            (release, item["key"])).fetchone()
-    inputs = inputs_digest(md5[0] if md5 else "", assignments, taxonomy)
+    if md5 is None:
+        raise AggregationError(f"release {release}: {item['key']} is not a file of its manifest")
+    inputs = inputs_digest(md5[0], assignments, taxonomy)
     for candidate in earlier:
         if candidate.is_file() and partial_inputs(candidate) == inputs:
             place_copy(candidate, out)
