@@ -148,7 +148,7 @@ def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     from etl.fixtures import FixtureSpec, make_bucket
 
     spec = FixtureSpec(seed=args.seed, cells=args.cells, genes=args.genes, clusters=args.clusters,
-                       regions=args.regions)
+                       regions=args.regions, metadata_only=args.metadata_only)
     generated = make_bucket(Path(args.directory), spec)
     for release in generated.releases:
         consensus = "" if release in generated.consensus_releases else " (before the consensus data)"
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--clusters", type=int, default=48,
                       help="clusters of the consensus taxonomy; 6721 gives the real term-set sizes")
     make.add_argument("--regions", type=int, default=3, help="region files per chemistry")
+    make.add_argument("--metadata-only", action="store_true", help="no consensus or WMB expression matrices "
+                      "(full-size metadata in minutes)")
     make.set_defaults(handler=cmd_fixture_make)
     serve = fixture_commands.add_parser("serve", help="serve DIR over S3 with rclone")
     serve.add_argument("directory")

@@ -331,3 +331,18 @@ def test_example_gene_expression(generated_bucket):
         assert example.cell_label.tolist() == cells.cell_label.tolist()
         assert example.drop(columns="cell_label").notna().all().all()
         assert (example.drop(columns="cell_label") > 0).any().any()
+
+
+def test_large_csv_tables_are_written_as_pandas_writes_them(tmp_path):
+    from etl.fixtures import _write_csv
+
+    n = 20_000  # above the size where the direct writer takes over
+    frame = pd.DataFrame({"cell_label": [f"c{i:06d}-x" for i in range(n)], "x": np.linspace(-1.5, 3.0, n),
+                          "cluster_alias": np.arange(n) * 7, "empty": [None if i % 3 else "v" for i in range(n)]})
+    frame.loc[5, "x"] = np.nan
+    _write_csv(frame, tmp_path / "direct.csv")
+    frame.to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    quoted = frame.assign(cell_label=frame.cell_label.str.replace("-x", ",x"))  # needs quoting: pandas writes it
+    _write_csv(quoted, tmp_path / "quoted.csv")
+    assert pd.read_csv(tmp_path / "quoted.csv").cell_label.tolist() == quoted.cell_label.tolist()
