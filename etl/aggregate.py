@@ -64,9 +64,12 @@ from etl.load import cell_assignments
 from etl.mirror import release_files_on_disk
 from etl.publish import (
     EXPRESSION_TABLES,
+    claim_stage,
     create_staging_table,
     index_staging_table,
     publish,
+    set_stage,
+    stage_lock,
     staged_or_published,
 )
 from etl.reuse import place_copy
@@ -1133,9 +1136,11 @@ def _stage_genes(conn: psycopg.Connection, release: str, dataset: str, genes: pd
 def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
                       taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
     """:func:`merge_and_stage`, then publish the staged expression tables in one transaction."""
-    entries = merge_and_stage(conn, release, partials, taxonomy, groupings)
-    with conn.transaction():
-        publish(conn, release, EXPRESSION_TABLES)
+    with stage_lock(conn, release):
+        entries = merge_and_stage(conn, release, partials, taxonomy, groupings)
+        with conn.transaction():
+            publish(conn, release, EXPRESSION_TABLES)
+            set_stage(conn, release, "published")
     return entries
 
 
@@ -1148,7 +1153,25 @@ def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[st
     again replaces only that dataset. Nothing is visible to readers until the staged tables are
     published, by :func:`merge_and_publish` or with the metadata by ``etl.pipeline.publish_release``.
     Returns the number of (group, gene) entries per dataset.
+
+    Runs under the release's stage lock, in this run's stage (``etl.publish.claim_stage``): another
+    run staging the release makes it wait, then fail naming that run. A failure rolls back what
+    this merge staged and keeps the rest of the stage (the staged metadata), so a retry can merge.
     """
+    with stage_lock(conn, release):
+        claim_stage(conn, release)
+        try:
+            entries = _merge_and_stage(conn, release, partials, taxonomy, groupings)
+            set_stage(conn, release, "staged")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+    return entries
+
+
+def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
+                     taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str]) -> dict[str, int]:
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
     staged = {table: create_staging_table(conn, table, release) for table in EXPRESSION_TABLES}
     for table in ("expression_gene_major", "expression_group_major"):
@@ -1180,7 +1203,6 @@ def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[st
     _carry_over(conn, release, list(partials), staged)
     for table in EXPRESSION_TABLES:
         index_staging_table(conn, table, release)
-    conn.commit()
     return entries
 
 

@@ -55,6 +55,7 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     from etl.load import LoadError
     from etl.mirror import NotMirroredError
     from etl.monitor import QualityCheckFailed
+    from etl.publish import StageBusy
     from etl.scope import ScopeError
 
     try:
@@ -64,15 +65,16 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
             print(f"release {args.release}: scoped files unchanged since {shared.release}; "
                   + ("published by reference" if published else "already published by reference"))
         else:
-            report = pipeline.load_metadata(settings, args.release, args.dataset)
-            print("\n".join(report.lines()))
-            published = pipeline.validate_and_publish(settings, args.release)
+            with pipeline.hold_release(settings, args.release):  # a second load of the release waits for this one
+                report = pipeline.load_metadata(settings, args.release, args.dataset)
+                print("\n".join(report.lines()))
+                published = pipeline.validate_and_publish(settings, args.release)
             print(f"release {args.release} published; data-quality checks passed" if published
                   else f"release {args.release} already published, nothing staged")
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except (LoadError, QualityCheckFailed, ScopeError) as exc:
+    except (LoadError, QualityCheckFailed, ScopeError, StageBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if published:
@@ -174,6 +176,7 @@ def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
     from etl.aggregate import AggregationError
     from etl.mirror import NotMirroredError
     from etl.monitor import QualityCheckFailed
+    from etl.publish import StageBusy
 
     try:
         shared = pipeline.share_if_unchanged(settings, args.release)
@@ -181,15 +184,16 @@ def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
             print(f"release {args.release}: scoped files unchanged since {shared.release}; published by reference, "
                   "nothing to aggregate")
             return EXIT_OK
-        entries = pipeline.aggregate_release(settings, args.release, args.dataset,
-                                             Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
-        for dataset, count in entries.items():
-            print(f"{dataset}: {count} (group, gene) entries staged for release {args.release}")
-        pipeline.validate_and_publish(settings, args.release)
+        with pipeline.hold_release(settings, args.release):
+            entries = pipeline.aggregate_release(settings, args.release, args.dataset,
+                                                 Path(args.work_dir) if args.work_dir else None, args.chunk_cells)
+            for dataset, count in entries.items():
+                print(f"{dataset}: {count} (group, gene) entries staged for release {args.release}")
+            pipeline.validate_and_publish(settings, args.release)
     except NotMirroredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    except (AggregationError, QualityCheckFailed) as exc:
+    except (AggregationError, QualityCheckFailed, StageBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"release {args.release}: checks passed, expression published")

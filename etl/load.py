@@ -32,10 +32,14 @@ from psycopg import sql
 
 from etl import db
 from etl.publish import (
+    claim_stage,
     create_staging_table,
+    fail_stage,
     index_staging_table,
-    is_staged,
     publish,
+    set_stage,
+    stage_lock,
+    staged_or_published,
     staged_table,
 )
 
@@ -512,7 +516,8 @@ def load_release_metadata(
     for f in to_load:
         by_table[f.table].append(f)
 
-    with db.copy_connection(database_url) as conn:
+    with db.copy_connection(database_url) as conn, stage_lock(conn, release):
+        claim_stage(conn, release, new=True)
         if _release_status(conn, release) != "published":
             conn.execute("UPDATE abc.release SET status = 'loading', last_error = NULL WHERE version = %s", (release,))
         conn.commit()
@@ -520,6 +525,7 @@ def load_release_metadata(
             _stage_and_publish(conn, release, datasets, by_table, report, publish_now)
         except (LoadError, psycopg.Error) as exc:
             conn.rollback()
+            fail_stage(conn, release, str(exc))
             _mark_failed(database_url, release, str(exc))
             raise
     for line in report.lines():
@@ -556,7 +562,9 @@ def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[st
         publish(conn, release, METADATA_TABLES)
         conn.execute("UPDATE abc.release SET status = 'published', loaded_at = now(), published_at = now(), "
                      "last_error = NULL WHERE version = %s", (release,))
+        set_stage(conn, release, "published")
     else:
+        set_stage(conn, release, "staged")
         conn.execute("UPDATE abc.release SET loaded_at = now(), last_error = NULL, "
                      "status = CASE WHEN status = 'published' THEN status ELSE 'loaded' END WHERE version = %s",
                      (release,))
@@ -576,14 +584,13 @@ def cell_assignments(conn: psycopg.Connection, release: str, dataset: str,
     """Cells of one dataset of a release (of one matrix file, with ``feature_matrix_label``) with their
     cluster, region and matrix, staged or published.
 
-    The staged tables are read when there are (a load not yet published), else the partitions. A
+    The staged tables are read while the release's stage is live (a load not yet published, or,
+    in the run staging it, a reload of a published release), else the partitions. A
     cell's cluster is its own ``cluster_alias`` or the taxonomy's cell_to_cluster_membership row,
     its region its own or its library's, as the consensus release keeps them there.
     """
-    staged = is_staged(conn, "cell", release)
-
     def source(table: str) -> sql.Identifier:
-        return staged_table(table, release) if staged else sql.Identifier("abc", table)
+        return staged_or_published(conn, table, release)
 
     query = sql.SQL(
         "COPY (SELECT c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias, "

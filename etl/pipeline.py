@@ -10,7 +10,8 @@ below Airflow's cap on mapped tasks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,17 @@ from etl.mirror import (
     selected_release_files,
     target_name,
 )
-from etl.publish import EXPRESSION_TABLES, is_staged, publish, staged_table
+from etl.publish import (
+    EXPRESSION_TABLES,
+    claim_stage,
+    fail_stage,
+    is_staged,
+    publish,
+    set_stage,
+    stage_lock,
+    stage_owner,
+    staged_table,
+)
 from etl.scope import Scope
 
 DEFAULT_BATCH_BYTES = 8 << 30
@@ -238,16 +249,40 @@ def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], wo
     return {**done, "key": item["key"]}
 
 
+@contextmanager
+def hold_release(settings: Settings, release: str) -> Iterator[None]:
+    """Hold ``release``'s stage lock around several steps of one process (a CLI command), so that a
+    second run of the release waits for the whole of this one instead of interleaving with it."""
+    with db.copy_connection(settings.database_url) as conn, stage_lock(conn, release):
+        yield
+
+
 def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
-    """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails."""
+    """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails.
+
+    A failed check fails the stage: its staging tables are dropped (the release keeps what is
+    published), and checking this run's failed stage again fails again instead of checking the
+    published rows in its place.
+    """
     engine = db.make_engine(settings.database_url)
     try:
         if reuse.shared_with(engine, release):
             return []  # published by reference: the shared release's rows passed their checks
+        with db.copy_connection(settings.database_url) as conn:
+            stage = conn.execute("SELECT owner, state, error FROM abc.stage WHERE release = %s",
+                                 (release,)).fetchone()
+        if stage is not None and stage[1] == "failed" and stage[0] == stage_owner():
+            raise monitor.QualityCheckFailed(f"release {release}: this run's stage failed and was dropped "
+                                             f"({stage[2]}); load the release again")
         results = monitor.check_release(settings, engine, release)
     finally:
         engine.dispose()
-    monitor.require_passing(results, release)
+    try:
+        monitor.require_passing(results, release)
+    except monitor.QualityCheckFailed as exc:
+        with db.copy_connection(settings.database_url) as conn:
+            fail_stage(conn, release, str(exc))
+        raise
     return results
 
 
@@ -263,8 +298,22 @@ def publish_release(conn: psycopg.Connection, release: str) -> bool:
 
     A no-op when nothing is staged and the release is already published, which makes the publish
     task safe to clear and run again: the first run moved the staging tables into place, a second
-    finds nothing staged. Returns whether it published now.
+    finds nothing staged. Returns whether it published now. Runs under the release's stage lock
+    and only for the run whose stage it is (``etl.publish.claim_stage``); when publication fails,
+    the stage is dropped and the release keeps its published partitions.
     """
+    with stage_lock(conn, release):
+        claim_stage(conn, release)
+        try:
+            return _publish_staged(conn, release)
+        except PlanError:
+            raise
+        except Exception as exc:
+            fail_stage(conn, release, f"publication failed: {exc}")
+            raise
+
+
+def _publish_staged(conn: psycopg.Connection, release: str) -> bool:
     with conn.transaction():
         status = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
         if status is None:
@@ -273,12 +322,14 @@ def publish_release(conn: psycopg.Connection, release: str) -> bool:
         expression = is_staged(conn, EXPRESSION_TABLES[-1], release)
         if not metadata and not expression:
             if status[0] == "published":
+                set_stage(conn, release, "published")
                 return False
             raise PlanError(f"release {release} has nothing staged to publish (status {status[0]})")
         if metadata:
             publish_staged_metadata(conn, release)
         if expression:
             publish(conn, release, EXPRESSION_TABLES)
+        set_stage(conn, release, "published")
     return True
 
 

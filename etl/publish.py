@@ -6,11 +6,25 @@ Every warehouse table that holds release data is LIST-partitioned by ``release``
 release published, all in one transaction. Readers therefore see either the previous state or
 the whole new release, never a half-loaded one, and a failed or killed load leaves only staging
 tables behind, which the next attempt drops and rebuilds.
+
+Each release's current stage is recorded in ``abc.stage``: the run staging it (:func:`stage_owner`),
+since when, and its state. Staging and publication of a release run under its stage lock
+(:func:`stage_lock`, a session advisory lock), so two runs never drop each other's staging tables:
+the second waits, bounded, then fails naming the holder. A stage whose checks or publication fail
+is dropped (:func:`fail_stage`), and readers (:func:`staged_or_published`) read staging tables only
+of a live stage, and of a published release only in the run that stages it: everyone else reads
+the published partitions.
 """
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
@@ -38,6 +52,164 @@ def staged_table(table: str, release: str) -> sql.Identifier:
     return sql.Identifier(STAGING_SCHEMA, staging_name(table, release))
 
 
+LIVE_STATES = ("staging", "staged")
+DEFAULT_STAGE_WAIT_SECONDS = 900.0
+_held: dict[str, int] = {}  # releases whose stage lock this process holds -> nesting depth
+
+
+class StageBusy(RuntimeError):
+    """Another run holds or owns the release's stage."""
+
+
+def stage_owner() -> str:
+    """Who stages: ``ABC_STAGE_OWNER``, else the Airflow DAG run (the same for all its tasks and retries),
+    else this process."""
+    if os.environ.get("ABC_STAGE_OWNER"):
+        return os.environ["ABC_STAGE_OWNER"]
+    if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
+        return f"{os.environ.get('AIRFLOW_CTX_DAG_ID', 'dag')} run {os.environ['AIRFLOW_CTX_DAG_RUN_ID']}"
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def stage_wait_seconds() -> float:
+    return float(os.environ.get("ABC_STAGE_WAIT_SECONDS") or DEFAULT_STAGE_WAIT_SECONDS)
+
+
+def _idle(conn: psycopg.Connection) -> None:
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        conn.rollback()
+    elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.commit()
+
+
+def _holder(conn: psycopg.Connection, release: str) -> str:
+    row = conn.execute("SELECT locked_by, locked_at FROM abc.stage WHERE release = %s", (release,)).fetchone()
+    conn.rollback()
+    return f"{row[0]} since {row[1]:%Y-%m-%d %H:%M:%S %Z}" if row and row[0] else "another session"
+
+
+@contextmanager
+def stage_lock(conn: psycopg.Connection, release: str, wait: float | None = None) -> Iterator[None]:
+    """Hold ``release``'s stage lock (a session advisory lock on ``conn``) for the block.
+
+    Waits at most ``wait`` seconds (``ABC_STAGE_WAIT_SECONDS``, default 900) for another holder,
+    then raises :class:`StageBusy` naming it. Reentrant within a process, so a command can hold
+    the lock around all its steps. Commits what ``conn`` has pending before taking it.
+    """
+    _check_release(release)
+    if _held.get(release):
+        _held[release] += 1
+        try:
+            yield
+        finally:
+            _held[release] -= 1
+        return
+    _idle(conn)
+    wait = stage_wait_seconds() if wait is None else wait
+    deadline = time.monotonic() + wait
+    key = f"abc-mirror stage {release}"
+    while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()[0]:
+        conn.commit()
+        if time.monotonic() >= deadline:
+            raise StageBusy(f"release {release} is being staged by {_holder(conn, release)}; "
+                            f"gave up after waiting {wait:.0f} s")
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    _held[release] = 1
+    try:
+        conn.execute("INSERT INTO abc.stage (release, locked_by, locked_at) SELECT version, %s, now() "
+                     "FROM abc.release WHERE version = %s ON CONFLICT (release) DO UPDATE "
+                     "SET locked_by = excluded.locked_by, locked_at = excluded.locked_at", (stage_owner(), release))
+        conn.commit()
+        yield
+    finally:
+        _held.pop(release, None)
+        if not conn.closed:
+            _idle(conn)
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+            conn.commit()
+
+
+def stage_row(conn: psycopg.Connection, release: str) -> tuple[str | None, str, object] | None:
+    """(owner, state, started_at) of the release's current stage, or None."""
+    return conn.execute("SELECT owner, state, started_at FROM abc.stage WHERE release = %s", (release,)).fetchone()
+
+
+def staging_tables(conn: psycopg.Connection, release: str) -> list[str]:
+    """The names of every table in ``abc_staging`` that holds ``release``."""
+    return [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND right(tablename, 10) = %s ORDER BY 1",
+        (STAGING_SCHEMA, f"_r{_check_release(release)}")).fetchall()]
+
+
+def drop_release_staging(conn: psycopg.Connection, release: str) -> list[str]:
+    """Drop every staging table of ``release`` (no commit); returns their names."""
+    names = staging_tables(conn, release)
+    for name in names:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(STAGING_SCHEMA, name)))
+    return names
+
+
+def set_stage(conn: psycopg.Connection, release: str, state: str, owner: str | None = None,
+              error: str | None = None, new: bool = False) -> None:
+    """Record the release's stage state (no commit); ``new`` restarts ``started_at``."""
+    owner = owner or stage_owner()
+    conn.execute(
+        "INSERT INTO abc.stage (release, owner, state, started_at, updated_at, error) "
+        "SELECT version, %(o)s, %(s)s, now(), now(), %(e)s FROM abc.release WHERE version = %(r)s "
+        "ON CONFLICT (release) DO UPDATE SET owner = excluded.owner, state = excluded.state, "
+        "updated_at = now(), error = excluded.error, started_at = CASE WHEN %(new)s "
+        "OR abc.stage.owner IS DISTINCT FROM excluded.owner OR abc.stage.state NOT IN ('staging', 'staged') "
+        "THEN now() ELSE abc.stage.started_at END",
+        {"o": owner, "s": state, "e": error, "r": release, "new": new})
+
+
+def claim_stage(conn: psycopg.Connection, release: str, new: bool = False) -> None:
+    """Make the current stage of ``release`` this run's, under its stage lock; commits.
+
+    ``new`` (a metadata load) starts a stage: any earlier stage's tables are dropped. Otherwise (a
+    merge, a publication) the run continues its own stage, or starts one when none is live, and
+    raises :class:`StageBusy` when another run's stage is live: that run took the release over.
+    """
+    owner = stage_owner()
+    row = conn.execute("SELECT owner, state, started_at FROM abc.stage WHERE release = %s FOR UPDATE",
+                       (release,)).fetchone()
+    live = row is not None and row[1] in LIVE_STATES
+    if not new and live and row[0] != owner:
+        conn.rollback()
+        raise StageBusy(f"release {release} is being staged by {row[0]} since {row[2]:%Y-%m-%d %H:%M:%S %Z}; "
+                        f"this run ({owner}) stops")
+    if new:
+        drop_release_staging(conn, release)
+    set_stage(conn, release, "staging", owner, new=new or not live)
+    conn.commit()
+
+
+def fail_stage(conn: psycopg.Connection, release: str, error: str) -> None:
+    """Drop the staging tables of this run's failed stage of ``release`` and record it failed; commits.
+
+    The release keeps its published partitions. Another run's live stage is left alone.
+    """
+    _idle(conn)
+    with stage_lock(conn, release):
+        row = conn.execute("SELECT owner, state FROM abc.stage WHERE release = %s FOR UPDATE", (release,)).fetchone()
+        if row is not None and row[1] in LIVE_STATES and row[0] != stage_owner():
+            conn.rollback()
+            return
+        drop_release_staging(conn, release)
+        set_stage(conn, release, "failed", error=error[:2000])
+        conn.commit()
+
+
+def reads_staged(conn: psycopg.Connection, release: str) -> bool:
+    """Whether readers read the release's staging tables: its stage is live and, once the release
+    is published, this run is the one staging it."""
+    row = conn.execute("SELECT s.owner, s.state, r.status FROM abc.stage s JOIN abc.release r ON r.version = s.release "
+                       "WHERE s.release = %s", (release,)).fetchone()
+    if row is None or row[1] not in LIVE_STATES:
+        return False
+    return row[2] != "published" or row[0] == stage_owner()
+
+
 def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
     """Whether a stage has written ``table`` of ``release`` and it is not published yet."""
     name = f"{STAGING_SCHEMA}.{staging_name(table, release)}"
@@ -45,9 +217,11 @@ def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
 
 
 def staged_or_published(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
-    """The release's staging table while it is not yet published, else the published table: so that
-    checks, diffs and the next stage read what the last stage wrote, published or not."""
-    return staged_table(table, release) if is_staged(conn, table, release) else sql.Identifier("abc", table)
+    """The release's staging table while its stage is live (:func:`reads_staged`), else the published
+    table: so that the run's checks and next stage read what its last stage wrote, and everyone
+    else reads a published release as published, never a failed or abandoned stage."""
+    staged = is_staged(conn, table, release) and reads_staged(conn, release)
+    return staged_table(table, release) if staged else sql.Identifier("abc", table)
 
 
 def create_staging_table(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
