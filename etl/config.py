@@ -32,12 +32,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
                   "WMB matrices and genes) or atlas (mirror every file listed; load the consensus part)"),
     "ABC_SCOPE_DATASETS": (",".join(DEFAULT_DATASET_PATTERNS), "comma-separated name patterns of the datasets the "
                            "warehouse loads"),
+    "ABC_STAGE_WAIT_SECONDS": ("900", "how long a run waits for another run staging the same release before it "
+                               "fails, naming it"),
+    "ABC_STAGE_OWNER": ("", "who a stage belongs to (empty: the Airflow DAG run, else user@host pid)"),
     "ABC_FIRST_RELEASE": (AUTO_FLOOR, "first release processed (YYYYMMDD); auto: the first whose manifest holds "
                           "the scope's datasets. Older ones are recorded as skipped"),
 }
 
 
-def _env(name: str) -> str:
+def env(name: str) -> str:
+    """A documented environment variable's value, or its default."""
     return os.environ.get(name, ENVIRONMENT[name][0])
 
 
@@ -59,18 +63,18 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
-            database_url=_env("ABC_DATABASE_URL"),
-            bucket=_env("ABC_BUCKET"),
-            region=_env("ABC_REGION"),
-            endpoint_url=_env("AWS_ENDPOINT_URL_S3") or None,
-            unsigned=_env("ABC_S3_UNSIGNED").lower() not in ("0", "false", "no"),
-            mirror_root=_env("ABC_MIRROR_ROOT"),
-            workers=int(_env("ABC_WORKERS")),
-            webhook_url=_env("ABC_WEBHOOK_URL") or None,
-            max_lag_hours=float(_env("ABC_MAX_LAG_HOURS")),
-            scope=_env("ABC_SCOPE"),
-            scope_datasets=tuple(_env("ABC_SCOPE_DATASETS").split(",")),
-            first_release=_env("ABC_FIRST_RELEASE"),
+            database_url=env("ABC_DATABASE_URL"),
+            bucket=env("ABC_BUCKET"),
+            region=env("ABC_REGION"),
+            endpoint_url=env("AWS_ENDPOINT_URL_S3") or None,
+            unsigned=env("ABC_S3_UNSIGNED").lower() not in ("0", "false", "no"),
+            mirror_root=env("ABC_MIRROR_ROOT"),
+            workers=int(env("ABC_WORKERS")),
+            webhook_url=env("ABC_WEBHOOK_URL") or None,
+            max_lag_hours=float(env("ABC_MAX_LAG_HOURS")),
+            scope=env("ABC_SCOPE"),
+            scope_datasets=tuple(env("ABC_SCOPE_DATASETS").split(",")),
+            first_release=env("ABC_FIRST_RELEASE"),
         )
 
     def with_overrides(self, **overrides: object) -> Settings:

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
+from etl.config import env
+
 RELEASE_RE = re.compile(r"^[0-9]{8}$")
 STAGING_SCHEMA = "abc_staging"
 PARTITION_SCHEMA = "abc_part"
@@ -53,7 +55,6 @@ def staged_table(table: str, release: str) -> sql.Identifier:
 
 
 LIVE_STATES = ("staging", "staged")
-DEFAULT_STAGE_WAIT_SECONDS = 900.0
 _held: dict[str, int] = {}  # releases whose stage lock this process holds -> nesting depth
 
 
@@ -62,17 +63,17 @@ class StageBusy(RuntimeError):
 
 
 def stage_owner() -> str:
-    """Who stages: ``ABC_STAGE_OWNER``, else the Airflow DAG run (the same for all its tasks and retries),
-    else this process."""
-    if os.environ.get("ABC_STAGE_OWNER"):
-        return os.environ["ABC_STAGE_OWNER"]
+    """Who stages: ``ABC_STAGE_OWNER``, else the Airflow DAG run (the same for all its tasks and retries;
+    Airflow sets ``AIRFLOW_CTX_*`` in a task's environment), else this process."""
+    if env("ABC_STAGE_OWNER"):
+        return env("ABC_STAGE_OWNER")
     if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
         return f"{os.environ.get('AIRFLOW_CTX_DAG_ID', 'dag')} run {os.environ['AIRFLOW_CTX_DAG_RUN_ID']}"
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
 
 
 def stage_wait_seconds() -> float:
-    return float(os.environ.get("ABC_STAGE_WAIT_SECONDS") or DEFAULT_STAGE_WAIT_SECONDS)
+    return float(env("ABC_STAGE_WAIT_SECONDS"))
 
 
 def _idle(conn: psycopg.Connection) -> None:
