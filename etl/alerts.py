@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from etl.config import mask_webhook
+
 log = logging.getLogger(__name__)
 
 KINDS = ("new_release", "published", "failed_run", "failed_check", "lag")
@@ -53,7 +55,8 @@ def post_json(url: str, payload: dict, timeout: float = TIMEOUT_S) -> bool:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("webhook %s did not take the %s alert: %s", url, payload.get("kind"), exc)
+        log.warning("webhook %s did not take the %s alert: %s", mask_webhook(url), payload.get("kind"),
+                    str(exc).replace(url, mask_webhook(url)))
         return False
 
 

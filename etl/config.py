@@ -8,7 +8,8 @@ reads Airflow state itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from etl.scope import AUTO_FLOOR, DEFAULT_DATASET_PATTERNS, Scope
@@ -37,6 +38,25 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
 }
 
 
+_URL_PASSWORD = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*?:)[^@/]*@")
+
+
+def mask_password(url: str | None) -> str | None:
+    """``url`` with the password of its user info shown as ``***`` (for logs and reprs)."""
+    return _URL_PASSWORD.sub(r"\1***@", url) if url else url
+
+
+def mask_webhook(url: str | None) -> str | None:
+    """A webhook URL as ``scheme://host/***``: Slack-style webhook URLs carry their secret in the path."""
+    if not url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}/***"
+
+
 def _env(name: str) -> str:
     return os.environ.get(name, ENVIRONMENT[name][0])
 
@@ -55,6 +75,13 @@ class Settings:
     scope: str = "consensus-mouse"
     scope_datasets: tuple[str, ...] = DEFAULT_DATASET_PATTERNS
     first_release: str = AUTO_FLOOR
+
+    def __repr__(self) -> str:
+        """Every field, with the database password and the webhook URL masked (both are secrets)."""
+        masked = {"database_url": mask_password, "webhook_url": mask_webhook}
+        shown = ", ".join(f"{f.name}={masked.get(f.name, lambda v: v)(getattr(self, f.name))!r}"
+                          for f in fields(self))
+        return f"Settings({shown})"
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -243,3 +243,12 @@ def test_status_and_diff_commands(both_loaded, engine, capsys, monkeypatch):
     assert main(["diff", OLD_RELEASE, NEW_RELEASE]) == 0
     out = capsys.readouterr().out
     assert out == (Path(settings.mirror_root).resolve() / "releases" / NEW_RELEASE / "release-notes.md").read_text()
+
+
+def test_a_webhook_that_is_down_is_logged_without_its_secret_path(caplog):
+    url = closed_port_url().replace("/hook", "/services/T000/B000/XXXXSECRET")
+    with caplog.at_level("WARNING", logger="etl.alerts"):
+        assert not alerts.send(alerts.Alert("lag", "behind"), url)
+    assert "did not take the lag alert" in caplog.text
+    assert "XXXXSECRET" not in caplog.text and "/services" not in caplog.text
+    assert "http://127.0.0.1:" in caplog.text and "/***" in caplog.text
