@@ -49,6 +49,19 @@ class PlannedFile:
     size: int
 
 
+def require_local_mirror(settings: Settings) -> None:
+    """Refuse a release run whose mirror root is an S3 bucket: verify, load and aggregate read local files.
+
+    Copying a release to another bucket is the mirror's job alone (``abc_mirror_release``,
+    ``abc-mirror mirror --target s3://...``); loading reads a local (or shared) mirror directory.
+    """
+    if not settings.mirror_is_local:
+        raise PlanError(f"target {settings.mirror_root} is an S3 bucket, but a release run verifies, loads and "
+                        "aggregates the files of a local mirror: give a directory (param target or ABC_MIRROR_ROOT). "
+                        "To copy a release to another bucket use the DAG abc_mirror_release or "
+                        f"`abc-mirror mirror --release ... --target {settings.mirror_root}`")
+
+
 def resolve_release(engine: Engine, requested: str | None) -> str:
     """The release to process: the one named, or the newest recorded one for ``latest``/empty."""
     with engine.connect() as conn:
