@@ -78,7 +78,16 @@ def send(alert: Alert, webhook_url: str | None, engine: Engine | None = None) ->
     return delivered
 
 
-def already_sent(engine: Engine, kind: str, release: str) -> bool:
+def already_sent(engine: Engine, kind: str, release: str, details: dict | None = None,
+                 delivered: bool = True) -> bool:
+    """Whether a ``kind`` alert about ``release`` was recorded (delivered, unless ``delivered`` is False).
+
+    ``details`` narrows it to alerts whose details hold these values (e.g. the ``published_at`` of one
+    publication), so that a step retried or cleared sends its alert once per state of the release.
+    """
     with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release = :r "
-                                    "AND delivered)"), {"k": kind, "r": release}).scalar_one()
+        return conn.execute(sa.text(
+            "SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release = :r "
+            "AND (delivered OR NOT :delivered) AND payload -> 'details' @> CAST(:d AS jsonb))"),
+            {"k": kind, "r": release, "delivered": delivered,
+             "d": json.dumps(details or {}, default=str)}).scalar_one()

@@ -10,6 +10,7 @@ below Airflow's cap on mapped tasks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from etl.mirror import (
 )
 from etl.publish import EXPRESSION_TABLES, is_staged, publish, staged_table
 from etl.scope import Scope
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_BYTES = 8 << 30
 MAX_BATCHES = 256
@@ -325,19 +328,33 @@ def check_lineage(settings: Settings, release: str) -> dict[str, int]:
 
 
 def announce_published(settings: Settings, release: str) -> dict:
-    """After publishing: diff against the previous release (stored, release notes beside the mirror), then alert."""
+    """After publishing: diff against the previous release (stored, release notes beside the mirror), then alert.
+
+    Safe to retry or clear: the diff and the release notes are replaced by the same content, and the
+    ``published`` alert goes out once per publication of the release (its ``published_at``): not again
+    once delivered, and not recorded twice when no webhook is configured. A republished release is
+    announced again; an alert the webhook did not take is tried again on the next run.
+    """
     engine = db.make_engine(settings.database_url)
     try:
         notes = monitor.record_diff(settings, engine, release)
         with engine.connect() as conn:
             previous = conn.execute(sa.text("SELECT old_release, summary FROM abc.release_diff WHERE new_release = :r "
                                             "ORDER BY old_release DESC LIMIT 1"), {"r": release}).first()
+            published_at = conn.execute(sa.text("SELECT published_at FROM abc.release WHERE version = :r"),
+                                        {"r": release}).scalar()
         details = {"previous_release": previous.old_release if previous else None,
                    "shares_data_with": reuse.shared_with(engine, release),
+                   "published_at": published_at.isoformat() if published_at else None,
                    "diff": previous.summary if previous else None,
                    "release_notes": [str(p) for p in notes] if notes else []}
-        alerts.send(alerts.Alert("published", f"release {release} published", release, details),
-                    settings.webhook_url, engine)
+        publication = {"published_at": details["published_at"]}
+        if alerts.already_sent(engine, "published", release, publication,
+                               delivered=bool(settings.webhook_url)):
+            log.info("release %s: published alert of %s already sent", release, details["published_at"])
+        else:
+            alerts.send(alerts.Alert("published", f"release {release} published", release, details),
+                        settings.webhook_url, engine)
     finally:
         engine.dispose()
     return details
