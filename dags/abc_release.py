@@ -80,15 +80,20 @@ def abc_release():
     @task
     def plan(release: str, params=None) -> list[list[str]]:
         from etl import db, pipeline
+        from etl.mirror import check_free_space
 
-        engine = db.make_engine(_settings(params).database_url)
+        settings = _settings(params)
+        engine = db.make_engine(settings.database_url)
         try:
-            files = pipeline.release_files(engine, release, _settings(params).run_scope, params["datasets"],
+            files = pipeline.release_files(engine, release, settings.run_scope, params["datasets"],
                                            params["kinds"])
+            # Once for the whole release: the mirror batches run side by side and share the disk.
+            to_fetch = check_free_space(settings, engine, release, [f.key for f in files])
         finally:
             engine.dispose()
         batches = pipeline.plan_batches(files, params["batch_bytes"] or pipeline.DEFAULT_BATCH_BYTES)
-        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes, {len(batches)} batches")
+        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes ({to_fetch} still to "
+              f"fetch), {len(batches)} batches")
         return batches
 
     @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)

@@ -319,6 +319,42 @@ def test_disk_space_preflight_fails_before_fetching(msettings, engine):
     assert report.failed == {} and report.fetched == report.selected
 
 
+def test_free_space_is_checked_once_for_the_whole_planned_release(msettings, engine):
+    from etl import pipeline
+    from etl.mirror import check_free_space
+
+    discover(source.make_client(msettings), msettings, engine)
+    files = pipeline.release_files(engine, OLD_RELEASE, msettings.run_scope)
+    keys = [f.key for f in files]
+    total = sum(f.size for f in files)
+    batches = pipeline.plan_batches(files, batch_bytes=max(1, total // 8))
+    assert len(batches) > 1
+    # Each batch alone fits in what is free, the release as a whole does not.
+    free = max(sum(f.size for f in files if f.key in batch) for batch in batches)
+    assert free < total
+    seen: list[Path] = []
+
+    def free_space(path: Path) -> int:
+        seen.append(path)
+        return free
+
+    with pytest.raises(InsufficientSpaceError) as refused:
+        check_free_space(msettings, engine, OLD_RELEASE, keys, free_space=free_space)
+    message = str(refused.value)
+    assert str(msettings.mirror_path) in message and OLD_RELEASE in message
+    assert f"{total} bytes needed" in message and f"{free} bytes free" in message
+    assert seen == [msettings.mirror_path]
+    assert not msettings.mirror_path.exists() or not any(msettings.mirror_path.rglob("*"))
+
+    # Files already mirrored and recorded are not counted again.
+    metadata = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert metadata.failed == {} and metadata.fetched > 0
+    metadata_bytes = sum(f.size for f in files if f.key.startswith("metadata/"))
+    assert check_free_space(msettings, engine, OLD_RELEASE, keys, free_space=lambda p: total) == total - metadata_bytes
+    assert check_free_space(msettings.with_overrides(mirror_root="s3://elsewhere/abc"), engine, OLD_RELEASE, keys,
+                            free_space=lambda p: 0) == 0
+
+
 def test_s3_target(msettings, engine, mirror_source, tmp_path, monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
