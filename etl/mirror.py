@@ -46,6 +46,7 @@ from etl.transfer import (
     backoff_delay,
     copy_verified,
     file_md5,
+    write_file_nofollow,
 )
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ class _LocalTarget:
         path = self.root.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}")
-        tmp.write_bytes(body)
+        write_file_nofollow(tmp, body)
         os.replace(tmp, path)
 
     def _record(self, work: _Work, etag: str | None) -> dict:
