@@ -49,8 +49,8 @@ TRANSFER_POOL = "abc_transfers"
                        description="what to mirror and load (empty: ABC_SCOPE, default consensus-mouse)"),
         "datasets": Param([], type="array", description="only these datasets of the scope (empty: all)"),
         "kinds": Param([], type="array", description="only these kinds, e.g. metadata (empty: all)"),
-        "target": Param("", type="string", description="mirror root: directory or s3://bucket/prefix "
-                                                          "(empty: ABC_MIRROR_ROOT)"),
+        "target": Param("", type="string", description="mirror root: a local or shared directory (empty: "
+                        "ABC_MIRROR_ROOT); s3:// is refused, use abc_mirror_release to copy to a bucket"),
         "batch_bytes": Param(None, type=["null", "integer"], minimum=1,
                              description="bytes per mirror batch, one mapped task each (empty: 8 GiB)"),
         "max_bandwidth": Param("", type="string", pattern="^([0-9.]+[kKmMgG]?)?$",
@@ -70,6 +70,7 @@ def abc_release():
     def resolve(params=None, dag_run=None) -> str:
         from etl import db, pipeline
 
+        pipeline.require_local_mirror(_settings(params))  # before anything is mirrored: loading reads local files
         engine = db.make_engine(_settings(params).database_url)
         try:
             return pipeline.resolve_release(engine, params["release"] or dag_run.partition_key)
@@ -79,15 +80,20 @@ def abc_release():
     @task
     def plan(release: str, params=None) -> list[list[str]]:
         from etl import db, pipeline
+        from etl.mirror import check_free_space
 
-        engine = db.make_engine(_settings(params).database_url)
+        settings = _settings(params)
+        engine = db.make_engine(settings.database_url)
         try:
-            files = pipeline.release_files(engine, release, _settings(params).run_scope, params["datasets"],
+            files = pipeline.release_files(engine, release, settings.run_scope, params["datasets"],
                                            params["kinds"])
+            # Once for the whole release: the mirror batches run side by side and share the disk.
+            to_fetch = check_free_space(settings, engine, release, [f.key for f in files])
         finally:
             engine.dispose()
         batches = pipeline.plan_batches(files, params["batch_bytes"] or pipeline.DEFAULT_BATCH_BYTES)
-        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes, {len(batches)} batches")
+        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes ({to_fetch} still to "
+              f"fetch), {len(batches)} batches")
         return batches
 
     @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)

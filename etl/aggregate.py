@@ -73,6 +73,7 @@ from etl.publish import (
     staged_or_published,
 )
 from etl.reuse import place_copy
+from etl.transfer import open_nofollow
 
 log = logging.getLogger(__name__)
 
@@ -935,7 +936,8 @@ def save_partial(partial: Partial, path: Path, inputs: str | None = None) -> Pat
     arrays["info"] = np.array(json.dumps(info))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
+        np.savez(handle, **arrays)
     os.replace(tmp, path)
     return path
 

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from etl.config import mask_webhook
+
 log = logging.getLogger(__name__)
 
 KINDS = ("new_release", "published", "failed_run", "failed_check", "lag")
@@ -53,7 +55,8 @@ def post_json(url: str, payload: dict, timeout: float = TIMEOUT_S) -> bool:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("webhook %s did not take the %s alert: %s", url, payload.get("kind"), exc)
+        log.warning("webhook %s did not take the %s alert: %s", mask_webhook(url), payload.get("kind"),
+                    str(exc).replace(url, mask_webhook(url)))
         return False
 
 
@@ -75,7 +78,16 @@ def send(alert: Alert, webhook_url: str | None, engine: Engine | None = None) ->
     return delivered
 
 
-def already_sent(engine: Engine, kind: str, release: str) -> bool:
+def already_sent(engine: Engine, kind: str, release: str, details: dict | None = None,
+                 delivered: bool = True) -> bool:
+    """Whether a ``kind`` alert about ``release`` was recorded (delivered, unless ``delivered`` is False).
+
+    ``details`` narrows it to alerts whose details hold these values (e.g. the ``published_at`` of one
+    publication), so that a step retried or cleared sends its alert once per state of the release.
+    """
     with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release = :r "
-                                    "AND delivered)"), {"k": kind, "r": release}).scalar_one()
+        return conn.execute(sa.text(
+            "SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release = :r "
+            "AND (delivered OR NOT :delivered) AND payload -> 'details' @> CAST(:d AS jsonb))"),
+            {"k": kind, "r": release, "delivered": delivered,
+             "d": json.dumps(details or {}, default=str)}).scalar_one()

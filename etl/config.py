@@ -8,7 +8,8 @@ reads Airflow state itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from etl.scope import AUTO_FLOOR, DEFAULT_DATASET_PATTERNS, Scope
@@ -40,6 +41,29 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
 }
 
 
+_URL_PASSWORD = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*?:)[^@/]*@")
+
+
+def mask_password(url: str | None) -> str | None:
+    """``url`` with the password of its user info shown as ``***`` (for logs and reprs)."""
+    return _URL_PASSWORD.sub(r"\1***@", url) if url else url
+
+
+def mask_webhook(url: str | None) -> str | None:
+    """A webhook URL as ``scheme://host/***``: Slack-style webhook URLs carry their secret in the path."""
+    if not url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}/***"
+
+
+def _mask_secret(value: str | None) -> str | None:
+    return "***" if value else value
+
+
 def env(name: str) -> str:
     """A documented environment variable's value, or its default."""
     return os.environ.get(name, ENVIRONMENT[name][0])
@@ -59,6 +83,20 @@ class Settings:
     scope: str = "consensus-mouse"
     scope_datasets: tuple[str, ...] = DEFAULT_DATASET_PATTERNS
     first_release: str = AUTO_FLOOR
+    # Source credentials and botocore Config options, from the Airflow connection aws_default (none from
+    # the environment: a signed client then finds credentials the way boto3 does).
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    source_config: dict = field(default_factory=dict, hash=False)
+
+    def __repr__(self) -> str:
+        """Every field, with the database password and the webhook URL masked (both are secrets)."""
+        masked = {"database_url": mask_password, "webhook_url": mask_webhook,
+                  "aws_secret_access_key": _mask_secret, "aws_session_token": _mask_secret}
+        shown = ", ".join(f"{f.name}={masked.get(f.name, lambda v: v)(getattr(self, f.name))!r}"
+                          for f in fields(self))
+        return f"Settings({shown})"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -99,8 +137,8 @@ def settings_for_airflow_task() -> Settings:
     """Settings inside an Airflow task: the environment, overridden by Airflow connections.
 
     Production configures the warehouse as connection ``abc_postgres`` and the source as
-    ``aws_default`` (extra ``endpoint_url`` for a non-AWS endpoint); where a connection is not
-    defined, the environment variables above apply, so tests and the demo need none.
+    ``aws_default`` (see :func:`source_from_aws_connection`); where a connection is not defined, the
+    environment variables above apply, so tests and the demo need none.
     """
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
@@ -113,8 +151,35 @@ def settings_for_airflow_task() -> Settings:
     except AirflowNotFoundException:
         pass
     try:
-        endpoint = (Connection.get("aws_default").extra_dejson or {}).get("endpoint_url")
-        settings = settings.with_overrides(endpoint_url=endpoint or None)
+        aws = Connection.get("aws_default")
     except AirflowNotFoundException:
-        pass
-    return settings
+        return settings
+    return source_from_aws_connection(settings, aws)
+
+
+def source_from_aws_connection(settings: Settings, connection: object) -> Settings:
+    """``settings`` with the source bucket's client configured by an Airflow AWS connection.
+
+    Read as the amazon provider's hooks read it (``AwsConnectionWrapper``, what ``AwsBaseHook.conn_config``
+    returns): region (extra ``region_name``), endpoint (extra ``endpoint_url`` or
+    ``service_config.s3.endpoint_url``), credentials (login/password or extra ``aws_access_key_id``,
+    ``aws_secret_access_key``, ``aws_session_token``) and extra ``config_kwargs`` (botocore ``Config``
+    options; ``signature_version: unsigned`` for anonymous requests). Requests are unsigned when
+    ``config_kwargs`` says so, signed when it names another signature or the connection carries
+    credentials, else as ``ABC_S3_UNSIGNED`` says. What the connection leaves out keeps the
+    environment's value. Profiles and assumed roles are not read: use boto3's environment for those.
+    """
+    from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
+
+    aws = AwsConnectionWrapper(conn=connection)
+    config = dict(aws.extra_config.get("config_kwargs") or {})
+    signature = config.pop("signature_version", None)
+    keys = bool(aws.aws_access_key_id and aws.aws_secret_access_key)
+    if signature is not None and signature != "unsigned":
+        config["signature_version"] = signature
+    unsigned = signature == "unsigned" if signature is not None else (False if keys else settings.unsigned)
+    return replace(settings, region=aws.region_name or settings.region,
+                   endpoint_url=aws.get_service_endpoint_url("s3") or settings.endpoint_url, unsigned=unsigned,
+                   aws_access_key_id=aws.aws_access_key_id if keys else None,
+                   aws_secret_access_key=aws.aws_secret_access_key if keys else None,
+                   aws_session_token=aws.aws_session_token if keys else None, source_config=config)

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from etl import db
 from etl.publish import staged_or_published
 from etl.scope import Scope
+from etl.transfer import write_file_nofollow
 
 FILE_IDENTITY = ["dataset", "kind", "tag", "normalization", "file_type"]
 ITEM_COLUMNS = ["dataset", "subject", "change", "item", "old_value", "new_value"]
@@ -315,7 +316,7 @@ def write_release_notes(result: ReleaseDiff, mirror_root: Path) -> tuple[Path, P
     for suffix, text in ((".md", release_notes_markdown(result)), (".html", release_notes_html(result))):
         path = directory / f"release-notes{suffix}"
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
+        write_file_nofollow(partial, text.encode("utf-8"))  # a symlink planted there is refused, not followed
         partial.replace(path)
         written.append(path)
     return written[0], written[1]

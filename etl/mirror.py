@@ -46,6 +46,7 @@ from etl.transfer import (
     backoff_delay,
     copy_verified,
     file_md5,
+    write_file_nofollow,
 )
 
 log = logging.getLogger(__name__)
@@ -295,19 +296,22 @@ class _LocalTarget:
                 continue
         return _Work(f, "fetch", path)
 
-    def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> None:
+    def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
+        """Bytes ``work`` still needs on disk; raises :class:`InsufficientSpaceError` when they are not free."""
         needed = sum(w.file.size - _resumable_bytes(w.path) for w in work if w.action in ("fetch", "copy"))
         free = free_space(self.root.root)
         if needed > free:
             raise InsufficientSpaceError(
-                f"{self.name}: {needed / 1e9:.2f} GB still to fetch but only {free / 1e9:.2f} GB free; "
+                f"{self.name}: {needed / 1e9:.2f} GB still to fetch but only {free / 1e9:.2f} GB free "
+                f"({needed} bytes needed, {free} bytes free); "
                 "free some space or mirror fewer datasets (--dataset, --kind)")
+        return needed
 
     def write_manifest(self, key: str, body: bytes) -> None:
         path = self.root.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}")
-        tmp.write_bytes(body)
+        write_file_nofollow(tmp, body)
         os.replace(tmp, path)
 
     def _record(self, work: _Work, etag: str | None) -> dict:
@@ -351,8 +355,9 @@ class _S3Target:
         trusted = record is not None and (record.md5, record.size) == (f.md5, f.size)
         return _Work(f, "skip" if trusted and not verify else "check")
 
-    def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> None:
+    def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
         """Object stores have no free-space figure to check."""
+        return 0
 
     def write_manifest(self, key: str, body: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(key), Body=body)
@@ -476,6 +481,36 @@ def _finish_run(engine: Engine, run_id: int, report: MirrorReport, previous: str
         else:  # a partial selection that went well: the release is as mirrored as it was before
             conn.execute(sa.text("UPDATE abc.release SET status = :p WHERE version = :r AND status = 'mirroring'"),
                          {"p": previous if previous != "mirroring" else "upstream", "r": report.release})
+
+
+def check_free_space(settings: Settings, engine: Engine, release: str, keys: list[str],
+                     free_space: Callable[[Path], int] = _disk_free) -> int:
+    """Check once that the whole planned file set of ``release`` fits: returns the bytes still to fetch.
+
+    ``keys`` are every file the run will mirror (all its batches); what is still to fetch is judged as
+    the mirror judges it (records, files on disk, local copies, what a ``.partial`` already holds).
+    Raises :class:`InsufficientSpaceError` naming the target, the bytes needed and the bytes free.
+    The release DAG calls this in ``plan``, before its mirror batches run side by side; each batch
+    still checks its own files (``mirror_release``), which catches a disk that filled up since.
+    An S3 target has no free-space figure: 0.
+    """
+    if not settings.mirror_is_local:
+        return 0
+    target = _LocalTarget(settings.mirror_path)
+    wanted = set(keys)
+    with engine.connect() as conn:
+        files = [row for row in selected_release_files(conn, release) if row.relative_path in wanted]
+    by_key, by_content = _known_objects(engine, target.name, files)
+    work = []
+    for f in files:
+        try:
+            work.append(target.plan(f, by_key.get(f.relative_path), by_content, verify=False))
+        except UnsafeKeyError:
+            continue  # refused by name when its batch runs
+    try:
+        return target.preflight([w for w in work if w.action != "skip"], free_space)
+    except InsufficientSpaceError as exc:
+        raise InsufficientSpaceError(f"release {release} ({len(files)} files) does not fit: {exc}") from None
 
 
 def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets: list[str] | None = None,

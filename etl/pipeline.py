@@ -10,6 +10,7 @@ below Airflow's cap on mapped tasks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from etl.publish import (
 )
 from etl.scope import Scope
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BATCH_BYTES = 8 << 30
 MAX_BATCHES = 256
 
@@ -58,6 +61,19 @@ class PlanError(ValueError):
 class PlannedFile:
     key: str
     size: int
+
+
+def require_local_mirror(settings: Settings) -> None:
+    """Refuse a release run whose mirror root is an S3 bucket: verify, load and aggregate read local files.
+
+    Copying a release to another bucket is the mirror's job alone (``abc_mirror_release``,
+    ``abc-mirror mirror --target s3://...``); loading reads a local (or shared) mirror directory.
+    """
+    if not settings.mirror_is_local:
+        raise PlanError(f"target {settings.mirror_root} is an S3 bucket, but a release run verifies, loads and "
+                        "aggregates the files of a local mirror: give a directory (param target or ABC_MIRROR_ROOT). "
+                        "To copy a release to another bucket use the DAG abc_mirror_release or "
+                        f"`abc-mirror mirror --release ... --target {settings.mirror_root}`")
 
 
 def resolve_release(engine: Engine, requested: str | None) -> str:
@@ -363,19 +379,33 @@ def check_lineage(settings: Settings, release: str) -> dict[str, int]:
 
 
 def announce_published(settings: Settings, release: str) -> dict:
-    """After publishing: diff against the previous release (stored, release notes beside the mirror), then alert."""
+    """After publishing: diff against the previous release (stored, release notes beside the mirror), then alert.
+
+    Safe to retry or clear: the diff and the release notes are replaced by the same content, and the
+    ``published`` alert goes out once per publication of the release (its ``published_at``): not again
+    once delivered, and not recorded twice when no webhook is configured. A republished release is
+    announced again; an alert the webhook did not take is tried again on the next run.
+    """
     engine = db.make_engine(settings.database_url)
     try:
         notes = monitor.record_diff(settings, engine, release)
         with engine.connect() as conn:
             previous = conn.execute(sa.text("SELECT old_release, summary FROM abc.release_diff WHERE new_release = :r "
                                             "ORDER BY old_release DESC LIMIT 1"), {"r": release}).first()
+            published_at = conn.execute(sa.text("SELECT published_at FROM abc.release WHERE version = :r"),
+                                        {"r": release}).scalar()
         details = {"previous_release": previous.old_release if previous else None,
                    "shares_data_with": reuse.shared_with(engine, release),
+                   "published_at": published_at.isoformat() if published_at else None,
                    "diff": previous.summary if previous else None,
                    "release_notes": [str(p) for p in notes] if notes else []}
-        alerts.send(alerts.Alert("published", f"release {release} published", release, details),
-                    settings.webhook_url, engine)
+        publication = {"published_at": details["published_at"]}
+        if alerts.already_sent(engine, "published", release, publication,
+                               delivered=bool(settings.webhook_url)):
+            log.info("release %s: published alert of %s already sent", release, details["published_at"])
+        else:
+            alerts.send(alerts.Alert("published", f"release {release} published", release, details),
+                        settings.webhook_url, engine)
     finally:
         engine.dispose()
     return details

@@ -29,7 +29,12 @@ class SourceUnreachable(RuntimeError):
 
 
 def make_client(settings: Settings, max_pool_connections: int | None = None) -> BaseClient:
-    """Build the S3 client used everywhere: unsigned by default, adaptive retries."""
+    """Build the S3 client used everywhere: unsigned by default, adaptive retries.
+
+    Region, endpoint, credentials and extra botocore options come from ``settings`` (the environment,
+    or the Airflow connection ``aws_default``: :func:`etl.config.source_from_aws_connection`); a signed
+    client without credentials in ``settings`` finds them the way boto3 does.
+    """
     config = Config(
         signature_version=UNSIGNED if settings.unsigned else None,
         retries={"max_attempts": 8, "mode": "adaptive"},
@@ -37,8 +42,14 @@ def make_client(settings: Settings, max_pool_connections: int | None = None) -> 
         connect_timeout=10,
         read_timeout=60,
     )
+    if settings.source_config:
+        config = config.merge(Config(**settings.source_config))
+    credentials = {} if settings.unsigned else {
+        name: value for name, value in (("aws_access_key_id", settings.aws_access_key_id),
+                                        ("aws_secret_access_key", settings.aws_secret_access_key),
+                                        ("aws_session_token", settings.aws_session_token)) if value}
     return boto3.client(
-        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
+        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config, **credentials
     )
 
 

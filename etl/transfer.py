@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -254,8 +255,10 @@ class _Sidecar:
     def load(cls, path: Path, partial: Path, job: FileJob, part_size: int) -> _Sidecar:
         fresh = cls(path, job.size, job.md5, part_size, None, set())
         try:
-            doc = json.loads(path.read_text())
-            if (doc["size"], doc["md5"]) != (job.size, job.md5) or partial.stat().st_size != job.size:
+            fd = open_nofollow(path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as handle:
+                doc = json.loads(handle.read())
+            if (doc["size"], doc["md5"]) != (job.size, job.md5) or partial.lstat().st_size != job.size:
                 return fresh
             return cls(path, job.size, job.md5, int(doc["part_size"]), doc.get("etag"), set(doc["done"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -266,13 +269,36 @@ class _Sidecar:
         if durable:
             os.fdatasync(fd)  # the ranges listed must really be on disk
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as handle:
-            json.dump({"size": self.size, "md5": self.md5, "part_size": self.part_size, "etag": self.etag,
-                       "done": sorted(self.done)}, handle)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_file_nofollow(tmp, json.dumps({"size": self.size, "md5": self.md5, "part_size": self.part_size,
+                                             "etag": self.etag, "done": sorted(self.done)}).encode(), durable)
+        os.replace(tmp, self.path)  # replaces a symlink at the sidecar's name itself, never its target
+
+
+class SymlinkRefusedError(TransferError):
+    """A file the mirror writes (``.partial``, sidecar, temporary file) is a symlink: never followed."""
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` with ``O_NOFOLLOW``: a symlink planted at ``path`` is refused by name, never followed."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
+            raise SymlinkRefusedError(f"{path} is a symlink; refusing to follow it") from None
+        raise
+
+
+def write_file_nofollow(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` (created or truncated) without following a symlink there."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_chunks(fd: int, start: int, end: int) -> Iterator[bytes]:
@@ -306,10 +332,10 @@ def _lock_partial(partial: Path, final: Path, job: FileJob) -> int | None:
     the second waits for the lock, then finds the file placed, or continues what the first left.
     """
     while True:
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(partial, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if os.stat(partial).st_ino == os.fstat(fd).st_ino:
+            if os.lstat(partial).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
@@ -777,14 +803,15 @@ def copy_verified(source: Path, job: FileJob, final: Path, durable: bool = True)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     final.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.md5()
-    with open(source, "rb") as src, open(partial, "wb") as dst:
+    with open(source, "rb") as src, os.fdopen(open_nofollow(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                              "wb") as dst:
         while chunk := src.read(HASH_CHUNK):
             digest.update(chunk)
             dst.write(chunk)
         dst.flush()
         if durable:
             os.fsync(dst.fileno())
-    if digest.hexdigest() != job.md5 or partial.stat().st_size != job.size:
+    if digest.hexdigest() != job.md5 or partial.lstat().st_size != job.size:
         _unlink(partial)
         raise TransferError(f"local copy source {source} no longer matches MD5 {job.md5}", retry_file=True)
     os.replace(partial, final)

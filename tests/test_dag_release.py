@@ -184,3 +184,20 @@ def test_watch_emits_one_partitioned_event_per_new_release(airflow_home, s3_serv
             sa.select(AssetEvent.partition_key).join(AssetModel, AssetModel.id == AssetEvent.asset_id)
             .where(AssetModel.uri == "abc://releases/", AssetEvent.source_run_id == run.run_id)).scalars().all()
     assert sorted(keys) == CONSENSUS_RELEASES  # none for the release before the history floor
+
+
+def test_an_s3_target_is_refused_at_resolve_before_anything_is_mirrored(release_env, engine):
+    settings = release_env.with_overrides(mirror_root="s3://other-bucket/abc")
+    with pytest.raises(pipeline.PlanError) as refused:
+        pipeline.require_local_mirror(settings)
+    message = str(refused.value)
+    assert "s3://other-bucket/abc" in message and "abc_mirror_release" in message
+    assert "abc-mirror mirror" in message and "local mirror" in message
+    pipeline.require_local_mirror(release_env)  # a directory is fine
+
+    run = _release_dag().test(run_conf={"release": OLD_RELEASE, "target": "s3://other-bucket/abc"})
+    assert run.state == "failed"
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["resolve"] == "failed" and states["plan"] == "upstream_failed", states
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.mirror_object")).scalar() == 0

@@ -289,6 +289,46 @@ def test_hostile_keys_and_symlinks_are_refused(msettings, engine, tmp_path):
     assert report.fetched == 0 and list(outside.iterdir()) == []
 
 
+def test_a_symlink_planted_at_the_partial_path_is_refused_not_followed(msettings, engine, mirror_source, tmp_path):
+    files = _manifest_files(mirror_source / BUCKET, OLD_RELEASE)
+    small = min((f for f in files.values() if f.kind == "metadata"), key=lambda f: f.size).relative_path
+    large = max((f for f in files.values() if f.size > 2 * SMALL_PARTS), key=lambda f: f.size).relative_path
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("not the mirror's\n")
+    planted = {}
+    for key, target in ((small, victim), (large, outside / "created-by-mirror")):
+        final = msettings.mirror_path.joinpath(*key.split("/"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(final.name + ".partial")
+        partial.symlink_to(target)  # an existing file outside, and a dangling link the mirror would create
+        planted[key] = partial
+    report = mirror_release(msettings, engine, OLD_RELEASE, keys=[small, large], part_size=SMALL_PARTS,
+                            progress=False)
+    assert set(report.failed) == {small, large}
+    for key, partial in planted.items():
+        assert f"{partial} is a symlink" in report.failed[key], report.failed[key]
+        assert partial.is_symlink() and not msettings.mirror_path.joinpath(*key.split("/")).exists()
+    assert victim.read_text() == "not the mirror's\n" and sorted(outside.iterdir()) == [victim]
+
+
+def test_sidecar_and_temporary_files_never_follow_a_symlink(tmp_path):
+    from etl.transfer import SymlinkRefusedError, _Sidecar, write_file_nofollow
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("keep")
+    sidecar = tmp_path / "mirror" / "x.h5ad.partial.json"
+    sidecar.parent.mkdir()
+    sidecar.with_name(sidecar.name + ".tmp").symlink_to(outside)
+    with pytest.raises(SymlinkRefusedError, match="x.h5ad.partial.json.tmp is a symlink"):
+        _Sidecar(sidecar, 10, "0" * 32, 4, None, {0}).save(-1, durable=False)
+    with pytest.raises(SymlinkRefusedError, match="release-notes.md.partial is a symlink"):
+        (tmp_path / "mirror" / "release-notes.md.partial").symlink_to(outside)
+        write_file_nofollow(tmp_path / "mirror" / "release-notes.md.partial", b"notes")
+    assert outside.read_text() == "keep"
+
+
 def test_manifest_with_hostile_key_is_refused_whole(mirror_source, tmp_path, database_url, engine):
     root = tmp_path / "served"
     shutil.copytree(mirror_source, root)
@@ -317,6 +357,42 @@ def test_disk_space_preflight_fails_before_fetching(msettings, engine):
     report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], progress=False,
                             free_space=lambda path: metadata_bytes)
     assert report.failed == {} and report.fetched == report.selected
+
+
+def test_free_space_is_checked_once_for_the_whole_planned_release(msettings, engine):
+    from etl import pipeline
+    from etl.mirror import check_free_space
+
+    discover(source.make_client(msettings), msettings, engine)
+    files = pipeline.release_files(engine, OLD_RELEASE, msettings.run_scope)
+    keys = [f.key for f in files]
+    total = sum(f.size for f in files)
+    batches = pipeline.plan_batches(files, batch_bytes=max(1, total // 8))
+    assert len(batches) > 1
+    # Each batch alone fits in what is free, the release as a whole does not.
+    free = max(sum(f.size for f in files if f.key in batch) for batch in batches)
+    assert free < total
+    seen: list[Path] = []
+
+    def free_space(path: Path) -> int:
+        seen.append(path)
+        return free
+
+    with pytest.raises(InsufficientSpaceError) as refused:
+        check_free_space(msettings, engine, OLD_RELEASE, keys, free_space=free_space)
+    message = str(refused.value)
+    assert str(msettings.mirror_path) in message and OLD_RELEASE in message
+    assert f"{total} bytes needed" in message and f"{free} bytes free" in message
+    assert seen == [msettings.mirror_path]
+    assert not msettings.mirror_path.exists() or not any(msettings.mirror_path.rglob("*"))
+
+    # Files already mirrored and recorded are not counted again.
+    metadata = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert metadata.failed == {} and metadata.fetched > 0
+    metadata_bytes = sum(f.size for f in files if f.key.startswith("metadata/"))
+    assert check_free_space(msettings, engine, OLD_RELEASE, keys, free_space=lambda p: total) == total - metadata_bytes
+    assert check_free_space(msettings.with_overrides(mirror_root="s3://elsewhere/abc"), engine, OLD_RELEASE, keys,
+                            free_space=lambda p: 0) == 0
 
 
 def test_s3_target(msettings, engine, mirror_source, tmp_path, monkeypatch):

@@ -243,3 +243,49 @@ def test_status_and_diff_commands(both_loaded, engine, capsys, monkeypatch):
     assert main(["diff", OLD_RELEASE, NEW_RELEASE]) == 0
     out = capsys.readouterr().out
     assert out == (Path(settings.mirror_root).resolve() / "releases" / NEW_RELEASE / "release-notes.md").read_text()
+
+
+def test_a_webhook_that_is_down_is_logged_without_its_secret_path(caplog):
+    url = closed_port_url().replace("/hook", "/services/T000/B000/XXXXSECRET")
+    with caplog.at_level("WARNING", logger="etl.alerts"):
+        assert not alerts.send(alerts.Alert("lag", "behind"), url)
+    assert "did not take the lag alert" in caplog.text
+    assert "XXXXSECRET" not in caplog.text and "/services" not in caplog.text
+    assert "http://127.0.0.1:" in caplog.text and "/***" in caplog.text
+
+
+def test_published_alert_goes_out_once_per_publication_however_often_notify_runs(both_loaded, engine, webhook):
+    from etl import pipeline
+
+    settings = both_loaded.with_overrides(webhook_url=webhook.url)
+
+    def published_rows() -> list[tuple[bool, str]]:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT delivered, payload -> 'details' ->> 'published_at' FROM abc.alert "
+                                        "WHERE kind = 'published' AND release = :r ORDER BY id"),
+                                {"r": NEW_RELEASE}).all()
+
+    first = pipeline.announce_published(settings, NEW_RELEASE)
+    again = pipeline.announce_published(settings, NEW_RELEASE)  # the notify task retried or cleared
+    assert webhook.kinds() == ["published"]
+    assert [delivered for delivered, _ in published_rows()] == [True]
+    assert first == again and first["published_at"]
+    assert first["release_notes"] and Path(first["release_notes"][0]).is_file()
+
+    # Published again (e.g. reloaded): a new state of the release, announced once more.
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE abc.release SET published_at = published_at + interval '1 hour' "
+                             "WHERE version = :r"), {"r": NEW_RELEASE})
+    pipeline.announce_published(settings, NEW_RELEASE)
+    pipeline.announce_published(settings, NEW_RELEASE)
+    assert webhook.kinds() == ["published", "published"]
+    assert len({at for _, at in published_rows()}) == 2
+
+
+def test_published_alert_without_a_webhook_is_recorded_once(both_loaded, engine):
+    from etl import pipeline
+
+    for _ in range(2):
+        pipeline.announce_published(both_loaded.with_overrides(webhook_url=None), NEW_RELEASE)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE kind = 'published'")).scalar() == 1
