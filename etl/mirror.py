@@ -419,9 +419,11 @@ _UPSERT = sa.text("""
 
 
 def _save_records(engine: Engine, target: str, records: list[dict]) -> None:
+    """Upsert a batch of placed files' records in key order: two runs sharing keys (two releases mirrored
+    at once) then lock their rows in the same order and cannot deadlock each other."""
     if records:
         with engine.begin() as conn:
-            conn.execute(_UPSERT, [{"t": target, **r} for r in records])
+            conn.execute(_UPSERT, [{"t": target, **r} for r in sorted(records, key=lambda r: r["k"])])
         records.clear()
 
 
