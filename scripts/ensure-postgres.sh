@@ -82,16 +82,13 @@ if [ ! -s "$DATA/PG_VERSION" ]; then
   rm -rf "$DATA" "$SOCKETS"
   as_user mkdir -p "$SOCKETS"
   as_user "$BINDIR/initdb" -D "$DATA" -U postgres -E UTF8 --locale=C.UTF-8 --auth=trust --no-sync >/dev/null
-  # Loopback only, its own port and socket directory; durability does not matter for test data.
+  # Loopback only, its own port and socket directory.
   as_user tee -a "$DATA/postgresql.conf" >/dev/null <<EOF
 # abc-mirror throwaway cluster (scripts/ensure-postgres.sh)
 listen_addresses = '127.0.0.1'
 port = $PORT
 unix_socket_directories = '$SOCKETS'
 max_connections = 200
-fsync = off
-synchronous_commit = off
-full_page_writes = off
 EOF
 fi
 PORT=$(sed -n "s/^port = \([0-9]*\)$/\1/p" "$DATA/postgresql.conf" | tail -n 1)
