@@ -1,10 +1,15 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up.
+#
+# Unless ABC_TEST_SERVER_URL / ABC_DEMO_DATABASE_URL (and ABC_TEST_BROKER_URL) name servers to use,
+# they run against a throwaway PostgreSQL cluster and a throwaway Redis of this checkout's own
+# (scripts/ensure-postgres.sh, scripts/ensure-redis.sh: ./var/pg, ./var/redis, loopback, own ports),
+# never the machine's. Both keep running for the next command: `make stop` stops them.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup postgres compose demo test lint bench clean
+.PHONY: setup postgres redis demo test lint bench stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,20 +20,26 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 postgres:
-	scripts/ensure-postgres.sh
+	@scripts/ensure-postgres.sh
 
-compose:
-	scripts/ensure-compose.sh
+redis:
+	@scripts/ensure-redis.sh
 
-demo: setup postgres
-	$(BIN)/python scripts/demo.py
+demo: setup
+	url="$${ABC_DEMO_DATABASE_URL:-$$(scripts/ensure-postgres.sh abc_demo)}" && \
+	ABC_DEMO_DATABASE_URL="$$url" $(BIN)/python scripts/demo.py
 
-test: setup postgres compose
+test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	url="$${ABC_TEST_SERVER_URL:-$$(scripts/ensure-postgres.sh)}" && \
+	broker="$${ABC_TEST_BROKER_URL:-$$(scripts/ensure-redis.sh)}" && \
+	ABC_TEST_SERVER_URL="$$url" ABC_TEST_BROKER_URL="$$broker" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
 
-clean:
+stop:
+	@scripts/stop-services.sh
+
+clean: stop
 	rm -rf $(VENV) var demo .pytest_cache

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import sqlalchemy as sa
 from openlineage.client import OpenLineageClient
 from openlineage.client.transport import Transport
 from openlineage.client.transport.file import FileConfig, FileTransport
@@ -19,6 +20,7 @@ from etl.discovery import discover
 from etl.fixtures import MACOSKO, OLD_RELEASE, WMB_GENE_KEY
 from etl.load import load_release_metadata
 from etl.mirror import mirror_release
+from tests.conftest import SERVER_URL
 
 # The RunEvent of the OpenLineage spec (2-0-2), as JSON Schema: the client ships only attrs classes
 # generated from the spec, not the spec itself, so the parts our events use are spelled out here.
@@ -148,7 +150,8 @@ def test_events_are_valid_openlineage_with_inputs_outputs_and_row_counts(lineage
     expected_cells = sum(len((generated_bucket.bucket_dir / k).read_text().splitlines()) - 1
                          for k in metadata if k.endswith("/cell_metadata.csv"))
     assert cells[0]["outputFacets"]["outputStatistics"]["rowCount"] == expected_cells
-    assert cells[0]["namespace"] == "postgres://127.0.0.1:5432"
+    server = sa.engine.make_url(SERVER_URL)
+    assert cells[0]["namespace"] == f"postgres://{server.host}:{server.port or 5432}"
     aggregate_done = events[5]
     assert {d["name"].split(".", 1)[1] for d in aggregate_done["inputs"] if d["namespace"].startswith("postgres")} \
         == {"abc.cell", "abc.cluster_membership"}
