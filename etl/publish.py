@@ -130,11 +130,6 @@ def stage_lock(conn: psycopg.Connection, release: str, wait: float | None = None
             conn.commit()
 
 
-def stage_row(conn: psycopg.Connection, release: str) -> tuple[str | None, str, object] | None:
-    """(owner, state, started_at) of the release's current stage, or None."""
-    return conn.execute("SELECT owner, state, started_at FROM abc.stage WHERE release = %s", (release,)).fetchone()
-
-
 def staging_tables(conn: psycopg.Connection, release: str) -> list[str]:
     """The names of every table in ``abc_staging`` that holds ``release``."""
     return [r[0] for r in conn.execute(
@@ -291,8 +286,3 @@ def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
         conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
             sql.Identifier("abc", table), sql.Identifier(PARTITION_SCHEMA, staging_name(table, release)),
             sql.Literal(release)))
-
-
-def drop_staging(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
-    for table in tables:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staged_table(table, release)))
