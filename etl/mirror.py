@@ -638,8 +638,8 @@ def status_lines(engine: Engine, target: str, release: str | None = None) -> lis
         for rel in releases:
             out.append(f"release {rel.version}: {rel.status}"
                        + (f" (mirrored at {rel.mirrored_at:%Y-%m-%d %H:%M:%S %Z})" if rel.mirrored_at else "")
-                       + f"; {rel.verified} of {rel.n_files} files verified here "
-                       f"({rel.verified_bytes} of {rel.total_bytes} bytes)")
+                       + f"; {rel.verified} of the manifest's {rel.n_files} files verified here "
+                       f"({rel.verified_bytes} of {rel.total_bytes} bytes; the table above counts the scope)")
             run = conn.execute(sa.text(last_run), {"r": rel.version, "t": target}).first()
             if run is not None:
                 out.append(f"  last run {run.started_at:%Y-%m-%d %H:%M:%S}: {run.status}; {run.files_selected} "
