@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from etl.fixtures import OLD_RELEASE, PRE_CONSENSUS_RELEASE, UNCHANGED_RELEASE
 from tests.airflow_cluster import CELERY_WORKERS as WORKERS
 from tests.airflow_cluster import AirflowCluster, metadata_database
-from tests.conftest import REPO
+from tests.conftest import REPO, scoped_keys
 
 TRANSFER_POOL = "abc_transfers"
 # dag_run.run_type of a run the scheduler creates for an asset (partition) event (DagRunType.ASSET_TRIGGERED).
@@ -134,7 +134,5 @@ def test_first_watch_runs_each_release_from_the_floor_on_two_celery_workers(
             "SELECT count(*), count(DISTINCT (dataset, cell_label)) FROM abc.cell WHERE release = :r"),
             {"r": holder}).one()
     assert cells == distinct > 0
-    in_scope = {k for r in expected for k in generated_bucket.files[r]
-                if k.split("/")[1].startswith("Consensus-") or k.split("/")[1] in ("WMB-10Xv2", "WMB-10Xv3")
-                or k.startswith("metadata/WMB-10X/") and k.endswith("/gene.csv")}
+    in_scope = {k for r in expected for k in scoped_keys(generated_bucket, r)}
     assert files == (len(in_scope), 6)  # only the consensus scope was mirrored, nothing of the other datasets
