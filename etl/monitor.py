@@ -213,24 +213,52 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     return diff.write_release_notes(result, settings.mirror_path)
 
 
-def status_rows(engine: Engine, target: str) -> list[sa.Row]:
-    """Every release with its upstream, mirror (in ``target``), load, publish and check state."""
-    query = """
-        SELECT r.version, r.status, r.shares_data_with, r.discovered_at, r.loaded_at, r.published_at, r.last_error,
-               r.n_files, r.total_bytes,
-               (SELECT count(*) FROM abc.release_file rf JOIN abc.mirror_object o ON o.target = :t
-                    AND o.relative_path = rf.relative_path AND o.md5 = rf.md5 AND o.size = rf.size
-                WHERE rf.release = r.version) AS files_ok,
-               (SELECT coalesce(sum(rf.size), 0) FROM abc.release_file rf JOIN abc.mirror_object o ON o.target = :t
-                    AND o.relative_path = rf.relative_path AND o.md5 = rf.md5 AND o.size = rf.size
-                WHERE rf.release = r.version) AS bytes_ok,
-               (SELECT files_failed FROM abc.mirror_run m WHERE m.release = r.version AND m.target = :t
-                ORDER BY started_at DESC, id DESC LIMIT 1) AS files_failed,
-               (SELECT count(*) FILTER (WHERE passed) || '/' || count(*) FROM abc.quality_check q
-                WHERE q.release = r.version) AS checks
-        FROM abc.release r ORDER BY r.version"""
+@dataclass(frozen=True)
+class ReleaseStatus:
+    """One release as ``abc-mirror status`` and the releases page show it: its own state, and its files
+    in the scope (the manifest lists the whole atlas) with how many ``target`` holds verified."""
+
+    version: str
+    status: str
+    shares_data_with: str | None
+    discovered_at: datetime | None
+    loaded_at: datetime | None
+    published_at: datetime | None
+    last_error: str | None
+    checks: str  # passed/run, "-" when none ran
+    files_failed: int  # in the last mirror run to the target
+    files: int
+    files_ok: int
+    bytes: int
+    bytes_ok: int
+    datasets: dict[str, list[str]]  # state -> datasets (:func:`dataset_states`)
+
+
+def release_statuses(engine: Engine, target: str, scope: Scope) -> list[ReleaseStatus]:
+    """Every recorded release, oldest first, with its files in ``scope`` and their state in ``target``."""
     with engine.connect() as conn:
-        return conn.execute(sa.text(query), {"t": target}).all()
+        releases = conn.execute(sa.text("""
+            SELECT r.version, r.status, r.shares_data_with, r.discovered_at, r.loaded_at, r.published_at,
+                   r.last_error,
+                   (SELECT files_failed FROM abc.mirror_run m WHERE m.release = r.version AND m.target = :t
+                    ORDER BY started_at DESC, id DESC LIMIT 1) AS files_failed,
+                   (SELECT count(*) FILTER (WHERE passed) || '/' || count(*) FROM abc.quality_check q
+                    WHERE q.release = r.version) AS checks
+            FROM abc.release r ORDER BY r.version"""), {"t": target}).all()
+    files = _release_files(engine, target)
+    scoped: dict[str, list[sa.Row]] = {}
+    for f in files:
+        if scope.mirrors(f):
+            scoped.setdefault(f.release, []).append(f)
+    states = dataset_states(files, scope)
+    out = []
+    for r in releases:
+        mine = scoped.get(r.version, [])
+        out.append(ReleaseStatus(
+            r.version, r.status, r.shares_data_with, r.discovered_at, r.loaded_at, r.published_at, r.last_error,
+            r.checks if r.checks != "0/0" else "-", r.files_failed or 0, len(mine), sum(f.ok for f in mine),
+            sum(f.size for f in mine), sum(f.size for f in mine if f.ok), states.get(r.version, {})))
+    return out
 
 
 def _release_files(engine: Engine, target: str) -> list[sa.Row]:
@@ -280,27 +308,18 @@ def dataset_states(files: list[sa.Row], scope: Scope) -> dict[str, dict[str, lis
 def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None = None) -> list[str]:
     """``abc-mirror status``: every release in one table (its files in ``scope``), the lag behind upstream,
     then each dataset's state."""
-    rows = status_rows(engine, target)
-    if not rows:
+    releases = release_statuses(engine, target, scope)
+    if not releases:
         return ["no release recorded: run `abc-mirror discover` first"]
-    files = _release_files(engine, target)
-    scoped: dict[str, list[sa.Row]] = {}
-    for f in files:
-        if scope.mirrors(f):
-            scoped.setdefault(f.release, []).append(f)
 
     def when(value: datetime | None) -> str:
         return f"{value:%Y-%m-%d %H:%M}" if value else "-"
 
     header = ["release", "status", "upstream seen", "in scope: mirrored ok/failed/of", "bytes ok", "loaded",
               "published", "checks", "last error"]
-    table = []
-    for r in rows:
-        mine = scoped.get(r.version, [])
-        table.append([r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
-                      when(r.discovered_at), f"{sum(f.ok for f in mine)}/{r.files_failed or 0}/{len(mine)}",
-                      _size(sum(f.size for f in mine if f.ok)), when(r.loaded_at), when(r.published_at),
-                      r.checks if r.checks != "0/0" else "-", (r.last_error or "")[:60]])
+    table = [[r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
+              when(r.discovered_at), f"{r.files_ok}/{r.files_failed}/{r.files}", _size(r.bytes_ok),
+              when(r.loaded_at), when(r.published_at), r.checks, (r.last_error or "")[:60]] for r in releases]
     widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *table]]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -309,9 +328,10 @@ def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None
     out.append(f"lag: newest upstream {current.newest_upstream}, newest published {current.newest_published or '-'}"
                + (f", behind for {hours:.1f} h" if current.behind_since else ", up to date"))
     out.append(f"datasets per release (scope {scope.name}):")
-    for release, by_state in dataset_states(files, scope).items():
-        out.append(f"  {release}:")
-        for state, datasets in sorted(by_state.items()):
+    for r in releases:
+        if r.datasets:
+            out.append(f"  {r.version}:")
+        for state, datasets in sorted(r.datasets.items()):
             shown = ", ".join(datasets) if len(datasets) <= 6 else f"{len(datasets)} datasets"
             out.append(f"    {state}: {shown}")
     return out

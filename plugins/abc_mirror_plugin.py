@@ -1,6 +1,6 @@
 """Airflow plugin: a "ABC releases" page in the Airflow UI and a small JSON API on the api-server.
 
-``/abc-mirror/`` lists every release the warehouse knows (upstream seen, mirrored files, loaded,
+``/abc-mirror/`` lists every release the warehouse knows (upstream seen, mirrored files in scope, loaded,
 published, data-quality checks, last error) and the lag behind upstream, as ``abc-mirror status``
 does; ``/abc-mirror/releases`` gives the same as JSON for dashboards and scripts. The page reads the
 warehouse named by ``ABC_DATABASE_URL`` and the mirror ``ABC_MIRROR_ROOT`` of the api-server's
@@ -31,17 +31,19 @@ def release_status() -> dict:
     engine = db.make_engine(settings.database_url)
     try:
         target = target_name(settings.mirror_root)
-        rows = monitor.status_rows(engine, target)
+        releases = monitor.release_statuses(engine, target, settings.run_scope)
         lag = monitor.lag(engine)
     finally:
         engine.dispose()
     return {
         "mirror": target,
-        "releases": [{"release": r.version, "status": r.status, "upstream_seen": _iso(r.discovered_at),
-                      "files": r.n_files, "files_ok": r.files_ok, "files_failed": r.files_failed or 0,
-                      "bytes": r.total_bytes, "bytes_ok": r.bytes_ok, "loaded": _iso(r.loaded_at),
-                      "published": _iso(r.published_at), "checks": r.checks, "last_error": r.last_error}
-                     for r in rows],
+        "scope": settings.scope,
+        "releases": [{"release": r.version, "status": r.status, "shares_data_with": r.shares_data_with,
+                      "upstream_seen": _iso(r.discovered_at), "files": r.files, "files_ok": r.files_ok,
+                      "files_failed": r.files_failed, "bytes": r.bytes, "bytes_ok": r.bytes_ok,
+                      "loaded": _iso(r.loaded_at), "published": _iso(r.published_at), "checks": r.checks,
+                      "last_error": r.last_error, "datasets": r.datasets}
+                     for r in releases],
         "lag": {"newest_upstream": lag.newest_upstream, "newest_published": lag.newest_published,
                 "behind_since": _iso(lag.behind_since), "hours": round(lag.hours(), 2)},
     }

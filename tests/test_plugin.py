@@ -11,8 +11,8 @@ from pathlib import Path
 
 from etl import db, source
 from etl.discovery import discover
-from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE, RELEASES
-from tests.conftest import REPO
+from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, RELEASES
+from tests.conftest import REPO, scoped_keys
 
 
 def test_airflow_loads_the_plugin(airflow_home):
@@ -25,7 +25,7 @@ def test_airflow_loads_the_plugin(airflow_home):
     assert [view["href"] for view in plugin["external_views"]] == ["/abc-mirror/"]
 
 
-def test_page_and_json_list_every_release(settings, monkeypatch):
+def test_page_and_json_list_every_release(settings, monkeypatch, generated_bucket):
     from fastapi.testclient import TestClient
 
     engine = db.make_engine(settings.database_url)
@@ -40,8 +40,12 @@ def test_page_and_json_list_every_release(settings, monkeypatch):
 
     status = client.get("/releases").json()
     assert [r["release"] for r in status["releases"]] == RELEASES
-    assert all(r["status"] == "upstream" and r["files_ok"] == 0 and r["files"] > 0 for r in status["releases"]
-               if r["release"] in CONSENSUS_RELEASES)
+    assert {r["release"]: (r["status"], r["files_ok"]) for r in status["releases"]} == {
+        PRE_CONSENSUS_RELEASE: ("skipped", 0), **{release: ("upstream", 0) for release in CONSENSUS_RELEASES}}
+    # Counts are the scope's files, not the manifest's (which lists the whole atlas).
+    assert {r["release"]: r["files"] for r in status["releases"] if r["release"] in CONSENSUS_RELEASES} == {
+        release: len(scoped_keys(generated_bucket, release)) for release in CONSENSUS_RELEASES}
+    assert status["scope"] == "consensus-mouse"
     assert status["lag"]["newest_upstream"] == NEW_RELEASE and status["lag"]["newest_published"] is None
 
     page = client.get("/")
