@@ -34,6 +34,7 @@ import os
 import sqlite3
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,23 +243,29 @@ class Genes:
 
 @dataclass
 class DatasetCells:
-    """Cells of one dataset; ``in_metadata`` False marks cells only the matrix has (QC'd out)."""
+    """Cells of one dataset; ``in_metadata`` False marks cells only the matrix has (QC'd out).
+
+    Cell labels and barcodes are ASCII bytes (``S``): at full size (millions of cells) Python strings
+    would cost four times the memory and most of the time spent writing. ``frame`` holds the other
+    per-cell columns, row for row; :func:`metadata_cells` gives the whole table with text labels.
+    """
 
     dataset: str
     matrix_dataset: dict[str, str]  # feature_matrix_label -> expression dataset directory
+    labels: np.ndarray  # cell_label
+    barcodes: np.ndarray  # cell_barcode
     frame: pd.DataFrame
     in_metadata: np.ndarray
     cluster: np.ndarray
     libraries: pd.DataFrame  # library.csv rows (the dataset's real columns)
     donors: pd.DataFrame  # donor.csv rows
     cluster_alias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # of cluster index
-    # Stable sort order of frame["cell_label"] (rows), kept so each table in label order costs no sort.
-    label_order: np.ndarray | None = None
+    label_order: np.ndarray | None = None  # stable sort order of labels, kept: each table in label order
 
     def rows_by_label(self) -> np.ndarray:
         """Rows in cell label order."""
         if self.label_order is None:
-            self.label_order = _text_order(self.frame["cell_label"].to_numpy())
+            self.label_order = np.argsort(self.labels, kind="stable")
         return self.label_order
 
     def listed_rows(self) -> np.ndarray:
@@ -390,37 +397,17 @@ def _fit(text: np.ndarray) -> np.ndarray:
     return text.astype(f"S{max(1, int(np.char.str_len(text).max(initial=0)))}")
 
 
-def _text_order(values: np.ndarray) -> np.ndarray:
-    """Stable sort order of text values (str objects or bytes): as ASCII bytes when they are ASCII, which
-    orders them as Python's str comparison does, several times faster than sorting objects."""
-    if values.dtype.kind != "S":
-        try:
-            values = values.astype("S")
-        except UnicodeEncodeError:
-            return np.argsort(values, kind="stable")
-    return np.argsort(values, kind="stable")
-
-
 def _unique_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels made unique and their stable sort order. Barcodes are random: every later copy of a label
     gets ``-2``, cut to the array's fixed width."""
-    order = _text_order(labels)
+    order = np.argsort(labels, kind="stable")
     ranked = labels[order]
     repeated = order[1:][ranked[1:] == ranked[:-1]]
     if len(repeated):
         labels = labels.copy()
         labels[repeated] = np.char.add(labels[repeated], b"-2")
-        order = _text_order(labels)
+        order = np.argsort(labels, kind="stable")
     return labels, order
-
-
-def _as_str_objects(text: np.ndarray, block: int = 1 << 20) -> np.ndarray:
-    """ASCII bytes as an object array of str (a pandas text column), converted block by block so the
-    4-bytes-a-character intermediate stays small."""
-    out = np.empty(len(text), dtype=object)
-    for part in _blocks(len(text), block):
-        out[part] = text[part].astype("U")
-    return out
 
 
 def _region_of_clusters(rng: np.random.Generator, n_clusters: int, regions: list[str]) -> np.ndarray:
@@ -463,9 +450,8 @@ def _libraries(rng: np.random.Generator, dataset: str, regions: list[str], chemi
 
 
 def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_cells: int) -> DatasetCells:
-    """A dataset's cells. Text columns with few values (library, sample, dataset, matrix, region) are
-    categorical and labels are built as bytes: at full size (millions of cells) an object column of
-    Python strings costs ~80 bytes a cell."""
+    """A dataset's cells. Labels and barcodes are made as bytes, text columns with few values (library,
+    sample, dataset, matrix, region) are categorical: no Python string per cell."""
     rng = _rng(spec, f"cells:{dataset}")
     n_clusters = spec.taxonomy_sizes["cluster"]
     macosko = dataset == MACOSKO
@@ -504,12 +490,13 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
     group_of_library = (libraries["region"].map(regions.index) * len(chemistries)
                         + libraries["library_method"].map(chemistries.index)).to_numpy()
     cell_group = region * len(chemistries) + chemistry
-    library_index = np.empty(n_cells, dtype=np.int64)
     pick = rng.integers(0, per_group, size=n_cells)
-    for group in np.unique(cell_group):
+    # library_of_pick[group, p]: the library a cell of that group with pick p gets.
+    library_of_pick = np.zeros((len(regions) * len(chemistries), per_group), dtype=np.int64)
+    for group in range(len(library_of_pick)):
         members = np.flatnonzero(group_of_library == group)
-        inside = cell_group == group
-        library_index[inside] = members[pick[inside] % len(members)]
+        library_of_pick[group] = members[np.arange(per_group) % len(members)]
+    library_index = library_of_pick[cell_group, pick]
     sample_code, samples = pd.factorize(libraries["barcoded_cell_sample_label"])
     barcode = _barcodes(rng, n_cells)
     if macosko:
@@ -524,8 +511,6 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
     spread = rng.normal(0, 0.6, size=(n_cells, 4))
     coordinates = np.round(centres[cluster] + spread, 6)
     frame = pd.DataFrame({
-        "cell_label": _as_str_objects(cell_label),
-        "cell_barcode": _as_str_objects(barcode),
         "barcoded_cell_sample_label": pd.Categorical.from_codes(sample_code[library_index], samples),
         "library_label": pd.Categorical.from_codes(library_index, libraries["library_label"]),
         "dataset_label": pd.Categorical.from_codes(chemistry if not macosko else np.zeros(n_cells, dtype=np.int64),
@@ -537,7 +522,7 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
         "neighborhood_x": coordinates[:, 2], "neighborhood_y": coordinates[:, 3],
     })
     in_metadata = rng.random(n_cells) >= spec.qc_dropped_fraction
-    return DatasetCells(dataset, matrix_dataset, frame, in_metadata, cluster,
+    return DatasetCells(dataset, matrix_dataset, cell_label, barcode, frame, in_metadata, cluster,
                         libraries.drop(columns=["barcoded_cell_sample_label", "region"]), donor,
                         taxonomy.cluster_alias, label_order)
 
@@ -622,8 +607,8 @@ def write_matrices(
     """Write ``<label>-raw.h5ad`` and ``<label>-log2.h5ad`` for the cells of one matrix."""
     frame = cells.frame
     chosen = np.flatnonzero(frame["feature_matrix_label"].to_numpy() == matrix_label)
-    chosen = chosen[np.argsort(frame["cell_label"].to_numpy()[chosen], kind="stable")]
-    obs = pd.DataFrame(index=pd.Index(frame["cell_label"].to_numpy()[chosen], name="cell_label"))
+    chosen = chosen[np.argsort(cells.labels[chosen], kind="stable")]
+    obs = pd.DataFrame(index=pd.Index(np.char.decode(cells.labels[chosen], "ascii"), name="cell_label"))
     columns = genes.of(cells.dataset)
     symbols = np.array(genes.symbols)[columns]
     var = pd.DataFrame({"gene_symbol": symbols},
@@ -648,6 +633,16 @@ def write_matrices(
     for i, symbol in enumerate(examples):
         frame.loc[frame.index[chosen], f"example:{symbol}"] = np.round(example_values[:, i], 4)
     return [raw.path, log2.path]
+
+
+# A file's (size, mtime_ns) and MD5: the manifests of a bucket's releases list most files again.
+FileHashes = dict[Path, tuple[tuple[int, int], str]]
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    """What tells that a file changed since it was hashed."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 # Tables of at least this many rows are written by the direct CSV writer (smaller ones by pandas).
@@ -728,21 +723,24 @@ def _format_fixed(values: np.ndarray, text: np.ndarray, lengths: np.ndarray, don
         lengths[i], done[i] = start, True
 
 
+# Bytes that make pandas quote a field: comma, double quote, line feed, carriage return.
+QUOTED_BYTES = np.isin(np.arange(256), [ord(c) for c in ',"\n\r'])
+
+
 @numba.njit(cache=True, nogil=True)
 def _put_fields(out: np.ndarray, position: np.ndarray, text: np.ndarray, lengths: np.ndarray,
-                separator: int) -> bool:
+                separator: int, quoted: np.ndarray) -> bool:
     """Append each row's field and ``separator`` at ``position`` (advanced); False, and stop, at a
-    field pandas would quote (a comma, quote or line break in it)."""
+    field pandas would quote (one holding a byte ``quoted`` marks)."""
     for i in range(len(position)):
-        start = position[i]
-        for k in range(lengths[i]):
+        start, length = position[i], lengths[i]
+        for k in range(length):
             byte = text[i, k]
-            if byte == 44 or byte == 34 or byte == 10 or byte == 13:
+            if quoted[byte]:
                 return False
             out[start + k] = byte
-        start += lengths[i]
-        out[start] = separator
-        position[i] = start + 1
+        out[start + length] = separator
+        position[i] = start + length + 1
     return True
 
 
@@ -754,11 +752,10 @@ def _bytes_field(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _string_bytes(values: np.ndarray) -> np.ndarray:
     """str objects (None/NaN as empty, as pandas writes them) as ASCII bytes."""
-    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
-        raise _LeftToPandas
-    missing = pd.isna(values)
-    if missing.any():
-        values = np.where(missing, "", values)
+    if pd.api.types.infer_dtype(values, skipna=False) != "string":  # some missing, or not all str
+        if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+            raise _LeftToPandas
+        values = np.where(pd.isna(values), "", values)
     try:
         return values.astype("S")
     except UnicodeEncodeError:
@@ -812,42 +809,64 @@ def _csv_block(fields: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     out = np.empty(int(line_lengths.sum()), dtype=np.uint8)
     position = np.concatenate([[0], np.cumsum(line_lengths)[:-1]]).astype(np.int64)
     for i, (text, lengths) in enumerate(fields):
-        if not _put_fields(out, position, text, lengths, NEWLINE if i == len(fields) - 1 else COMMA):
+        if not _put_fields(out, position, text, lengths, NEWLINE if i == len(fields) - 1 else COMMA, QUOTED_BYTES):
             raise _LeftToPandas
     return out
 
 
-def _write_columns(path: Path, columns: dict[str, np.ndarray | pd.Categorical]) -> None:
-    """Write the columns (equal lengths) as CSV, as pandas would, block by block; raises _LeftToPandas
-    (leaving a partial file) when a field needs what only pandas does."""
+def _write_columns(path: Path, columns: dict[str, np.ndarray | pd.Categorical]) -> str:
+    """Write the columns (equal lengths) as CSV, as pandas would, block by block, and return the
+    file's MD5; raises _LeftToPandas (leaving a partial file) when a field needs what only pandas
+    does. A thread writes and hashes a block while the next one is formatted."""
     names = list(columns)
     if not names or any(c in name for name in names for c in ',"\n\r') or names == [""]:
         raise _LeftToPandas
     formatters = [_field_formatter(values) for values in columns.values()]
     n_rows = len(next(iter(columns.values())))
-    with open(path, "wb") as handle:
-        handle.write((",".join(names) + "\n").encode())
+    digest = hashlib.md5()
+
+    def put(data: bytes | np.ndarray) -> None:
+        handle.write(data)
+        digest.update(data)
+
+    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=1) as writer:
+        pending = writer.submit(put, (",".join(names) + "\n").encode())
         for part in _blocks(n_rows, CSV_BLOCK_ROWS):
-            handle.write(_csv_block([formatter(part) for formatter in formatters]))
+            block = _csv_block([formatter(part) for formatter in formatters])
+            pending.result()
+            pending = writer.submit(put, block)
+        pending.result()
+    return digest.hexdigest()
 
 
-def _write_table(path: Path, columns: dict[str, np.ndarray | pd.Categorical]) -> None:
+def _write_table(path: Path, columns: dict[str, np.ndarray | pd.Categorical], hashes: FileHashes | None = None) -> None:
     """Write columns (numpy arrays, ``S`` ones ASCII text, or categoricals) as CSV, atomically, as
     pandas' ``to_csv(index=False, lineterminator="\\n")`` writes them: numba formats numbers and
     joins fields block by block, so memory stays at a block and millions of rows take seconds. Tables
-    of fewer than DIRECT_CSV_MIN_ROWS rows, and those with fields to quote, are written by pandas."""
+    of fewer than DIRECT_CSV_MIN_ROWS rows, and those with fields to quote, are written by pandas.
+    ``hashes`` gets the MD5 of a file written directly (computed while writing it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n_rows = len(next(iter(columns.values()))) if columns else 0
+    md5 = None
     try:
         if n_rows < DIRECT_CSV_MIN_ROWS:
             raise _LeftToPandas
-        _write_columns(tmp, columns)
+        md5 = _write_columns(tmp, columns)
     except _LeftToPandas:
         frame = pd.DataFrame({name: np.char.decode(values, "ascii") if getattr(values, "dtype", None) is not None
                               and values.dtype.kind == "S" else values for name, values in columns.items()})
         frame.to_csv(tmp, index=False, lineterminator="\n")
     os.replace(tmp, path)
+    if md5 is not None and hashes is not None:
+        hashes[path] = (_file_state(path), md5)
+
+
+def _column_at(column: pd.Series, rows: np.ndarray) -> np.ndarray | pd.Categorical:
+    """A frame column's values at ``rows``, for _write_table."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.array[rows]
+    return column.to_numpy()[rows]
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -989,21 +1008,19 @@ def value_sets(cells: DatasetCells) -> pd.DataFrame:
 def metadata_cells(cells: DatasetCells) -> pd.DataFrame:
     """The cells that passed QC, in label order, with the generator's bookkeeping columns."""
     rows = cells.listed_rows()
-    return cells.frame.take(rows).assign(cluster_alias=cells.cluster_alias[cells.cluster[rows]])
-
-
-# A file's (size, mtime_ns) and MD5: the releases of one bucket share most files.
-FileHashes = dict[Path, tuple[tuple[int, int], str]]
+    listed = cells.frame.take(rows)
+    listed.insert(0, "cell_label", np.char.decode(cells.labels[rows], "ascii"))
+    listed.insert(1, "cell_barcode", np.char.decode(cells.barcodes[rows], "ascii"))
+    return listed.assign(cluster_alias=cells.cluster_alias[cells.cluster[rows]])
 
 
 def _file_entry(bucket_dir: Path, path: Path, version: str, hashes: FileHashes) -> dict:
     rel = path.relative_to(bucket_dir).as_posix()
-    stat = path.stat()
-    state = (stat.st_size, stat.st_mtime_ns)
+    state = _file_state(path)
     if path not in hashes or hashes[path][0] != state:
         hashes[path] = (state, md5_of_file(path))
     return {"version": version, "relative_path": rel, "url": BUCKET_URL + rel,
-            "size": stat.st_size, "file_hash": hashes[path][1]}
+            "size": state[0], "file_hash": hashes[path][1]}
 
 
 def build_manifest(bucket_dir: Path, version: str, hashes: FileHashes | None = None) -> dict:
@@ -1079,29 +1096,37 @@ def evolve_cells(spec: FixtureSpec, cells: DatasetCells, n_clusters: int) -> tup
     k = max(1, len(listed) // 50)
     moved = rng.choice(listed, size=k, replace=False)
     cluster[moved] = (cluster[moved] + 1 + rng.integers(0, n_clusters - 1, size=k)) % n_clusters
-    remaining = np.setdiff1d(listed, moved)
+    still_listed = cells.in_metadata.copy()
+    still_listed[moved] = False
+    remaining = np.flatnonzero(still_listed)  # listed but not moved, in order
     dropped = rng.choice(remaining, size=max(1, len(listed) // 100), replace=False)
     in_metadata = cells.in_metadata.copy()
     in_metadata[dropped] = False
     unlisted = np.flatnonzero(~cells.in_metadata)
     admitted = unlisted[: max(1, len(unlisted) // 2)] if len(unlisted) else unlisted
     in_metadata[admitted] = True
-    labels = cells.frame["cell_label"].to_numpy()
-    changes = ReleaseChanges(sorted(labels[moved]), sorted(labels[dropped]), sorted(labels[admitted]))
-    return DatasetCells(cells.dataset, cells.matrix_dataset, cells.frame.copy(), in_metadata, cluster,
-                        cells.libraries, cells.donors, cells.cluster_alias, cells.label_order), changes
+    changes = ReleaseChanges(*(sorted(np.char.decode(cells.labels[rows], "ascii").tolist())
+                               for rows in (moved, dropped, admitted)))
+    return DatasetCells(cells.dataset, cells.matrix_dataset, cells.labels, cells.barcodes, cells.frame.copy(),
+                        in_metadata, cluster, cells.libraries, cells.donors, cells.cluster_alias,
+                        cells.label_order), changes
 
 
-def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) -> None:
+def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None,
+                       hashes: FileHashes | None = None) -> None:
     """A consensus dataset's metadata directory: cell_metadata, donor, library, value_sets,
     views/example_gene_expression and, for Macosko only, gene (the AIBS cells' genes are in
-    metadata/WMB-10X/<version>/gene.csv)."""
+    metadata/WMB-10X/<version>/gene.csv). ``hashes`` gets the MD5 of the cell tables."""
     rows = cells.listed_rows()
-    example = [c for c in cells.frame.columns
-               if c.startswith("example:") and cells.frame[c].notna().to_numpy()[rows].all()]
-    _write_csv(cells.frame[CELL_METADATA_COLUMNS].take(rows), out_dir / "cell_metadata.csv")
-    _write_csv(cells.frame[["cell_label", *example]].take(rows).rename(columns=lambda c: c.removeprefix("example:")),
-               out_dir / "views" / "example_gene_expression.csv")
+    text = {"cell_label": cells.labels, "cell_barcode": cells.barcodes}
+    listed = {name: text[name][rows] if name in text else _column_at(cells.frame[name], rows)
+              for name in CELL_METADATA_COLUMNS}
+    _write_table(out_dir / "cell_metadata.csv", listed, hashes)
+    examples = {name.removeprefix("example:"): cells.frame[name].to_numpy()[rows]
+                for name in cells.frame.columns if name.startswith("example:")}
+    _write_table(out_dir / "views" / "example_gene_expression.csv",
+                 {"cell_label": listed["cell_label"], **{k: v for k, v in examples.items() if not np.isnan(v).any()}},
+                 hashes)
     for stem, table in sample_tables(cells).items():
         _write_csv(table, out_dir / f"{stem}.csv")
     _write_csv(value_sets(cells), out_dir / "value_sets.csv")
@@ -1109,15 +1134,15 @@ def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) 
         _write_csv(gene_table(genes), out_dir / "gene.csv")
 
 
-def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[DatasetCells]) -> None:
+def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[DatasetCells],
+                       hashes: FileHashes | None = None) -> None:
     """The integrated taxonomy directory: taxonomy tables, cell_to_cluster_membership and the 2-D
-    embeddings (all cells, and each neighborhood's cells) of the cells the datasets list."""
+    embeddings (all cells, and each neighborhood's cells) of the cells the datasets list. ``hashes``
+    gets the MD5 of the cell tables."""
     parts = [(cells, cells.listed_rows()) for cells in datasets]
-    labels = np.concatenate([cells.frame["cell_label"].to_numpy()[rows] for cells, rows in parts])
-    with contextlib.suppress(UnicodeEncodeError):
-        labels = labels.astype("S")  # written and merged as bytes (ASCII)
+    labels = np.concatenate([cells.labels[rows] for cells, rows in parts])
     # Each dataset's rows are in label order already: a stable sort merges them.
-    order = _text_order(labels)
+    order = np.argsort(labels, kind="stable")
     labels = labels[order]
     cluster = np.concatenate([cells.cluster[rows] for cells, rows in parts])[order]
 
@@ -1128,14 +1153,14 @@ def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[Dataset
     for stem, table in taxonomy_tables(taxonomy, np.bincount(cluster, minlength=n_clusters)).items():
         _write_csv(table, out_dir / f"{stem}.csv")
     _write_table(out_dir / "cell_to_cluster_membership.csv",
-                 {"cell_label": labels, "cluster_alias": taxonomy.cluster_alias[cluster]})
-    _write_table(out_dir / f"{EMBEDDING}.csv", {"cell_label": labels, "x": column("x"), "y": column("y")})
+                 {"cell_label": labels, "cluster_alias": taxonomy.cluster_alias[cluster]}, hashes)
+    _write_table(out_dir / f"{EMBEDDING}.csv", {"cell_label": labels, "x": column("x"), "y": column("y")}, hashes)
     neighborhood = np.array([taxonomy.neighborhood(c) for c in range(n_clusters)], dtype=int)[cluster]
     x, y = column("neighborhood_x"), column("neighborhood_y")
     for i in range(len(taxonomy.neighborhood_colors)):
         rows = np.flatnonzero(neighborhood == i)
         _write_table(out_dir / f"{NEIGHBORHOODS[i]}_{EMBEDDING}.csv",
-                     {"cell_label": labels[rows], "x": x[rows], "y": y[rows]})
+                     {"cell_label": labels[rows], "x": x[rows], "y": y[rows]}, hashes)
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
@@ -1344,21 +1369,22 @@ def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucke
     # The rest of the atlas (WMB-10X's gene.csv among it), dated from 2023 to UNCHANGED_RELEASE.
     write_other_datasets(bucket_dir, spec, genes, taxonomy)
 
-    # The consensus data, first listed by OLD_RELEASE.
-    write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None)
-    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb])
+    # The consensus data, first listed by OLD_RELEASE. The MD5 of the large tables is taken while they
+    # are written, for the manifests.
+    hashes: FileHashes = {}
+    write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes, hashes)
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None, hashes)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb], hashes)
 
     # NEW_RELEASE: the AIBS cells' list changes (cell_metadata.csv) and so does the taxonomy's
     # cell_to_cluster_membership (re-assigned, dropped, added cells), cluster counts and embeddings;
     # donor, library, value_sets and the taxonomy's term tables are the same files in new directories.
     wmb_new, changes = evolve_cells(spec, wmb, n_clusters)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None)
-    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new])
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None, hashes)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new], hashes)
 
     # Each release pins the newest directory not newer than itself: PRE_CONSENSUS_RELEASE lists no
     # consensus directory, UNCHANGED_RELEASE the consensus ones of OLD_RELEASE plus NEW_DATASET.
-    hashes: FileHashes = {}
     for release in RELEASES:
         write_manifest(bucket_dir, release, hashes)
 
