@@ -28,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import itertools
 import json
+import math
 import os
 import sqlite3
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
 import h5py
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -241,16 +243,36 @@ class Genes:
 
 @dataclass
 class DatasetCells:
-    """Cells of one dataset; ``in_metadata`` False marks cells only the matrix has (QC'd out)."""
+    """Cells of one dataset; ``in_metadata`` False marks cells only the matrix has (QC'd out).
+
+    Cell labels and barcodes are ASCII bytes (``S``), one byte a character: as Python strings (~50 bytes
+    more each) they took a third of the memory of a full-size run and much of its time went into
+    converting them. ``frame`` holds the other per-cell columns, row for row; :func:`metadata_cells`
+    gives the whole table with text labels.
+    """
 
     dataset: str
     matrix_dataset: dict[str, str]  # feature_matrix_label -> expression dataset directory
+    labels: np.ndarray  # cell_label
+    barcodes: np.ndarray  # cell_barcode
     frame: pd.DataFrame
     in_metadata: np.ndarray
     cluster: np.ndarray
     libraries: pd.DataFrame  # library.csv rows (the dataset's real columns)
     donors: pd.DataFrame  # donor.csv rows
     cluster_alias: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # of cluster index
+    label_order: np.ndarray | None = None  # stable sort order of labels, kept: each table in label order
+
+    def rows_by_label(self) -> np.ndarray:
+        """Rows in cell label order."""
+        if self.label_order is None:
+            self.label_order = np.argsort(self.labels, kind="stable")
+        return self.label_order
+
+    def listed_rows(self) -> np.ndarray:
+        """Rows of the cells that passed QC (``in_metadata``), in cell label order."""
+        order = self.rows_by_label()
+        return order[self.in_metadata[order]]
 
 
 @dataclass
@@ -366,9 +388,27 @@ def make_taxonomy(spec: FixtureSpec) -> Taxonomy:
 
 
 def _barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n random 16-base barcodes, made as bytes (one string per row without a Python loop)."""
+    """n random 16-base barcodes as ASCII bytes (``S16``), made without a Python loop."""
     bases = np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, size=(n, 16))]
-    return np.ascontiguousarray(bases).view("S16").ravel().astype("U16")
+    return np.ascontiguousarray(bases).view("S16").ravel()
+
+
+def _fit(text: np.ndarray) -> np.ndarray:
+    """Fixed-width bytes narrowed to their longest value, the width ``astype(str)`` gives."""
+    return text.astype(f"S{max(1, int(np.char.str_len(text).max(initial=0)))}")
+
+
+def _unique_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels made unique and their stable sort order. Barcodes are random: every later copy of a label
+    gets ``-2``, cut to the array's fixed width."""
+    order = np.argsort(labels, kind="stable")
+    ranked = labels[order]
+    repeated = order[1:][ranked[1:] == ranked[:-1]]
+    if len(repeated):
+        labels = labels.copy()
+        labels[repeated] = np.char.add(labels[repeated], b"-2")
+        order = np.argsort(labels, kind="stable")
+    return labels, order
 
 
 def _region_of_clusters(rng: np.random.Generator, n_clusters: int, regions: list[str]) -> np.ndarray:
@@ -411,25 +451,30 @@ def _libraries(rng: np.random.Generator, dataset: str, regions: list[str], chemi
 
 
 def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_cells: int) -> DatasetCells:
+    """A dataset's cells. Labels and barcodes are made as bytes, text columns with few values (library,
+    sample, dataset, matrix, region) are categorical: no Python string per cell."""
     rng = _rng(spec, f"cells:{dataset}")
     n_clusters = spec.taxonomy_sizes["cluster"]
     macosko = dataset == MACOSKO
     if macosko:
         regions = MACOSKO_REGIONS[: spec.regions]
         chemistries = ["10Xv3"]
-        chemistry = np.array(["10Xv3"] * n_cells)
-        matrix_dataset = {f"{MACOSKO_MATRIX_PREFIX}-{r}": MACOSKO for r in regions}
+        chemistry = np.zeros(n_cells, dtype=np.int64)  # index into chemistries
+        matrix_labels = [f"{MACOSKO_MATRIX_PREFIX}-{r}" for r in regions]
+        matrix_dataset = {label: MACOSKO for label in matrix_labels}
+        dataset_labels = [MACOSKO]
     else:
         regions = WMB_REGIONS[: spec.regions]
         chemistries = ["10Xv2", "10Xv3"]
-        chemistry = np.where(rng.random(n_cells) < 0.4, "10Xv2", "10Xv3")
+        chemistry = (rng.random(n_cells) >= 0.4).astype(np.int64)  # 10Xv2 for 40% of the cells
+        matrix_labels = [f"WMB-{c}-{r}" for c in chemistries for r in regions]
         matrix_dataset = {f"WMB-{c}-{r}": f"WMB-{c}" for c in chemistries for r in regions}
+        dataset_labels = [f"WMB-{c}" for c in chemistries]
     cluster_weights = rng.lognormal(0.0, 1.0, size=n_clusters)
     cluster = rng.choice(n_clusters, size=n_cells, p=cluster_weights / cluster_weights.sum())
     home = _region_of_clusters(rng, n_clusters, regions)
     at_home = rng.random(n_cells) < 0.75
-    region_index = np.where(at_home, home[cluster], rng.integers(0, len(regions), size=n_cells))
-    region = np.array(regions)[region_index]
+    region = np.where(at_home, home[cluster], rng.integers(0, len(regions), size=n_cells))  # index into regions
     n_donors = max(2, n_cells // 2000)
     if macosko:
         donors = [f"{'F' if i % 2 == 0 else 'M'}{i + 1:03d}" for i in range(n_donors)]
@@ -443,56 +488,44 @@ def make_dataset_cells(spec: FixtureSpec, dataset: str, taxonomy: Taxonomy, n_ce
     per_group = max(2, n_cells // (300 * len(regions) * len(chemistries)))
     libraries = _libraries(rng, dataset, regions, chemistries, per_group, donors)
     # A cell's library is one of its region's and chemistry's: its region is its library's.
-    group_of_library = (libraries["region"] + "|" + libraries["library_method"]).to_numpy()
-    cell_group = np.char.add(np.char.add(region, "|"), chemistry)
-    library_index = np.empty(n_cells, dtype=int)
+    group_of_library = (libraries["region"].map(regions.index) * len(chemistries)
+                        + libraries["library_method"].map(chemistries.index)).to_numpy()
+    cell_group = region * len(chemistries) + chemistry
     pick = rng.integers(0, per_group, size=n_cells)
-    for group in np.unique(cell_group):
+    # library_of_pick[group, p]: the library a cell of that group with pick p gets.
+    library_of_pick = np.zeros((len(regions) * len(chemistries), per_group), dtype=np.int64)
+    for group in range(len(library_of_pick)):
         members = np.flatnonzero(group_of_library == group)
-        inside = cell_group == group
-        library_index[inside] = members[pick[inside] % len(members)]
-    library = libraries["library_label"].to_numpy()[library_index]
-    sample = libraries["barcoded_cell_sample_label"].to_numpy()[library_index]
+        library_of_pick[group] = members[np.arange(per_group) % len(members)]
+    library_index = library_of_pick[cell_group, pick]
+    sample_code, samples = pd.factorize(libraries["barcoded_cell_sample_label"])
     barcode = _barcodes(rng, n_cells)
     if macosko:
-        cell_label = np.char.add(np.char.add(library.astype(str), "_"), barcode)
+        library_text = _fit(np.array(libraries["library_label"].tolist(), dtype="S")[library_index])
+        cell_label = np.char.add(np.char.add(library_text, b"_"), barcode)
     else:
-        cell_label = np.char.add(np.char.add(barcode, "-"), sample.astype(str))
-    # Barcodes are random; make labels unique deterministically if two collide.
-    _, first = np.unique(cell_label, return_index=True)
-    duplicate = np.ones(n_cells, dtype=bool)
-    duplicate[first] = False
-    cell_label[duplicate] = np.char.add(cell_label[duplicate], "-2")
-    if macosko:
-        feature_matrix_label = np.char.add(f"{MACOSKO_MATRIX_PREFIX}-", region)
-        dataset_label = np.array([MACOSKO] * n_cells)
-    else:
-        feature_matrix_label = np.char.add(np.char.add(np.char.add("WMB-", chemistry), "-"), region)
-        dataset_label = np.char.add("WMB-", chemistry)
+        sample_text = _fit(np.array(libraries["barcoded_cell_sample_label"].tolist(), dtype="S")[library_index])
+        cell_label = np.char.add(np.char.add(barcode, b"-"), sample_text)
+    cell_label, label_order = _unique_labels(cell_label)
     # 2-D embeddings: cells gather around their cluster, in the global and their neighborhood's one.
     centres = rng.normal(0, 10, size=(n_clusters, 4))
     spread = rng.normal(0, 0.6, size=(n_cells, 4))
     coordinates = np.round(centres[cluster] + spread, 6)
     frame = pd.DataFrame({
-        "cell_label": cell_label,
-        "cell_barcode": barcode,
-        "barcoded_cell_sample_label": sample,
-        "library_label": library,
-        "dataset_label": dataset_label,
-        "feature_matrix_label": feature_matrix_label,
+        "barcoded_cell_sample_label": pd.Categorical.from_codes(sample_code[library_index], samples),
+        "library_label": pd.Categorical.from_codes(library_index, libraries["library_label"]),
+        "dataset_label": pd.Categorical.from_codes(chemistry if not macosko else np.zeros(n_cells, dtype=np.int64),
+                                                   dataset_labels),
+        "feature_matrix_label": pd.Categorical.from_codes(chemistry * len(regions) + region, matrix_labels),
         # Not in cell_metadata.csv (see CELL_METADATA_COLUMNS): the generator's own bookkeeping.
-        "region": region,
+        "region": pd.Categorical.from_codes(region, regions),
         "x": coordinates[:, 0], "y": coordinates[:, 1],
         "neighborhood_x": coordinates[:, 2], "neighborhood_y": coordinates[:, 3],
-        "gene_count": 0,
-        "umi_count": 0,
-        # log2 values of EXAMPLE_GENES (views/example_gene_expression.csv), filled by write_matrices.
-        **{f"example:{symbol}": np.nan for symbol in EXAMPLE_GENES},
     })
     in_metadata = rng.random(n_cells) >= spec.qc_dropped_fraction
-    return DatasetCells(dataset, matrix_dataset, frame, in_metadata, cluster,
+    return DatasetCells(dataset, matrix_dataset, cell_label, barcode, frame, in_metadata, cluster,
                         libraries.drop(columns=["barcoded_cell_sample_label", "region"]), donor,
-                        taxonomy.cluster_alias)
+                        taxonomy.cluster_alias, label_order)
 
 
 def _draw_counts(
@@ -575,8 +608,8 @@ def write_matrices(
     """Write ``<label>-raw.h5ad`` and ``<label>-log2.h5ad`` for the cells of one matrix."""
     frame = cells.frame
     chosen = np.flatnonzero(frame["feature_matrix_label"].to_numpy() == matrix_label)
-    chosen = chosen[np.argsort(frame["cell_label"].to_numpy()[chosen], kind="stable")]
-    obs = pd.DataFrame(index=pd.Index(frame["cell_label"].to_numpy()[chosen], name="cell_label"))
+    chosen = chosen[np.argsort(cells.labels[chosen], kind="stable")]
+    obs = pd.DataFrame(index=pd.Index(np.char.decode(cells.labels[chosen], "ascii"), name="cell_label"))
     columns = genes.of(cells.dataset)
     symbols = np.array(genes.symbols)[columns]
     var = pd.DataFrame({"gene_symbol": symbols},
@@ -588,8 +621,6 @@ def write_matrices(
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = H5adAppender(out_dir / f"{matrix_label}-raw.h5ad", obs, var)
     log2 = H5adAppender(out_dir / f"{matrix_label}-log2.h5ad", obs, var)
-    umi_count = np.zeros(len(chosen), dtype=np.int64)
-    gene_count = np.zeros(len(chosen), dtype=np.int64)
     for part in _blocks(len(chosen), block_cells):
         block = _draw_counts(spec, rng, genes, taxonomy, cells.cluster[chosen[part]], depth)[:, columns]
         block.sort_indices()
@@ -597,49 +628,260 @@ def write_matrices(
         normalised = log2_cpm(block)
         log2.append(normalised)
         example_values[part] = normalised[:, list(examples.values())].toarray()
-        umi_count[part] = np.asarray(block.sum(axis=1)).ravel()
-        gene_count[part] = np.diff(block.indptr)
     raw.close()
     log2.close()
-    # The real cell metadata carries these per-cell statistics of the matrices.
-    frame.loc[frame.index[chosen], "umi_count"] = umi_count
-    frame.loc[frame.index[chosen], "gene_count"] = gene_count
+    # log2 values of EXAMPLE_GENES, for views/example_gene_expression.csv (NaN for cells of other matrices).
     for i, symbol in enumerate(examples):
         frame.loc[frame.index[chosen], f"example:{symbol}"] = np.round(example_values[:, i], 4)
     return [raw.path, log2.path]
 
 
-def _csv_fields(column: pd.Series) -> list[str] | None:
-    """A column's CSV fields as pandas writes them (floats by their shortest repr, NaN and None empty),
-    or None when a field would need quoting."""
-    values = column.to_numpy()
-    if values.dtype.kind in "iub":
-        return values.astype(str).tolist()
-    if values.dtype.kind == "f":
-        fields = values.astype(str)
-        fields[np.isnan(values)] = ""
-        return fields.tolist()
-    fields = column.fillna("").astype(str).tolist()
-    joined = "\x00".join(fields)
-    return None if any(c in joined for c in ',"\n\r') else fields
+# A file's (size, mtime_ns) and MD5: the manifests of a bucket's releases list most files again.
+FileHashes = dict[Path, tuple[tuple[int, int], str]]
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    """What tells that a file changed since it was hashed."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+# Tables of at least this many rows are written by the direct CSV writer (smaller ones by pandas).
+DIRECT_CSV_MIN_ROWS = 10_000
+CSV_BLOCK_ROWS = 1 << 19  # rows formatted and written at a time by the direct writer
+FLOAT_WIDTH = 24  # the longest repr of a float64 ('-2.2250738585072014e-308')
+COMMA, NEWLINE = ord(","), ord("\n")
+
+
+class _LeftToPandas(Exception):
+    """A table the direct CSV writer does not write (a field needing quotes, non-ASCII text, a type
+    it does not format): pandas writes it instead."""
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_digits(row: np.ndarray, start: int, number: int) -> int:
+    """The decimal digits of ``number`` >= 0 into ``row`` from ``start``; returns the position after them."""
+    digits, rest = 1, number // 10
+    while rest:
+        digits += 1
+        rest //= 10
+    for k in range(digits - 1, -1, -1):
+        row[start + k] = 48 + number % 10
+        number //= 10
+    return start + digits
+
+
+@numba.njit(cache=True, nogil=True)
+def _format_integers(values: np.ndarray, text: np.ndarray, lengths: np.ndarray) -> None:
+    """int64 values (none the minimum) as decimal text, one row of ``text`` each."""
+    for i in range(len(values)):
+        value, start = values[i], 0
+        if value < 0:
+            text[i, 0] = 45  # '-'
+            value, start = -value, 1
+        lengths[i] = _put_digits(text[i], start, value)
+
+
+@numba.njit(cache=True, nogil=True)
+def _format_fixed(values: np.ndarray, text: np.ndarray, lengths: np.ndarray, done: np.ndarray) -> None:
+    """float64 values as Python's repr writes them, for those that are a whole number of millionths
+    (what ``np.round(v, d)`` gives for d <= 6) between 1e-4 and 1e9 in size, or zero, or NaN (empty,
+    as pandas writes it); ``done`` is False for the others.
+
+    Such a value is the double nearest to its decimal k/10**6 of at most 15 significant digits, so
+    its shortest round-tripping repr is that decimal without trailing zeros, in fixed notation.
+    """
+    for i in range(len(values)):
+        value = values[i]
+        if np.isnan(value):
+            lengths[i], done[i] = 0, True
+            continue
+        millionths = np.rint(value * 1e6)
+        size = abs(millionths)
+        if millionths / 1e6 != value or not (size == 0 or 100 <= size < 1e15):
+            done[i] = False
+            continue
+        row, start = text[i], 0
+        if math.copysign(1.0, value) < 0:
+            row[0] = 45  # '-' (also of -0.0)
+            start = 1
+        whole, fraction = divmod(int(size), 1_000_000)
+        start = _put_digits(row, start, whole)
+        row[start] = 46  # '.'
+        start += 1
+        if fraction == 0:
+            row[start] = 48
+            start += 1
+        else:
+            digits = 6
+            while fraction % 10 == 0:
+                fraction //= 10
+                digits -= 1
+            for k in range(digits - 1, -1, -1):
+                row[start + k] = 48 + fraction % 10
+                fraction //= 10
+            start += digits
+        lengths[i], done[i] = start, True
+
+
+# Bytes that make pandas quote a field: comma, double quote, line feed, carriage return.
+QUOTED_BYTES = np.isin(np.arange(256), [ord(c) for c in ',"\n\r'])
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_fields(out: np.ndarray, position: np.ndarray, text: np.ndarray, lengths: np.ndarray,
+                separator: int, quoted: np.ndarray) -> bool:
+    """Append each row's field and ``separator`` at ``position`` (advanced); False, and stop, at a
+    field pandas would quote (one holding a byte ``quoted`` marks)."""
+    for i in range(len(position)):
+        start, length = position[i], lengths[i]
+        for k in range(length):
+            byte = text[i, k]
+            if quoted[byte]:
+                return False
+            out[start + k] = byte
+        out[start + length] = separator
+        position[i] = start + length + 1
+    return True
+
+
+def _bytes_field(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-width bytes as (one row of bytes a value, its length)."""
+    text = np.ascontiguousarray(text)
+    return text.view(np.uint8).reshape(len(text), text.itemsize), np.char.str_len(text).astype(np.int64)
+
+
+def _string_bytes(values: np.ndarray) -> np.ndarray:
+    """str objects (None/NaN as empty, as pandas writes them) as ASCII bytes."""
+    if pd.api.types.infer_dtype(values, skipna=False) != "string":  # some missing, or not all str
+        if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+            raise _LeftToPandas
+        values = np.where(pd.isna(values), "", values)
+    try:
+        return values.astype("S")
+    except UnicodeEncodeError:
+        raise _LeftToPandas from None
+
+
+def _field_formatter(values: np.ndarray | pd.Categorical) -> Callable[[slice], tuple[np.ndarray, np.ndarray]]:
+    """A function giving the CSV fields of a block of rows of one column, as pandas writes them."""
+    if isinstance(values, pd.Categorical):
+        categories = values.categories.to_numpy()
+        if categories.dtype.kind not in "OU":
+            raise _LeftToPandas
+        # Code -1 (missing) takes the last entry: empty.
+        names = np.append(_string_bytes(categories.astype(object)), np.array([b""]))
+        codes = values.codes
+        return lambda part: _bytes_field(names[codes[part]])
+    kind = values.dtype.kind
+    if kind == "S":
+        return lambda part: _bytes_field(values[part])
+    if kind == "O":
+        return lambda part: _bytes_field(_string_bytes(values[part]))
+    if kind == "b":
+        return lambda part: _bytes_field(values[part].astype("S"))
+    if kind in "iu" and (len(values) == 0 or np.iinfo(np.int64).min < values.min()
+                         and values.max() <= np.iinfo(np.int64).max):
+        def integers(part: slice) -> tuple[np.ndarray, np.ndarray]:
+            block = values[part].astype(np.int64)
+            text, lengths = np.empty((len(block), 20), dtype=np.uint8), np.empty(len(block), dtype=np.int64)
+            _format_integers(block, text, lengths)
+            return text, lengths
+        return integers
+    if values.dtype == np.float64:
+        def floats(part: slice) -> tuple[np.ndarray, np.ndarray]:
+            block = values[part]
+            text, lengths = np.empty((len(block), FLOAT_WIDTH), dtype=np.uint8), np.empty(len(block), dtype=np.int64)
+            done = np.empty(len(block), dtype=np.bool_)
+            _format_fixed(block, text, lengths, done)
+            rest = np.flatnonzero(~done)
+            if len(rest):  # numpy's float to text is Python's repr
+                text[rest], lengths[rest] = _bytes_field(block[rest].astype(f"S{FLOAT_WIDTH}"))
+            return text, lengths
+        return floats
+    raise _LeftToPandas
+
+
+def _csv_block(fields: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """CSV lines of a block of rows from each column's (bytes, lengths)."""
+    if len(fields) == 1 and (fields[0][1] == 0).any():
+        raise _LeftToPandas  # the csv module writes a lone empty field as ""
+    line_lengths = sum(lengths for _, lengths in fields) + len(fields)
+    out = np.empty(int(line_lengths.sum()), dtype=np.uint8)
+    position = np.concatenate([[0], np.cumsum(line_lengths)[:-1]]).astype(np.int64)
+    for i, (text, lengths) in enumerate(fields):
+        if not _put_fields(out, position, text, lengths, NEWLINE if i == len(fields) - 1 else COMMA, QUOTED_BYTES):
+            raise _LeftToPandas
+    return out
+
+
+def _write_columns(path: Path, columns: dict[str, np.ndarray | pd.Categorical]) -> str:
+    """Write the columns (equal lengths) as CSV, as pandas would, block by block, and return the
+    file's MD5; raises _LeftToPandas (leaving a partial file) when a field needs what only pandas
+    does. A thread writes and hashes a block while the next one is formatted."""
+    names = list(columns)
+    if not names or any(c in name for name in names for c in ',"\n\r') or names == [""]:
+        raise _LeftToPandas
+    formatters = [_field_formatter(values) for values in columns.values()]
+    n_rows = len(next(iter(columns.values())))
+    digest = hashlib.md5()
+
+    def put(data: bytes | np.ndarray) -> None:
+        handle.write(data)
+        digest.update(data)
+
+    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=1) as writer:
+        pending = writer.submit(put, (",".join(names) + "\n").encode())
+        for part in _blocks(n_rows, CSV_BLOCK_ROWS):
+            block = _csv_block([formatter(part) for formatter in formatters])
+            pending.result()
+            pending = writer.submit(put, block)
+        pending.result()
+    return digest.hexdigest()
+
+
+def _write_table(path: Path, columns: dict[str, np.ndarray | pd.Categorical], hashes: FileHashes | None = None) -> None:
+    """Write columns (numpy arrays, ``S`` ones ASCII text, or categoricals) as CSV, atomically, as
+    pandas' ``to_csv(index=False, lineterminator="\\n")`` writes them: numba formats numbers and
+    joins fields block by block, so memory stays at a block and millions of rows take seconds. Tables
+    of fewer than DIRECT_CSV_MIN_ROWS rows, and those with fields to quote, are written by pandas.
+    ``hashes`` gets the MD5 of a file written directly (computed while writing it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    md5 = None
+    try:
+        if n_rows < DIRECT_CSV_MIN_ROWS:
+            raise _LeftToPandas
+        md5 = _write_columns(tmp, columns)
+    except _LeftToPandas:
+        frame = pd.DataFrame({name: np.char.decode(values, "ascii")
+                              if isinstance(values, np.ndarray) and values.dtype.kind == "S" else values
+                              for name, values in columns.items()})
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+    os.replace(tmp, path)
+    if md5 is not None and hashes is not None:
+        hashes[path] = (_file_state(path), md5)
+
+
+def _column_at(column: pd.Series, rows: np.ndarray) -> np.ndarray | pd.Categorical:
+    """A frame column's values at ``rows``, for _write_table."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.array[rows]
+    return column.to_numpy()[rows]
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Write ``frame`` as pandas' ``to_csv`` would, atomically. Large tables whose fields need no
-    quoting (the cell tables) are joined directly: several times faster than ``to_csv`` at millions
-    of rows, the cost that dominated full-size generation."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    columns = [_csv_fields(frame[name]) for name in frame.columns] if len(frame) >= 10_000 else [None]
-    if any(c is None for c in columns) or any(c in str(n) for n in frame.columns for c in ',"'):
+    """Write ``frame`` as pandas' ``to_csv(index=False)`` would (see _write_table), atomically."""
+    if (len(frame) < DIRECT_CSV_MIN_ROWS or not frame.columns.is_unique
+            or not all(isinstance(name, str) for name in frame.columns)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
         frame.to_csv(tmp, index=False, lineterminator="\n")
-    else:
-        with open(tmp, "w", newline="") as handle:
-            handle.write(",".join(map(str, frame.columns)) + "\n")
-            rows = map(",".join, zip(*columns, strict=True))
-            while block := list(itertools.islice(rows, 1_000_000)):
-                handle.write("\n".join(block) + "\n")
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+        return
+    _write_table(path, {name: column.array if isinstance(column.dtype, pd.CategoricalDtype)
+                        else column.to_numpy() for name, column in frame.items()})
 
 
 def taxonomy_tables(taxonomy: Taxonomy, cluster_cells: np.ndarray) -> dict[str, pd.DataFrame]:
@@ -767,25 +1009,33 @@ def value_sets(cells: DatasetCells) -> pd.DataFrame:
 
 def metadata_cells(cells: DatasetCells) -> pd.DataFrame:
     """The cells that passed QC, in label order, with the generator's bookkeeping columns."""
-    listed = cells.frame.assign(cluster_alias=cells.cluster_alias[cells.cluster])[cells.in_metadata]
-    return listed.sort_values("cell_label", kind="stable")
+    rows = cells.listed_rows()
+    listed = cells.frame.take(rows)
+    listed.insert(0, "cell_label", np.char.decode(cells.labels[rows], "ascii"))
+    listed.insert(1, "cell_barcode", np.char.decode(cells.barcodes[rows], "ascii"))
+    return listed.assign(cluster_alias=cells.cluster_alias[cells.cluster[rows]])
 
 
-def _file_entry(bucket_dir: Path, path: Path, version: str) -> dict:
+def _file_entry(bucket_dir: Path, path: Path, version: str, hashes: FileHashes) -> dict:
     rel = path.relative_to(bucket_dir).as_posix()
+    state = _file_state(path)
+    if path not in hashes or hashes[path][0] != state:
+        hashes[path] = (state, md5_of_file(path))
     return {"version": version, "relative_path": rel, "url": BUCKET_URL + rel,
-            "size": path.stat().st_size, "file_hash": md5_of_file(path)}
+            "size": state[0], "file_hash": hashes[path][1]}
 
 
-def build_manifest(bucket_dir: Path, version: str) -> dict:
+def build_manifest(bucket_dir: Path, version: str, hashes: FileHashes | None = None) -> dict:
     """A release manifest of the tree as manifest_builder.py writes it.
 
     For every ``<kind>/<dataset>/`` the release pins the newest dated directory not newer
     than the release; its files (one level of sub-directories included) are listed with size
     and MD5. ``total_size`` counts every file below the directory, deeper ones too, so a directory
     with deeper files has a total that is not the sum of its listed files, or an empty ``{}``
-    listing (as ``HMBA-10xMultiome-BG`` ``image_volumes`` in the real 20260711 manifest).
+    listing (as ``HMBA-10xMultiome-BG`` ``image_volumes`` in the real 20260711 manifest). ``hashes``
+    keeps the MD5 of files already hashed (by their size and mtime) for the next manifest.
     """
+    hashes = {} if hashes is None else hashes
     directory_listing: dict[str, dict] = {}
     file_listing: dict[str, dict] = {}
     for kind_dir in sorted(p for p in bucket_dir.iterdir() if p.is_dir() and p.name != "releases"):
@@ -805,7 +1055,7 @@ def build_manifest(bucket_dir: Path, version: str) -> dict:
             }
             tags = file_listing.setdefault(dataset_dir.name, {}).setdefault(kind_dir.name, {})
             for path in files:
-                entry = _file_entry(bucket_dir, path, pinned)
+                entry = _file_entry(bucket_dir, path, pinned, hashes)
                 name = path.name
                 if name.endswith(("-raw.h5ad", "-log2.h5ad")):
                     tag, norm = name[: -len(".h5ad")].rsplit("-", 1)
@@ -823,10 +1073,10 @@ def build_manifest(bucket_dir: Path, version: str) -> dict:
     }
 
 
-def write_manifest(bucket_dir: Path, version: str) -> Path:
+def write_manifest(bucket_dir: Path, version: str, hashes: FileHashes | None = None) -> Path:
     path = bucket_dir / "releases" / version / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build_manifest(bucket_dir, version), indent=4))
+    path.write_text(json.dumps(build_manifest(bucket_dir, version, hashes), indent=4))
     return path
 
 
@@ -848,28 +1098,37 @@ def evolve_cells(spec: FixtureSpec, cells: DatasetCells, n_clusters: int) -> tup
     k = max(1, len(listed) // 50)
     moved = rng.choice(listed, size=k, replace=False)
     cluster[moved] = (cluster[moved] + 1 + rng.integers(0, n_clusters - 1, size=k)) % n_clusters
-    remaining = np.setdiff1d(listed, moved)
+    still_listed = cells.in_metadata.copy()
+    still_listed[moved] = False
+    remaining = np.flatnonzero(still_listed)  # listed but not moved, in order
     dropped = rng.choice(remaining, size=max(1, len(listed) // 100), replace=False)
     in_metadata = cells.in_metadata.copy()
     in_metadata[dropped] = False
     unlisted = np.flatnonzero(~cells.in_metadata)
     admitted = unlisted[: max(1, len(unlisted) // 2)] if len(unlisted) else unlisted
     in_metadata[admitted] = True
-    labels = cells.frame["cell_label"].to_numpy()
-    changes = ReleaseChanges(sorted(labels[moved]), sorted(labels[dropped]), sorted(labels[admitted]))
-    return DatasetCells(cells.dataset, cells.matrix_dataset, cells.frame.copy(), in_metadata, cluster,
-                        cells.libraries, cells.donors, cells.cluster_alias), changes
+    changes = ReleaseChanges(*(sorted(np.char.decode(cells.labels[rows], "ascii").tolist())
+                               for rows in (moved, dropped, admitted)))
+    return DatasetCells(cells.dataset, cells.matrix_dataset, cells.labels, cells.barcodes, cells.frame.copy(),
+                        in_metadata, cluster, cells.libraries, cells.donors, cells.cluster_alias,
+                        cells.label_order), changes
 
 
-def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) -> None:
+def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None,
+                       hashes: FileHashes | None = None) -> None:
     """A consensus dataset's metadata directory: cell_metadata, donor, library, value_sets,
     views/example_gene_expression and, for Macosko only, gene (the AIBS cells' genes are in
-    metadata/WMB-10X/<version>/gene.csv)."""
-    listed = metadata_cells(cells)
-    _write_csv(listed[CELL_METADATA_COLUMNS], out_dir / "cell_metadata.csv")
-    example = [c for c in listed.columns if c.startswith("example:") and listed[c].notna().all()]
-    _write_csv(listed[["cell_label", *example]].rename(columns=lambda c: c.removeprefix("example:")),
-               out_dir / "views" / "example_gene_expression.csv")
+    metadata/WMB-10X/<version>/gene.csv). ``hashes`` gets the MD5 of the cell tables."""
+    rows = cells.listed_rows()
+    text = {"cell_label": cells.labels, "cell_barcode": cells.barcodes}
+    listed = {name: text[name][rows] if name in text else _column_at(cells.frame[name], rows)
+              for name in CELL_METADATA_COLUMNS}
+    _write_table(out_dir / "cell_metadata.csv", listed, hashes)
+    examples = {name.removeprefix("example:"): cells.frame[name].to_numpy()[rows]
+                for name in cells.frame.columns if name.startswith("example:")}
+    _write_table(out_dir / "views" / "example_gene_expression.csv",
+                 {"cell_label": listed["cell_label"], **{k: v for k, v in examples.items() if not np.isnan(v).any()}},
+                 hashes)
     for stem, table in sample_tables(cells).items():
         _write_csv(table, out_dir / f"{stem}.csv")
     _write_csv(value_sets(cells), out_dir / "value_sets.csv")
@@ -877,22 +1136,33 @@ def write_metadata_dir(out_dir: Path, cells: DatasetCells, genes: Genes | None) 
         _write_csv(gene_table(genes), out_dir / "gene.csv")
 
 
-def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[DatasetCells]) -> None:
+def write_taxonomy_dir(out_dir: Path, taxonomy: Taxonomy, datasets: list[DatasetCells],
+                       hashes: FileHashes | None = None) -> None:
     """The integrated taxonomy directory: taxonomy tables, cell_to_cluster_membership and the 2-D
-    embeddings (all cells, and each neighborhood's cells) of the cells the datasets list."""
-    listed = pd.concat([metadata_cells(cells) for cells in datasets]).sort_values("cell_label", kind="stable")
+    embeddings (all cells, and each neighborhood's cells) of the cells the datasets list. ``hashes``
+    gets the MD5 of the cell tables."""
+    parts = [(cells, cells.listed_rows()) for cells in datasets]
+    labels = np.concatenate([cells.labels[rows] for cells, rows in parts])
+    # Each dataset's rows are in label order already: a stable sort merges them.
+    order = np.argsort(labels, kind="stable")
+    labels = labels[order]
+    cluster = np.concatenate([cells.cluster[rows] for cells, rows in parts])[order]
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([cells.frame[name].to_numpy()[rows] for cells, rows in parts])[order]
+
     n_clusters = len(taxonomy.labels["cluster"])
-    cluster = taxonomy.alias_index(listed["cluster_alias"].to_numpy())
-    counts = np.bincount(cluster, minlength=n_clusters)
-    for stem, table in taxonomy_tables(taxonomy, counts).items():
+    for stem, table in taxonomy_tables(taxonomy, np.bincount(cluster, minlength=n_clusters)).items():
         _write_csv(table, out_dir / f"{stem}.csv")
-    _write_csv(listed[["cell_label", "cluster_alias"]], out_dir / "cell_to_cluster_membership.csv")
-    _write_csv(listed[["cell_label", "x", "y"]], out_dir / f"{EMBEDDING}.csv")
+    _write_table(out_dir / "cell_to_cluster_membership.csv",
+                 {"cell_label": labels, "cluster_alias": taxonomy.cluster_alias[cluster]}, hashes)
+    _write_table(out_dir / f"{EMBEDDING}.csv", {"cell_label": labels, "x": column("x"), "y": column("y")}, hashes)
     neighborhood = np.array([taxonomy.neighborhood(c) for c in range(n_clusters)], dtype=int)[cluster]
+    x, y = column("neighborhood_x"), column("neighborhood_y")
     for i in range(len(taxonomy.neighborhood_colors)):
-        part = listed[neighborhood == i][["cell_label", "neighborhood_x", "neighborhood_y"]]
-        _write_csv(part.rename(columns={"neighborhood_x": "x", "neighborhood_y": "y"}),
-                   out_dir / f"{NEIGHBORHOODS[i]}_{EMBEDDING}.csv")
+        rows = np.flatnonzero(neighborhood == i)
+        _write_table(out_dir / f"{NEIGHBORHOODS[i]}_{EMBEDDING}.csv",
+                     {"cell_label": labels[rows], "x": x[rows], "y": y[rows]}, hashes)
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
@@ -1101,22 +1371,24 @@ def make_bucket(root: Path, spec: FixtureSpec = FixtureSpec()) -> GeneratedBucke
     # The rest of the atlas (WMB-10X's gene.csv among it), dated from 2023 to UNCHANGED_RELEASE.
     write_other_datasets(bucket_dir, spec, genes, taxonomy)
 
-    # The consensus data, first listed by OLD_RELEASE.
-    write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None)
-    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb])
+    # The consensus data, first listed by OLD_RELEASE. The MD5 of the large tables is taken while they
+    # are written, for the manifests.
+    hashes: FileHashes = {}
+    write_metadata_dir(bucket_dir / "metadata" / MACOSKO / OLD_RELEASE, macosko, genes, hashes)
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / OLD_RELEASE, wmb, None, hashes)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / OLD_RELEASE, taxonomy, [macosko, wmb], hashes)
 
     # NEW_RELEASE: the AIBS cells' list changes (cell_metadata.csv) and so does the taxonomy's
     # cell_to_cluster_membership (re-assigned, dropped, added cells), cluster counts and embeddings;
     # donor, library, value_sets and the taxonomy's term tables are the same files in new directories.
     wmb_new, changes = evolve_cells(spec, wmb, n_clusters)
-    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None)
-    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new])
+    write_metadata_dir(bucket_dir / "metadata" / CONSENSUS_WMB / NEW_RELEASE, wmb_new, None, hashes)
+    write_taxonomy_dir(bucket_dir / "metadata" / TAXONOMY / NEW_RELEASE, taxonomy, [macosko, wmb_new], hashes)
 
     # Each release pins the newest directory not newer than itself: PRE_CONSENSUS_RELEASE lists no
     # consensus directory, UNCHANGED_RELEASE the consensus ones of OLD_RELEASE plus NEW_DATASET.
     for release in RELEASES:
-        write_manifest(bucket_dir, release)
+        write_manifest(bucket_dir, release, hashes)
 
     generated = GeneratedBucket(root, spec, list(RELEASES), changes={CONSENSUS_WMB: changes})
     for release in generated.releases:

@@ -7,6 +7,7 @@ import json
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 from etl.fixtures import (
     CONSENSUS_DATASETS,
@@ -346,3 +347,59 @@ def test_large_csv_tables_are_written_as_pandas_writes_them(tmp_path):
     quoted = frame.assign(cell_label=frame.cell_label.str.replace("-x", ",x"))  # needs quoting: pandas writes it
     _write_csv(quoted, tmp_path / "quoted.csv")
     assert pd.read_csv(tmp_path / "quoted.csv").cell_label.tolist() == quoted.cell_label.tolist()
+
+
+def test_direct_csv_writer_formats_every_kind_of_value_as_pandas(tmp_path, monkeypatch):
+    """Floats in every regime of Python's repr (the fixed-point fast path and the others), integers,
+    booleans, categoricals and text with missing values, in several blocks; a field to quote in a late
+    block hands the whole table to pandas."""
+    from etl import fixtures
+
+    monkeypatch.setattr(fixtures, "CSV_BLOCK_ROWS", 4096)
+    rng = np.random.default_rng(3)
+    n = 30_000
+    special = [0.0, -0.0, 1e-05, -5e-05, 0.0001, 9.9e-05, 3.0, -7.0, 123456789.123456, 999999999.999999, 1e9,
+               1e15, 1e16, 1.5e300, 1e-300, np.inf, -np.inf, np.nan, 0.1 + 0.2, 2.5e-07]
+    floats = np.concatenate([special, np.round(rng.normal(0, 10, n - len(special)), 6)])
+    floats[len(special)::7] = np.round(floats[len(special)::7], 4)
+    floats[len(special)::11] = rng.normal(0, 1e-3, len(floats[len(special)::11]))  # not rounded
+    text = np.array([f"label-{i}" for i in range(n)], dtype=object)
+    text[::13] = None
+    columns = {
+        "value": rng.permutation(floats),
+        "count": rng.integers(-10**12, 10**12, n),
+        "small": rng.integers(0, 200, n).astype(np.int16),
+        "flag": rng.random(n) < 0.5,
+        "region": pd.Categorical.from_codes(rng.integers(-1, 3, n), ["HPF", "", "Isocortex"]),
+        "text": text,
+        "cell_label": np.array([f"AC{i:08d}-1" for i in range(n)], dtype="S"),  # bytes: how labels are kept
+    }
+    fixtures._write_columns(tmp_path / "direct.csv", columns)  # raises if it would leave any of it to pandas
+    frame = pd.DataFrame({**columns, "cell_label": columns["cell_label"].astype("U")})
+    frame.to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    late = frame.assign(text=frame.text.where(frame.index != n - 2, 'say "hi", then\nleave'))
+    with pytest.raises(fixtures._LeftToPandas):
+        fixtures._write_columns(tmp_path / "partial.csv", {**columns, "text": late.text.to_numpy()})
+    fixtures._write_csv(late, tmp_path / "late.csv")
+    late.to_csv(tmp_path / "late-pandas.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "late.csv").read_bytes() == (tmp_path / "late-pandas.csv").read_bytes()
+
+
+def test_generated_tables_keep_their_bytes():
+    """The consensus CSVs of one spec (above the direct writer's size; metadata only, to stay quick) are,
+    byte for byte, what the generator wrote when pandas' to_csv wrote every table (main at b57ea58):
+    the fast writers changed no byte. A deliberate change of the generated data changes this digest:
+    record the new one."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bucket = make_bucket(Path(tmp), FixtureSpec(seed=31, cells=24000, genes=150, clusters=40, regions=2,
+                                                    metadata_only=True))
+        files = sorted(bucket.bucket_dir.glob("metadata/Consensus-*/**/*.csv"))
+        lines = [f"{p.relative_to(bucket.bucket_dir).as_posix()} {md5_of_file(p)}" for p in files]
+    assert len(lines) == 32
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == \
+        "3acaffd7d208bdad7344dc3e5b56742c27d6ddb600574b81cbfca50b174c9389"
