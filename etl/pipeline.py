@@ -399,13 +399,8 @@ def announce_published(settings: Settings, release: str) -> dict:
                    "published_at": published_at.isoformat() if published_at else None,
                    "diff": previous.summary if previous else None,
                    "release_notes": [str(p) for p in notes] if notes else []}
-        publication = {"published_at": details["published_at"]}
-        if alerts.already_sent(engine, "published", release, publication,
-                               delivered=bool(settings.webhook_url)):
-            log.info("release %s: published alert of %s already sent", release, details["published_at"])
-        else:
-            alerts.send(alerts.Alert("published", f"release {release} published", release, details),
-                        settings.webhook_url, engine)
+        alerts.send_once(alerts.Alert("published", f"release {release} published", release, details),
+                         settings.webhook_url, engine, {"published_at": details["published_at"]})
     finally:
         engine.dispose()
     return details

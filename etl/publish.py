@@ -206,6 +206,16 @@ def reads_staged(conn: psycopg.Connection, release: str) -> bool:
     return row[2] != "published" or row[0] == stage_owner()
 
 
+def read_state(conn: psycopg.Connection, release: str) -> dict[str, str | None]:
+    """What readers of ``release`` read now (:func:`staged_or_published`), as an alert names the state it
+    is about: the live stage of a run (its owner) or the publication (its time, None when unpublished)."""
+    if reads_staged(conn, release):
+        owner = conn.execute("SELECT owner FROM abc.stage WHERE release = %s", (release,)).fetchone()[0]
+        return {"stage_owner": owner}
+    published = conn.execute("SELECT published_at FROM abc.release WHERE version = %s", (release,)).fetchone()
+    return {"published_at": published[0].isoformat() if published and published[0] else None}
+
+
 def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
     """Whether a stage has written ``table`` of ``release`` and it is not published yet."""
     name = f"{STAGING_SCHEMA}.{staging_name(table, release)}"
