@@ -37,6 +37,8 @@ from etl.mirror import (
 from etl.publish import (
     EXPRESSION_TABLES,
     claim_stage,
+    dag_run_owner,
+    end_stages_of,
     fail_stage,
     is_staged,
     publish,
@@ -271,6 +273,16 @@ def hold_release(settings: Settings, release: str) -> Iterator[None]:
     second run of the release waits for the whole of this one instead of interleaving with it."""
     with db.copy_connection(settings.database_url) as conn, stage_lock(conn, release):
         yield
+
+
+def end_failed_run(settings: Settings, dag_id: str, run_id: str) -> list[str]:
+    """A DAG run ended failed: fail the stages it leaves live (dropping their tables), so that they are
+    never read as their release; a run cleared afterwards loads afresh. Returns those releases."""
+    with db.copy_connection(settings.database_url) as conn:
+        ended = end_stages_of(conn, dag_run_owner(dag_id, run_id), f"DAG run {dag_id} {run_id} failed")
+    for release in ended:
+        log.warning("release %s: the stage of failed DAG run %s %s dropped", release, dag_id, run_id)
+    return ended
 
 
 def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
