@@ -177,10 +177,13 @@ def stage_lock(conn: psycopg.Connection, release: str, wait: float | None = None
         yield
     finally:
         _held.pop(release, None)
-        if not conn.closed:
-            _idle(conn)
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-            conn.commit()
+        if not conn.closed and not conn.broken:
+            try:
+                _idle(conn)
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                conn.commit()
+            except psycopg.OperationalError:  # the server ended the session (a restart), and the lock with it
+                pass
 
 
 def staging_tables(conn: psycopg.Connection, release: str) -> list[str]:
