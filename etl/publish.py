@@ -13,7 +13,10 @@ since when, and its state. Staging and publication of a release run under its st
 the second waits, bounded, then fails naming the holder. A stage whose checks or publication fail
 is dropped (:func:`fail_stage`), and readers (:func:`staged_or_published`) read staging tables only
 of a live stage, and of a published release only in the run that stages it: everyone else reads
-the published partitions.
+the published partitions. A stage owned by one process (the CLI) is live only while that process
+holds its owner lock (:func:`hold_owner_lock`), which PostgreSQL releases when the process dies:
+a killed run's stage is then never read, and the next run drops it and takes over. A DAG run's
+stage outlives its task processes and is dropped when the run fails (:func:`end_stages_of`).
 """
 
 from __future__ import annotations
