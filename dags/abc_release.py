@@ -9,7 +9,8 @@ resolve -> plan -> mirror (mapped over batches of files, pool ``abc_transfers`` 
 (data-quality checks; a failure alerts and blocks publication) -> publish (metadata and expression in
 one transaction) -> lineage (every published relation traced to its source objects) -> notify (diff
 against the previous release, release notes beside the mirror, ``published`` alert). A failed task
-alerts through ``AbcWebhookNotifier``; mirror, load and aggregate steps are lineage steps
+alerts through ``AbcWebhookNotifier``, and a failed run drops the stage it leaves (re-running it loads
+afresh); mirror, load and aggregate steps are lineage steps
 (``abc.lineage_run``, OpenLineage events).
 
 Only the run's scope (``scope`` param, else ``ABC_SCOPE``; docs/scope.md) is mirrored, loaded and
@@ -34,6 +35,15 @@ from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
 # The asset abc_watch announces releases on (DAG files do not import each other; same definition).
 RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
 TRANSFER_POOL = "abc_transfers"
+
+
+def _end_stages_of_failed_run(context) -> None:
+    """DAG failure callback: the stage a failed run leaves is dropped, never read as the release."""
+    from etl import pipeline
+    from etl.config import settings_for_airflow_task
+
+    dag_run = context["dag_run"]
+    pipeline.end_failed_run(settings_for_airflow_task(), dag_run.dag_id, dag_run.run_id)
 
 
 @dag(
@@ -63,6 +73,7 @@ TRANSFER_POOL = "abc_transfers"
         "max_retry_delay": timedelta(minutes=30),
         "on_failure_callback": AbcWebhookNotifier(kind="failed_run"),
     },
+    on_failure_callback=_end_stages_of_failed_run,
     doc_md=__doc__,
 )
 def abc_release():

@@ -78,16 +78,39 @@ def send(alert: Alert, webhook_url: str | None, engine: Engine | None = None) ->
     return delivered
 
 
-def already_sent(engine: Engine, kind: str, release: str, details: dict | None = None,
+def already_sent(engine: Engine, kind: str, release: str | None, details: dict | None = None,
                  delivered: bool = True) -> bool:
-    """Whether a ``kind`` alert about ``release`` was recorded (delivered, unless ``delivered`` is False).
+    """Whether a ``kind`` alert about ``release`` (None: about no release) was recorded (delivered, unless
+    ``delivered`` is False).
 
     ``details`` narrows it to alerts whose details hold these values (e.g. the ``published_at`` of one
     publication), so that a step retried or cleared sends its alert once per state of the release.
     """
     with engine.connect() as conn:
         return conn.execute(sa.text(
-            "SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release = :r "
+            "SELECT EXISTS (SELECT 1 FROM abc.alert WHERE kind = :k AND release IS NOT DISTINCT FROM CAST(:r AS text) "
             "AND (delivered OR NOT :delivered) AND payload -> 'details' @> CAST(:d AS jsonb))"),
             {"k": kind, "r": release, "delivered": delivered,
              "d": json.dumps(details or {}, default=str)}).scalar_one()
+
+
+def send_once(alert: Alert, webhook_url: str | None, engine: Engine, state: dict) -> bool | None:
+    """Send ``alert`` unless one of its kind about its release with ``state`` in its details was sent already.
+
+    ``state`` (a subset of ``alert.details``) names the state of the release the alert is about, so a
+    task retried or cleared, or a check run again, alerts once per state: not again once delivered,
+    not recorded twice when no webhook is configured, tried again when the webhook did not take it.
+    When the record cannot be read (the warehouse is down: often why a task failed) the alert is sent:
+    a repeated alert is better than a lost one. Returns whether it was delivered, None when not sent.
+    """
+    if any(alert.details.get(name) != value for name, value in state.items()):
+        raise ValueError(f"alert state {state} is not part of the alert's details")
+    try:
+        sent = already_sent(engine, alert.kind, alert.release, state, delivered=bool(webhook_url))
+    except sa.exc.SQLAlchemyError as exc:
+        log.warning("alert %s: could not read abc.alert (%s); sending it", alert.summary, exc)
+        sent = False
+    if sent:
+        log.info("alert %s already sent for %s", alert.summary, json.dumps(state, default=str))
+        return None
+    return send(alert, webhook_url, engine)

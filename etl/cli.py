@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import psycopg
     from sqlalchemy.exc import OperationalError
 
     from etl.manifest import ManifestError
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: source unreachable: {exc}", file=sys.stderr)
     except OperationalError as exc:
         print(f"error: database unreachable: {exc.orig}", file=sys.stderr)
+    except psycopg.OperationalError as exc:  # a COPY connection lost, e.g. the server restarted mid-load
+        print(f"error: database unreachable: {exc}", file=sys.stderr)
     except (ManifestError, FileExistsError, ScopeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return EXIT_UNUSABLE

@@ -35,7 +35,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
                            "warehouse loads"),
     "ABC_STAGE_WAIT_SECONDS": ("900", "how long a run waits for another run staging the same release before it "
                                "fails, naming it"),
-    "ABC_STAGE_OWNER": ("", "who a stage belongs to (empty: the Airflow DAG run, else user@host pid)"),
+    "ABC_STAGE_OWNER": ("", "who a stage belongs to (empty: the Airflow DAG run, else user@host pid, whose stage "
+                        "is abandoned once the process dies)"),
     "ABC_FIRST_RELEASE": (AUTO_FLOOR, "first release processed (YYYYMMDD); auto: the first whose manifest holds "
                           "the scope's datasets. Older ones are recorded as skipped"),
 }

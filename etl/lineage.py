@@ -260,7 +260,10 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
     try:
         yield s
     except BaseException as exc:
-        _finish(engine, s, exc)
+        try:
+            _finish(engine, s, exc)
+        except sa.exc.SQLAlchemyError as unrecorded:  # e.g. the server restarting: the step's own error goes on
+            log.warning("lineage run %s (%s of %s) not marked failed: %s", s.run_id, step, release, unrecorded)
         emitter.emit(events.event(RunState.FAIL, exc))
         raise
     _finish(engine, s, None)

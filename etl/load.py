@@ -524,6 +524,8 @@ def load_release_metadata(
         try:
             _stage_and_publish(conn, release, datasets, by_table, report, publish_now)
         except (LoadError, psycopg.Error) as exc:
+            if conn.broken:  # the server ended the session (a restart): the transaction and the stage lock with it
+                raise
             conn.rollback()
             fail_stage(conn, release, str(exc))
             _mark_failed(database_url, release, str(exc))

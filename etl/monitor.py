@@ -21,9 +21,9 @@ from psycopg import sql
 from sqlalchemy.engine import Engine
 
 from etl import db
-from etl.alerts import Alert, already_sent, send
+from etl.alerts import Alert, already_sent, send, send_once
 from etl.config import Settings
-from etl.publish import staged_or_published
+from etl.publish import read_state, staged_or_published
 from etl.scope import Scope
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,17 @@ def require_passing(results: list[CheckResult], release: str) -> None:
 
 
 def check_release(settings: Settings, engine: Engine, release: str) -> list[CheckResult]:
-    """Run and store the checks of ``release``; alert once per run when any failed."""
+    """Run and store the checks of ``release``; alert when any failed, once per state checked (a run's
+    stage or the publication) and failures found, however often the check runs again."""
     results = run_quality_checks(settings.database_url, release)
     failed = [r for r in results if not r.passed]
     if failed:
-        send(Alert("failed_check", f"release {release}: {len(failed)} data-quality check(s) failed: "
-                   + ", ".join(r.name for r in failed), release,
-                   {"checks": [{"name": r.name, "failing": r.failing, "details": r.details} for r in failed]}),
-             settings.webhook_url, engine)
+        with db.copy_connection(settings.database_url) as conn:
+            checked = read_state(conn, release)
+        state = {"checked": checked,
+                 "checks": [{"name": r.name, "failing": r.failing, "details": r.details} for r in failed]}
+        send_once(Alert("failed_check", f"release {release}: {len(failed)} data-quality check(s) failed: "
+                        + ", ".join(r.name for r in failed), release, state), settings.webhook_url, engine, state)
     return results
 
 
@@ -159,17 +162,18 @@ def lag(engine: Engine) -> Lag:
 
 
 def check_lag(settings: Settings, engine: Engine, now: datetime | None = None) -> Lag:
-    """Alert when the mirror's newest published release has trailed upstream's for over ``max_lag_hours``."""
+    """Alert when the mirror's newest published release has trailed upstream's for over ``max_lag_hours``:
+    once per pair of newest upstream and newest published release, not at every check while it lasts."""
     current = lag(engine)
     hours = current.hours(now)
     if hours > settings.max_lag_hours:
-        send(Alert("lag", f"newest published release {current.newest_published or '(none)'} trails upstream "
-                   f"{current.newest_upstream} for {hours:.1f} h (allowed {settings.max_lag_hours:g} h)",
-                   current.newest_upstream,
-                   {"newest_upstream": current.newest_upstream, "newest_published": current.newest_published,
-                    "behind_since": current.behind_since, "lag_hours": round(hours, 2),
-                    "max_lag_hours": settings.max_lag_hours}),
-             settings.webhook_url, engine)
+        state = {"newest_upstream": current.newest_upstream, "newest_published": current.newest_published}
+        send_once(Alert("lag", f"newest published release {current.newest_published or '(none)'} trails upstream "
+                        f"{current.newest_upstream} for {hours:.1f} h (allowed {settings.max_lag_hours:g} h)",
+                        current.newest_upstream,
+                        {**state, "behind_since": current.behind_since, "lag_hours": round(hours, 2),
+                         "max_lag_hours": settings.max_lag_hours}),
+                  settings.webhook_url, engine, state)
     return current
 
 

@@ -37,6 +37,8 @@ from etl.mirror import (
 from etl.publish import (
     EXPRESSION_TABLES,
     claim_stage,
+    dag_run_owner,
+    end_stages_of,
     fail_stage,
     is_staged,
     publish,
@@ -273,6 +275,16 @@ def hold_release(settings: Settings, release: str) -> Iterator[None]:
         yield
 
 
+def end_failed_run(settings: Settings, dag_id: str, run_id: str) -> list[str]:
+    """A DAG run ended failed: fail the stages it leaves live (dropping their tables), so that they are
+    never read as their release; a run cleared afterwards loads afresh. Returns those releases."""
+    with db.copy_connection(settings.database_url) as conn:
+        ended = end_stages_of(conn, dag_run_owner(dag_id, run_id), f"DAG run {dag_id} {run_id} failed")
+    for release in ended:
+        log.warning("release %s: the stage of failed DAG run %s %s dropped", release, dag_id, run_id)
+    return ended
+
+
 def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
     """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails.
 
@@ -399,13 +411,8 @@ def announce_published(settings: Settings, release: str) -> dict:
                    "published_at": published_at.isoformat() if published_at else None,
                    "diff": previous.summary if previous else None,
                    "release_notes": [str(p) for p in notes] if notes else []}
-        publication = {"published_at": details["published_at"]}
-        if alerts.already_sent(engine, "published", release, publication,
-                               delivered=bool(settings.webhook_url)):
-            log.info("release %s: published alert of %s already sent", release, details["published_at"])
-        else:
-            alerts.send(alerts.Alert("published", f"release {release} published", release, details),
-                        settings.webhook_url, engine)
+        alerts.send_once(alerts.Alert("published", f"release {release} published", release, details),
+                         settings.webhook_url, engine, {"published_at": details["published_at"]})
     finally:
         engine.dispose()
     return details

@@ -13,12 +13,16 @@ since when, and its state. Staging and publication of a release run under its st
 the second waits, bounded, then fails naming the holder. A stage whose checks or publication fail
 is dropped (:func:`fail_stage`), and readers (:func:`staged_or_published`) read staging tables only
 of a live stage, and of a published release only in the run that stages it: everyone else reads
-the published partitions.
+the published partitions. A stage owned by one process (the CLI) is live only while that process
+holds its owner lock (:func:`hold_owner_lock`), which PostgreSQL releases when the process dies:
+a killed run's stage is then never read, and the next run drops it and takes over. A DAG run's
+stage outlives its task processes and is dropped when the run fails (:func:`end_stages_of`).
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import socket
@@ -30,6 +34,8 @@ import psycopg
 from psycopg import sql
 
 from etl.config import env
+
+log = logging.getLogger(__name__)
 
 RELEASE_RE = re.compile(r"^[0-9]{8}$")
 STAGING_SCHEMA = "abc_staging"
@@ -55,11 +61,19 @@ def staged_table(table: str, release: str) -> sql.Identifier:
 
 
 LIVE_STATES = ("staging", "staged")
+# First key of the advisory lock a process holds while it may own stages (the second: its owner's hash).
+OWNER_LOCK_CLASS = 0x61626302
 _held: dict[str, int] = {}  # releases whose stage lock this process holds -> nesting depth
+_owner_sessions: dict[tuple, psycopg.Connection] = {}  # (pid, host, port, database) -> owner lock session
 
 
 class StageBusy(RuntimeError):
     """Another run holds or owns the release's stage."""
+
+
+def dag_run_owner(dag_id: str, run_id: str) -> str:
+    """The owner name of the stages an Airflow DAG run makes."""
+    return f"{dag_id} run {run_id}"
 
 
 def stage_owner() -> str:
@@ -68,8 +82,50 @@ def stage_owner() -> str:
     if env("ABC_STAGE_OWNER"):
         return env("ABC_STAGE_OWNER")
     if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
-        return f"{os.environ.get('AIRFLOW_CTX_DAG_ID', 'dag')} run {os.environ['AIRFLOW_CTX_DAG_RUN_ID']}"
+        return dag_run_owner(os.environ.get("AIRFLOW_CTX_DAG_ID", "dag"), os.environ["AIRFLOW_CTX_DAG_RUN_ID"])
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def owned_by_process() -> bool:
+    """Whether this process's stages are its own (no ``ABC_STAGE_OWNER``, no DAG run): they live as long as
+    it does (:func:`hold_owner_lock`), while a DAG run's stage outlives each of its task processes."""
+    return not env("ABC_STAGE_OWNER") and not os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
+
+
+def hold_owner_lock(conn: psycopg.Connection) -> None:
+    """For a process owning its stages: hold the advisory lock named after its owner on a session of its
+    own, open until the process ends, on ``conn``'s database. PostgreSQL releases it when the process dies
+    (kill -9 included) or the server restarts, which is how others tell its stages are abandoned."""
+    if not owned_by_process():
+        return
+    info = conn.info
+    key = (os.getpid(), info.host, info.port, info.dbname)
+    held = _owner_sessions.get(key)
+    if held is not None and not held.closed:
+        try:
+            held.execute("SELECT 1")
+            return
+        except psycopg.Error:  # the server restarted or dropped the session: take the lock again
+            held.close()
+    session = psycopg.connect(psycopg.conninfo.make_conninfo(info.dsn, password=info.password or None,
+                                                             application_name="abc-mirror stage owner"),
+                              autocommit=True)
+    session.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, stage_owner()))
+    _owner_sessions[key] = session
+
+
+def _stage_alive(conn: psycopg.Connection, owner: str | None, state: str | None, by_process: bool) -> bool:
+    """Whether a stage is live: in a live state and, when owned by a process, that process still holds
+    its owner lock (this process is alive by definition)."""
+    if state not in LIVE_STATES:
+        return False
+    if not by_process or (owner == stage_owner() and owned_by_process()):
+        return True
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND classid = CAST(%s AS integer)::oid AND objid = hashtext(%s)::oid)",
+        (OWNER_LOCK_CLASS, owner)).fetchone()[0]
 
 
 def stage_wait_seconds() -> float:
@@ -124,10 +180,13 @@ def stage_lock(conn: psycopg.Connection, release: str, wait: float | None = None
         yield
     finally:
         _held.pop(release, None)
-        if not conn.closed:
-            _idle(conn)
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-            conn.commit()
+        if not conn.closed and not conn.broken:
+            try:
+                _idle(conn)
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                conn.commit()
+            except psycopg.OperationalError:  # the server ended the session (a restart), and the lock with it
+                pass
 
 
 def staging_tables(conn: psycopg.Connection, release: str) -> list[str]:
@@ -145,18 +204,17 @@ def drop_release_staging(conn: psycopg.Connection, release: str) -> list[str]:
     return names
 
 
-def set_stage(conn: psycopg.Connection, release: str, state: str, owner: str | None = None,
-              error: str | None = None, new: bool = False) -> None:
-    """Record the release's stage state (no commit); ``new`` restarts ``started_at``."""
-    owner = owner or stage_owner()
+def set_stage(conn: psycopg.Connection, release: str, state: str, error: str | None = None,
+              new: bool = False) -> None:
+    """Record this run's stage state of ``release`` (no commit); ``new`` restarts ``started_at``."""
     conn.execute(
-        "INSERT INTO abc.stage (release, owner, state, started_at, updated_at, error) "
-        "SELECT version, %(o)s, %(s)s, now(), now(), %(e)s FROM abc.release WHERE version = %(r)s "
-        "ON CONFLICT (release) DO UPDATE SET owner = excluded.owner, state = excluded.state, "
-        "updated_at = now(), error = excluded.error, started_at = CASE WHEN %(new)s "
+        "INSERT INTO abc.stage (release, owner, owned_by_process, state, started_at, updated_at, error) "
+        "SELECT version, %(o)s, %(p)s, %(s)s, now(), now(), %(e)s FROM abc.release WHERE version = %(r)s "
+        "ON CONFLICT (release) DO UPDATE SET owner = excluded.owner, owned_by_process = excluded.owned_by_process, "
+        "state = excluded.state, updated_at = now(), error = excluded.error, started_at = CASE WHEN %(new)s "
         "OR abc.stage.owner IS DISTINCT FROM excluded.owner OR abc.stage.state NOT IN ('staging', 'staged') "
         "THEN now() ELSE abc.stage.started_at END",
-        {"o": owner, "s": state, "e": error, "r": release, "new": new})
+        {"o": stage_owner(), "p": owned_by_process(), "s": state, "e": error, "r": release, "new": new})
 
 
 def claim_stage(conn: psycopg.Connection, release: str, new: bool = False) -> None:
@@ -164,19 +222,26 @@ def claim_stage(conn: psycopg.Connection, release: str, new: bool = False) -> No
 
     ``new`` (a metadata load) starts a stage: any earlier stage's tables are dropped. Otherwise (a
     merge, a publication) the run continues its own stage, or starts one when none is live, and
-    raises :class:`StageBusy` when another run's stage is live: that run took the release over.
+    raises :class:`StageBusy` when another run's stage is live: that run took the release over. A
+    stage whose owning process died (:func:`_stage_alive`) is abandoned: its tables are dropped and
+    this run starts afresh.
     """
+    hold_owner_lock(conn)
     owner = stage_owner()
-    row = conn.execute("SELECT owner, state, started_at FROM abc.stage WHERE release = %s FOR UPDATE",
-                       (release,)).fetchone()
+    row = conn.execute("SELECT owner, state, started_at, owned_by_process FROM abc.stage WHERE release = %s "
+                       "FOR UPDATE", (release,)).fetchone()
     live = row is not None and row[1] in LIVE_STATES
-    if not new and live and row[0] != owner:
+    abandoned = live and row[0] != owner and not _stage_alive(conn, row[0], row[1], row[3])
+    if abandoned:
+        log.warning("release %s: the stage of %s (since %s) is abandoned, its process is gone; %s takes over",
+                    release, row[0], f"{row[2]:%Y-%m-%d %H:%M:%S %Z}", owner)
+    elif not new and live and row[0] != owner:
         conn.rollback()
         raise StageBusy(f"release {release} is being staged by {row[0]} since {row[2]:%Y-%m-%d %H:%M:%S %Z}; "
-                        f"this run ({owner}) stops")
-    if new:
+                        f"this run ({owner}) stops (a load of the release takes its stage over)")
+    if new or abandoned:
         drop_release_staging(conn, release)
-    set_stage(conn, release, "staging", owner, new=new or not live)
+    set_stage(conn, release, "staging", new=new or abandoned or not live)
     conn.commit()
 
 
@@ -187,8 +252,9 @@ def fail_stage(conn: psycopg.Connection, release: str, error: str) -> None:
     """
     _idle(conn)
     with stage_lock(conn, release):
-        row = conn.execute("SELECT owner, state FROM abc.stage WHERE release = %s FOR UPDATE", (release,)).fetchone()
-        if row is not None and row[1] in LIVE_STATES and row[0] != stage_owner():
+        row = conn.execute("SELECT owner, state, owned_by_process FROM abc.stage WHERE release = %s FOR UPDATE",
+                           (release,)).fetchone()
+        if row is not None and row[0] != stage_owner() and _stage_alive(conn, *row):
             conn.rollback()
             return
         drop_release_staging(conn, release)
@@ -196,14 +262,45 @@ def fail_stage(conn: psycopg.Connection, release: str, error: str) -> None:
         conn.commit()
 
 
+def end_stages_of(conn: psycopg.Connection, owner: str, error: str) -> list[str]:
+    """Fail every live stage ``owner`` (a DAG run that ended failed) left: drop their tables, so that
+    they are never read as their release and the next run starts afresh; commits. Returns the releases."""
+    _idle(conn)
+    releases = [r[0] for r in conn.execute("SELECT release FROM abc.stage WHERE owner = %s AND state = ANY(%s) "
+                                           "ORDER BY release", (owner, list(LIVE_STATES))).fetchall()]
+    conn.rollback()
+    ended = []
+    for release in releases:
+        with stage_lock(conn, release):
+            row = conn.execute("SELECT owner, state FROM abc.stage WHERE release = %s FOR UPDATE",
+                               (release,)).fetchone()
+            if row[0] == owner and row[1] in LIVE_STATES:
+                drop_release_staging(conn, release)
+                conn.execute("UPDATE abc.stage SET state = 'failed', error = %s, updated_at = now() "
+                             "WHERE release = %s", (error[:2000], release))
+                ended.append(release)
+            conn.commit()
+    return ended
+
+
 def reads_staged(conn: psycopg.Connection, release: str) -> bool:
-    """Whether readers read the release's staging tables: its stage is live and, once the release
-    is published, this run is the one staging it."""
-    row = conn.execute("SELECT s.owner, s.state, r.status FROM abc.stage s JOIN abc.release r ON r.version = s.release "
-                       "WHERE s.release = %s", (release,)).fetchone()
-    if row is None or row[1] not in LIVE_STATES:
+    """Whether readers read the release's staging tables: its stage is live (and its owner alive) and,
+    once the release is published, this run is the one staging it."""
+    row = conn.execute("SELECT s.owner, s.state, s.owned_by_process, r.status FROM abc.stage s "
+                       "JOIN abc.release r ON r.version = s.release WHERE s.release = %s", (release,)).fetchone()
+    if row is None or not _stage_alive(conn, *row[:3]):
         return False
-    return row[2] != "published" or row[0] == stage_owner()
+    return row[3] != "published" or row[0] == stage_owner()
+
+
+def read_state(conn: psycopg.Connection, release: str) -> dict[str, str | None]:
+    """What readers of ``release`` read now (:func:`staged_or_published`), as an alert names the state it
+    is about: the live stage of a run (its owner) or the publication (its time, None when unpublished)."""
+    if reads_staged(conn, release):
+        owner = conn.execute("SELECT owner FROM abc.stage WHERE release = %s", (release,)).fetchone()[0]
+        return {"stage_owner": owner}
+    published = conn.execute("SELECT published_at FROM abc.release WHERE version = %s", (release,)).fetchone()
+    return {"published_at": published[0].isoformat() if published and published[0] else None}
 
 
 def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:

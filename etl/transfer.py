@@ -23,6 +23,7 @@ as it is written, so that fdatasync finds little left to wait for.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -68,6 +69,19 @@ class TransferError(RuntimeError):
     def __init__(self, message: str, retry_file: bool = False) -> None:
         super().__init__(message)
         self.retry_file = retry_file
+
+
+class LocalWriteError(TransferError):
+    """Writing the mirror's own file failed (no space left on the device, an I/O error): not a fault of
+    the source, so not retried like a dropped connection; the ``.partial`` keeps the ranges that
+    reached disk for the next run."""
+
+
+def _pwrite(fd: int, chunk: memoryview | bytes, pos: int, path: Path) -> None:
+    try:
+        os.pwrite(fd, chunk, pos)
+    except OSError as exc:
+        raise LocalWriteError(f"writing {path}: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -214,10 +228,12 @@ class _HttpSource:
             found = re.search(rb"<Code>([^<]*)</Code>", body)
             raise _HttpError(response.status, found.group(1).decode(errors="replace") if found else "")
         content_range = response.getheader("Content-Range")
+        # An object shorter than the range asked for is answered, cut: the caller names both sizes.
         if content_range is None:  # the whole object: fine only if that is what was asked for
-            ok = start == 0 and response.length == end
+            ok = start == 0 and response.length is not None and response.length <= end
         else:
-            ok = content_range.removeprefix("bytes ").partition("/")[0] == f"{start}-{end - 1}"
+            served, _, total = content_range.removeprefix("bytes ").partition("/")
+            ok = served == f"{start}-{end - 1}" or (total.isdigit() and int(total) < end)
         if not ok:
             response.close()
             raise _HttpError(response.status, f"RangeIgnored ({content_range or 'no Content-Range'})")
@@ -663,7 +679,8 @@ class Transfer:
             if persist:  # keep what reached disk, for the next run
                 done.update(i for future, i in pending.items()
                             if not future.cancelled() and future.exception() is None)
-                persist(done)
+                with contextlib.suppress(OSError):  # a full disk: the sidecar saved last lists ranges on disk
+                    persist(done)
             raise
         finally:
             for _ in held:
@@ -691,7 +708,7 @@ class Transfer:
             hasher = _InOrderMd5(fd, job.size, sidecar.part_size, sidecar.done)
 
             def write(pos: int, chunk: memoryview | bytes) -> None:
-                os.pwrite(fd, chunk, pos)
+                _pwrite(fd, chunk, pos, partial)
                 hasher.arrived(pos, chunk)
 
             def fetch_part(i: int) -> tuple[str, None]:
@@ -733,7 +750,7 @@ class Transfer:
         digest = hashlib.md5()
 
         def write(pos: int, chunk: bytes) -> None:
-            os.pwrite(fd, chunk, pos)
+            _pwrite(fd, chunk, pos, partial)
             digest.update(chunk)
 
         etag = self.read_range(job.key, 0, job.size, job.size, write) if job.size else self._head_etag(job)

@@ -30,6 +30,15 @@ def scoped_keys(bucket: GeneratedBucket, release: str, scope: Scope | None = Non
     return sorted(f.relative_path for f in (scope or Settings().run_scope).mirrored(manifest.files))
 
 
+@pytest.fixture(autouse=True)
+def no_airflow_task_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts outside any Airflow task: ``dag.test()`` runs tasks in this process and leaves their
+    ``AIRFLOW_CTX_*`` variables in ``os.environ``, which would make later stages (and the processes tests
+    start) a DAG run's instead of a process's own (etl.publish.stage_owner)."""
+    for name in [n for n in os.environ if n.startswith("AIRFLOW_CTX_")]:
+        monkeypatch.delenv(name)
+
+
 def _database_url(name: str) -> str:
     return sa.engine.make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
 

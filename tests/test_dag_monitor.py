@@ -93,3 +93,35 @@ def test_discovery_under_airflow_records_the_task_in_lineage(airflow_home, setti
     assert [tuple(r) for r in runs] == [(release, "airflow", "abc_watch", run.run_id, "discover_releases", "succeeded")
                                         for release in RELEASES]
     assert objects > 0
+
+
+def test_a_failed_task_alerts_once_however_often_its_callback_runs(airflow_home, settings, engine, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO / "plugins"))
+    monkeypatch.setenv("ABC_DATABASE_URL", settings.database_url)
+    from abc_notifiers import AbcWebhookNotifier
+
+    def failed(task_id: str, try_number: int) -> dict:
+        ti = SimpleNamespace(dag_id="abc_release", run_id="manual__1", task_id=task_id, map_index=-1,
+                             try_number=try_number)
+        return {"ti": ti, "params": {"release": OLD_RELEASE}, "exception": RuntimeError("the warehouse went away")}
+
+    webhook = Webhook()
+    try:
+        notifier = AbcWebhookNotifier(kind="failed_run", webhook_url=webhook.url)
+        notifier.notify(failed("validate", 4))
+        notifier.notify(failed("validate", 5))  # cleared, failed again: the same failed task
+        assert [b["details"]["task_id"] for b in webhook.received] == ["validate"]
+        notifier.notify(failed("publish", 4))  # another task of the run is another failure
+        assert [b["details"]["task_id"] for b in webhook.received] == ["validate", "publish"]
+    finally:
+        webhook.close()
+    down = AbcWebhookNotifier(kind="failed_run", webhook_url=closed_port_url())
+    down.notify(failed("lineage", 1))
+    down.notify(failed("lineage", 2))  # not delivered: tried again
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT payload -> 'details' ->> 'task_id', delivered FROM abc.alert "
+                                    "WHERE kind = 'failed_run' AND release = :r ORDER BY id"),
+                            {"r": OLD_RELEASE}).all()
+    assert [tuple(r) for r in rows] == [("validate", True), ("publish", True), ("lineage", False), ("lineage", False)]

@@ -155,6 +155,12 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
     failed = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
     assert failed.state == "failed"
     assert _published(engine)[OLD_RELEASE] != "published"
+    # The failed run's stage (its metadata was staged) is dropped: nobody reads it as the release.
+    with engine.connect() as conn:
+        stage = conn.execute(sa.text("SELECT owner, state FROM abc.stage WHERE release = :r"),
+                             {"r": OLD_RELEASE}).one()
+        staged = conn.execute(sa.text("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'")).scalar()
+    assert tuple(stage) == (f"abc_release run {failed.run_id}", "failed") and staged == 0
 
     monkeypatch.setattr(aggregate, "merge_and_stage", real_merge)
     # The same run: dag.test() clears its task instances (the failed one included) and runs them again.

@@ -191,7 +191,23 @@ def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, w
     (body,) = webhook.received
     assert body["kind"] == "failed_check" and body["release"] == OLD_RELEASE
     assert body["details"]["checks"][0]["name"] == "gene_symbol_present"
+    assert body["details"]["checked"]["published_at"]  # the published rows were checked
+
+    # Checked again (a retried task, the monitor's next run): the same failure is not alerted again.
+    monitor.check_release(settings, engine, OLD_RELEASE)
+    assert webhook.kinds() == ["failed_check"]
+    # A new failure of the same release is.
+    with engine.begin() as conn:
+        more = conn.execute(sa.text("UPDATE abc.gene SET gene_symbol = '' WHERE release = :r AND gene_identifier = "
+                                    "(SELECT max(gene_identifier) FROM abc.gene WHERE release = :r) "
+                                    "RETURNING gene_identifier"), {"r": OLD_RELEASE}).scalars().all()
+    monitor.check_release(settings, engine, OLD_RELEASE)
+    monitor.check_release(settings, engine, OLD_RELEASE)
+    assert webhook.kinds() == ["failed_check", "failed_check"]
+    assert webhook.received[-1]["details"]["checks"][0]["failing"] == len(broken) + len(more)
+    results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
     with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE kind = 'failed_check'")).scalar() == 2
         stored = dict(conn.execute(sa.text("SELECT name, passed FROM abc.quality_check WHERE release = :r"),
                                    {"r": OLD_RELEASE}).all())
     assert stored == {r.name: r.passed for r in results}
@@ -214,6 +230,8 @@ def test_new_release_and_lag_alerts(settings, engine, generated_bucket, webhook)
     lag = webhook.received[-1]
     assert lag["kind"] == "lag" and lag["details"]["newest_published"] == OLD_RELEASE
     assert lag["details"]["lag_hours"] > 24
+    monitor.check_lag(settings, engine, now=datetime.now(UTC) + timedelta(hours=49))  # still the same lag
+    assert webhook.kinds() == ["new_release"] * 3 + ["lag"]
 
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE delivered")).scalar_one() == 4

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from psycopg import sql
 
 from etl import aggregate, db, diff, monitor, pipeline, source
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import OLD_RELEASE
 from etl.load import cell_assignments
-from etl.publish import StageBusy, stage_lock, staging_tables
+from etl.publish import StageBusy, reads_staged, stage_lock, staged_or_published, staging_tables
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,3 +132,59 @@ def test_two_loads_of_a_release_at_once_end_as_one(settings, engine, monkeypatch
     assert _cells(engine) == single
     with db.copy_connection(settings.database_url) as conn:
         assert staging_tables(conn, OLD_RELEASE) == []
+
+
+STAGE_THEN_SLEEP = ("import sys, time; from etl import pipeline; from etl.config import Settings; "
+                    "pipeline.load_metadata(Settings.from_env(), sys.argv[1]); print('staged', flush=True); "
+                    "time.sleep(600)")
+
+
+def _cells_read(settings, release: str) -> tuple[int, int]:
+    """Cells a reader sees of ``release``: through the diff, and where staged_or_published points."""
+    content = diff.release_content(settings.database_url, release, settings.run_scope)
+    with db.copy_connection(settings.database_url) as conn:
+        table = staged_or_published(conn, "cell", release)
+        read = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE release = %s").format(table),
+                            (release,)).fetchone()[0]
+    return len(content.cells), read
+
+
+def test_a_killed_runs_stage_is_abandoned_never_read_and_taken_over(settings, engine, monkeypatch):
+    discover(source.make_client(settings), settings, engine)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
+    url = settings.database_url
+    assert main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--no-progress",
+                 "--database-url", url]) == EXIT_OK
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ABC_DATABASE_URL": url, "ABC_MIRROR_ROOT": settings.mirror_root,
+           "AWS_ENDPOINT_URL_S3": settings.endpoint_url, "OPENLINEAGE_DISABLED": "true"}
+    env.pop("ABC_STAGE_OWNER", None)
+    run = subprocess.Popen([sys.executable, "-c", STAGE_THEN_SLEEP, OLD_RELEASE], env=env, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert run.stdout.readline() == "staged\n"
+        staged = _cells_read(settings, OLD_RELEASE)
+        assert staged[0] == staged[1] > 0  # while its run lives, an unpublished release's stage is what is read
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        run.stdout.close()
+
+    with db.copy_connection(url) as conn:
+        owner, state = conn.execute("SELECT owner, state FROM abc.stage WHERE release = %s",
+                                    (OLD_RELEASE,)).fetchone()
+        assert owner.endswith(f" pid {run.pid}") and state == "staged"  # the row still says so
+        deadline = time.monotonic() + 30
+        while reads_staged(conn, OLD_RELEASE):  # PostgreSQL ends the dead process's sessions
+            conn.rollback()
+            assert time.monotonic() < deadline, "the killed run's stage is still read after 30 s"
+            time.sleep(0.1)
+    assert _cells_read(settings, OLD_RELEASE) == (0, 0)
+
+    # The next run takes the stage over instead of waiting for a run that is gone: nothing of it is published.
+    with db.copy_connection(url) as conn, pytest.raises(pipeline.PlanError, match="nothing staged to publish"):
+        pipeline.publish_release(conn, OLD_RELEASE)
+    with db.copy_connection(url) as conn:
+        assert staging_tables(conn, OLD_RELEASE) == []
+    assert main(["load", "--release", OLD_RELEASE, "--database-url", url]) == EXIT_OK
+    assert _cells_read(settings, OLD_RELEASE) == (staged[0], staged[0])
