@@ -64,6 +64,9 @@ LIVE_STATES = ("staging", "staged")
 # First key of the advisory lock a process holds while it may own stages (the second: its owner's hash).
 OWNER_LOCK_CLASS = 0x61626302
 _held: dict[str, int] = {}  # releases whose stage lock this process holds -> nesting depth
+# The server probes an owner session silent for 30 s, every 10 s, and ends it after 3 unanswered probes
+# (the settings apply to TCP connections; a Unix socket's peer cannot vanish with its machine).
+OWNER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 _owner_sessions: dict[tuple, psycopg.Connection] = {}  # (pid, host, port, database) -> owner lock session
 
 
@@ -92,26 +95,30 @@ def owned_by_process() -> bool:
     return not env("ABC_STAGE_OWNER") and not os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
 
 
-def hold_owner_lock(conn: psycopg.Connection) -> None:
+def hold_owner_lock(conn: psycopg.Connection) -> psycopg.Connection | None:
     """For a process owning its stages: hold the advisory lock named after its owner on a session of its
-    own, open until the process ends, on ``conn``'s database. PostgreSQL releases it when the process dies
-    (kill -9 included) or the server restarts, which is how others tell its stages are abandoned."""
+    own, open until the process ends, on ``conn``'s database, and return that session. PostgreSQL releases
+    the lock when the process dies (kill -9 included) or the server restarts, which is how others tell its
+    stages are abandoned; when the process's machine is lost instead, the session's TCP keepalives
+    (:data:`OWNER_KEEPALIVES`) end it within about a minute rather than the operating system's two hours."""
     if not owned_by_process():
-        return
+        return None
     info = conn.info
     key = (os.getpid(), info.host, info.port, info.dbname)
     held = _owner_sessions.get(key)
     if held is not None and not held.closed:
         try:
             held.execute("SELECT 1")
-            return
+            return held
         except psycopg.Error:  # the server restarted or dropped the session: take the lock again
             held.close()
     session = psycopg.connect(psycopg.conninfo.make_conninfo(info.dsn, password=info.password or None,
-                                                             application_name="abc-mirror stage owner"),
+                                                             application_name="abc-mirror stage owner",
+                                                             options=OWNER_KEEPALIVES),
                               autocommit=True)
     session.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, stage_owner()))
     _owner_sessions[key] = session
+    return session
 
 
 def _stage_alive(conn: psycopg.Connection, owner: str | None, state: str | None, by_process: bool) -> bool:

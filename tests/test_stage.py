@@ -19,7 +19,14 @@ from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import OLD_RELEASE
 from etl.load import cell_assignments
-from etl.publish import StageBusy, reads_staged, stage_lock, staged_or_published, staging_tables
+from etl.publish import (
+    StageBusy,
+    hold_owner_lock,
+    reads_staged,
+    stage_lock,
+    staged_or_published,
+    staging_tables,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,3 +195,19 @@ def test_a_killed_runs_stage_is_abandoned_never_read_and_taken_over(settings, en
         assert staging_tables(conn, OLD_RELEASE) == []
     assert main(["load", "--release", OLD_RELEASE, "--database-url", url]) == EXIT_OK
     assert _cells_read(settings, OLD_RELEASE) == (staged[0], staged[0])
+
+
+def test_a_process_owner_lock_session_is_probed_by_the_server(settings, monkeypatch):
+    """A lost machine's stage expires within about a minute: the server itself probes the owner session."""
+    monkeypatch.delenv("ABC_STAGE_OWNER", raising=False)
+    with db.copy_connection(settings.database_url) as conn:
+        session = hold_owner_lock(conn)
+        assert session is not None and hold_owner_lock(conn) is session  # one session per process and database
+        assert session.info.host in ("127.0.0.1", "localhost")  # over TCP, where the keepalives apply
+        shown = {name: session.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+                 for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
+        assert shown == {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
+        held = conn.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                            "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = "
+                            "'abc-mirror stage owner'").fetchone()[0]
+        assert held == 1
