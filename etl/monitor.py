@@ -81,13 +81,16 @@ CHECKS: dict[str, tuple[str, str]] = {
                                               coalesce(e.n_cells, 0), coalesce(m.n, 0)), '; ') FROM
                (SELECT dataset, group_label, n_cells FROM {expression_group}
                 WHERE release = %(r)s AND grouping = 'cluster') e
-           FULL JOIN (SELECT c.dataset, t.cluster_annotation_term_label AS label, count(*) AS n FROM {cell} c
-                      LEFT JOIN {cell_cluster_membership} a ON a.release = c.release AND a.cell_label = c.cell_label
-                      JOIN {cluster_membership} t ON t.release = c.release
-                           AND t.cluster_alias = coalesce(c.cluster_alias, a.cluster_alias)
+           FULL JOIN (SELECT x.dataset, t.cluster_annotation_term_label AS label, sum(x.n)::bigint AS n
+                      FROM (SELECT c.dataset, coalesce(c.cluster_alias, a.cluster_alias) AS cluster_alias,
+                                   count(*) AS n
+                            FROM {cell} c LEFT JOIN {cell_cluster_membership} a
+                                 ON a.release = c.release AND a.cell_label = c.cell_label
+                            WHERE c.release = %(r)s
+                              AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
+                            GROUP BY 1, 2) x
+                      JOIN {cluster_membership} t ON t.release = %(r)s AND t.cluster_alias = x.cluster_alias
                            AND t.cluster_annotation_term_set_name = 'cluster'
-                      WHERE c.release = %(r)s
-                        AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
                       GROUP BY 1, 2) m
              ON m.dataset = e.dataset AND m.label = e.group_label
            WHERE coalesce(e.n_cells, 0) <> coalesce(m.n, 0)"""),
@@ -204,9 +207,7 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     if old is None:
         log.info("release %s: no earlier loaded release to diff against", release)
         return None
-    result = diff.diff(diff.release_content(settings.database_url, old, settings.run_scope),
-                       diff.release_content(settings.database_url, release, settings.run_scope))
-    diff.store(settings.database_url, result)
+    result = diff.record(settings.database_url, old, release, settings.run_scope)
     if not settings.mirror_is_local:
         log.info("release notes of %s not written: mirror %s is not a local directory", release, settings.mirror_root)
         return None
