@@ -167,23 +167,35 @@ def cells_per_class(conn: psycopg.Connection, data: str) -> dict[str, int]:
     return {name: int(n) for name, n in rows.fetchall()}
 
 
+def item_statements(conn: psycopg.Connection, old: str, new: str,
+                    scope: Scope) -> tuple[dict[str, sql.Composed], dict[str, object]]:
+    """subject -> the ``INSERT ... SELECT`` of its items of (old, new), and their parameters (to run or EXPLAIN).
+
+    A release shared by reference has the very same rows as the one it shares: when both read the
+    same rows, only files and directories are compared.
+    """
+    params = {"old": old, "new": new, "old_data": data_release(conn, old), "new_data": data_release(conn, new),
+              "old_files": scoped_files(conn, old, scope), "new_files": scoped_files(conn, new, scope)}
+    statements = {"file": _FILES, "directory": _DIRECTORIES}
+    if params["old_data"] != params["new_data"]:
+        statements.update(cell=_CELLS, cluster=_LABELS.format(subject="'cluster'", column="cluster_alias",
+                                                              table="cluster"),
+                          gene=_LABELS.format(subject="'gene'", column="gene_identifier", table="gene"))
+    relations = {f"{side}_{t}": staged_or_published(conn, t, params[f"{side}_data"])
+                 for side in ("old", "new") for t in _ROW_TABLES}
+    return {subject: sql.SQL(s).format(**relations) for subject, s in statements.items()}, params
+
+
 def compute(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> ReleaseDiff:
     """Replace the stored diff of (old, new) in ``conn``'s transaction (commit or roll back is the caller's),
     and read back what the release notes show."""
-    params = {"old": old, "new": new, "old_data": data_release(conn, old), "new_data": data_release(conn, new),
-              "old_files": scoped_files(conn, old, scope), "new_files": scoped_files(conn, new, scope)}
+    statements, params = item_statements(conn, old, new, scope)
     conn.execute("INSERT INTO abc.release_diff (old_release, new_release, summary) VALUES (%s, %s, '{}') "
                  "ON CONFLICT (old_release, new_release) DO UPDATE SET computed_at = now(), summary = '{}'",
                  (old, new))
     conn.execute("DELETE FROM abc.release_diff_item WHERE old_release = %s AND new_release = %s", (old, new))
-    statements = [_FILES, _DIRECTORIES]
-    if params["old_data"] != params["new_data"]:  # a release shared by reference has the very same rows
-        statements += [_CELLS, _LABELS.format(subject="'cluster'", column="cluster_alias", table="cluster"),
-                       _LABELS.format(subject="'gene'", column="gene_identifier", table="gene")]
-    relations = {f"{side}_{t}": staged_or_published(conn, t, params[f"{side}_data"])
-                 for side in ("old", "new") for t in _ROW_TABLES}
-    for statement in statements:
-        conn.execute(sql.SQL(statement).format(**relations), params)
+    for statement in statements.values():
+        conn.execute(statement, params)
 
     summary: dict[str, dict[str, dict[str, int]]] = {}
     for dataset, subject, change, n in conn.execute(
