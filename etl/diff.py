@@ -8,13 +8,14 @@ version each dataset/kind is pinned to), cells (added, removed, re-assigned to a
 clusters and genes are compared by their labels.
 
 The diff is computed in the database, so that no memory proportional to the cells is needed:
-each comparison is one ``INSERT ... SELECT`` (a full join of the two releases' rows) straight into
-``abc.release_diff_item``, the summary counts are a ``GROUP BY`` of those items, and the cells per
-class a ``GROUP BY`` of each release's cells. Only the scope's file filter runs in Python (a
-release lists a few thousand files). Rows are read from the staged load of a release when it is
-not yet published (:func:`etl.publish.staged_or_published`), so the diff can be stored at load
-time, and from the release it shares when published by reference. The release notes read the
-counts and at most ``LISTED_PER_CHANGE`` items of each change.
+each comparison is an ``INSERT ... SELECT`` (a full join of the two releases' rows) straight into
+``abc.release_diff_item``; the cells are compared in one pass that also counts them per cluster
+of each release (so per class), and the summary counts are a ``GROUP BY`` of the items. Only the
+scope's file filter runs in Python (a release lists a few thousand files). Rows are read from the
+staged load of a release when it is not yet published (:func:`etl.publish.staged_or_published`),
+so the diff can be stored at load time, and from the release it shares when published by
+reference. The release notes read the counts and at most ``LISTED_PER_CHANGE`` items of each
+change.
 """
 
 from __future__ import annotations
@@ -107,21 +108,6 @@ _DIRECTORIES = _INSERT + f"""
     FROM {_SCOPED_DIRECTORIES.format(r="old")} o FULL JOIN {_SCOPED_DIRECTORIES.format(r="new")} n USING (dataset, kind)
     WHERE o.version IS DISTINCT FROM n.version"""
 
-# A cell's cluster is its own cluster_alias or, in the consensus layout, the taxonomy's
-# cell_to_cluster_membership row.
-_CELLS_OF = """(SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias
-    FROM {{{r}_cell}} c LEFT JOIN {{{r}_cell_cluster_membership}} m ON m.release = c.release
-         AND m.cell_label = c.cell_label
-    WHERE c.release = %({r}_data)s)"""
-
-_CELLS = _INSERT + f"""
-    SELECT %(old)s, %(new)s, coalesce(n.dataset, o.dataset), 'cell',
-           CASE WHEN o.cell_label IS NULL THEN 'added' WHEN n.cell_label IS NULL THEN 'removed' ELSE 'reassigned' END,
-           coalesce(n.cell_label, o.cell_label), o.cluster_alias::text, n.cluster_alias::text
-    FROM {_CELLS_OF.format(r="old")} o FULL JOIN {_CELLS_OF.format(r="new")} n
-        ON n.dataset = o.dataset AND n.cell_label = o.cell_label
-    WHERE o.cell_label IS NULL OR n.cell_label IS NULL OR o.cluster_alias IS DISTINCT FROM n.cluster_alias"""
-
 # Labels (clusters, genes) added and removed per dataset.
 _LABELS = _INSERT + """
     SELECT %(old)s, %(new)s, coalesce(n.dataset, o.dataset), {subject},
@@ -131,15 +117,61 @@ _LABELS = _INSERT + """
         ON n.dataset = o.dataset AND n.label = o.label
     WHERE o.label IS NULL OR n.label IS NULL"""
 
-# Cells per class of one release: cells counted per cluster first, then the (few) clusters named.
-_CELLS_PER_CLASS = """
-    SELECT coalesce(t.cluster_annotation_term_name, %(no_class)s), sum(x.n)::bigint
-    FROM (SELECT coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias, count(*) AS n
-          FROM {cell} c LEFT JOIN {cell_cluster_membership} m ON m.release = c.release AND m.cell_label = c.cell_label
-          WHERE c.release = %(r)s GROUP BY 1) x
-    LEFT JOIN {cluster_membership} t ON t.release = %(r)s AND t.cluster_alias = x.cluster_alias
-         AND t.cluster_annotation_term_set_name = 'class'
-    GROUP BY 1"""
+# A release's cells with their cluster: its own cluster_alias or, in the consensus layout, the
+# taxonomy's cell_to_cluster_membership row.
+_CELLS_OF = """(SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias
+    FROM {{{r}_cell}} c LEFT JOIN {{{r}_cell_cluster_membership}} m ON m.release = c.release
+         AND m.cell_label = c.cell_label
+    WHERE c.release = %({r}_data)s)"""
+
+# Cells per class of each side, from the cells counted per (side, cluster) in per_cluster: the
+# few clusters are named by their side's 'class' term.
+_PER_CLASS = """
+    SELECT p.side, coalesce(t.cluster_annotation_term_name, %(no_class)s), sum(p.n)::bigint
+    FROM per_cluster p LEFT JOIN (
+        SELECT 'old' AS side, cluster_alias, cluster_annotation_term_name FROM {old_cluster_membership}
+        WHERE release = %(old_data)s AND cluster_annotation_term_set_name = 'class'
+        UNION ALL
+        SELECT 'new', cluster_alias, cluster_annotation_term_name FROM {new_cluster_membership}
+        WHERE release = %(new_data)s AND cluster_annotation_term_set_name = 'class') t
+      ON t.side = p.side AND t.cluster_alias = p.cluster_alias
+    GROUP BY 1, 2"""
+
+# One pass over both releases' cells, joined on cell_label (unique in a release): it inserts the
+# cell items and returns the cells per class of both sides. Unchanged cells collapse into one group
+# per cluster, so ``pairs`` holds about as many rows as clusters plus changed cells. A changed cell
+# in one release only is added or removed; in both, it is re-assigned within its dataset, or removed
+# from its old dataset and added to its new one.
+_CELLS = f"""
+    WITH pairs AS (
+        SELECT o.dataset AS old_dataset, n.dataset AS new_dataset, o.cluster_alias AS old_cluster,
+               n.cluster_alias AS new_cluster,
+               CASE WHEN o.dataset IS DISTINCT FROM n.dataset OR o.cluster_alias IS DISTINCT FROM n.cluster_alias
+                    THEN coalesce(n.cell_label, o.cell_label) END AS changed_cell,
+               count(*) AS n
+        FROM {_CELLS_OF.format(r="old")} o FULL JOIN {_CELLS_OF.format(r="new")} n ON n.cell_label = o.cell_label
+        GROUP BY 1, 2, 3, 4, 5),
+    items AS ({_INSERT}
+        SELECT %(old)s, %(new)s, x.dataset, 'cell', x.change, p.changed_cell, x.old_cluster::text,
+               x.new_cluster::text
+        FROM pairs p CROSS JOIN LATERAL (VALUES ('removed', p.old_dataset, p.old_cluster, NULL::integer),
+                                                 ('added', p.new_dataset, NULL, p.new_cluster),
+                                                 ('reassigned', p.new_dataset, p.old_cluster, p.new_cluster))
+                                         x(change, dataset, old_cluster, new_cluster)
+        WHERE p.changed_cell IS NOT NULL AND x.dataset IS NOT NULL
+          AND (x.change = 'reassigned') = coalesce(p.old_dataset = p.new_dataset, false)),
+    per_cluster AS (
+        SELECT 'old' AS side, old_cluster AS cluster_alias, sum(n) AS n FROM pairs WHERE old_dataset IS NOT NULL
+        GROUP BY 2
+        UNION ALL
+        SELECT 'new', new_cluster, sum(n) FROM pairs WHERE new_dataset IS NOT NULL GROUP BY 2)
+    {_PER_CLASS}"""
+
+# The same counts when both releases read the same rows (one shared by reference): no cell changed.
+_SAME_CELLS = f"""
+    WITH counts AS (SELECT cluster_alias, count(*) AS n FROM {_CELLS_OF.format(r="old")} o GROUP BY 1),
+    per_cluster AS (SELECT side, cluster_alias, n FROM counts CROSS JOIN (VALUES ('old'), ('new')) s(side))
+    {_PER_CLASS}"""
 
 _ROW_TABLES = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership"]
 
@@ -159,43 +191,48 @@ def scoped_files(conn: psycopg.Connection, release: str, scope: Scope) -> list[s
     return [r.relative_path for r in rows if scope.feeds_warehouse(r)]
 
 
-def cells_per_class(conn: psycopg.Connection, data: str) -> dict[str, int]:
-    """class name -> cells of the release ``data`` (staged or published); cells without one under NO_CLASS."""
-    relations = {t: staged_or_published(conn, t, data) for t in ("cell", "cell_cluster_membership",
-                                                                 "cluster_membership")}
-    rows = conn.execute(sql.SQL(_CELLS_PER_CLASS).format(**relations), {"r": data, "no_class": NO_CLASS})
-    return {name: int(n) for name, n in rows.fetchall()}
+@dataclass(frozen=True)
+class DiffQueries:
+    """The statements of a diff (to run, or EXPLAIN) and their parameters."""
+
+    items: dict[str, sql.Composed]  # subject -> its INSERT ... SELECT of items (files, directories, labels)
+    cells: sql.Composed  # inserts the cell items, returns (side, class name, cells)
+    params: dict[str, object]
 
 
-def item_statements(conn: psycopg.Connection, old: str, new: str,
-                    scope: Scope) -> tuple[dict[str, sql.Composed], dict[str, object]]:
-    """subject -> the ``INSERT ... SELECT`` of its items of (old, new), and their parameters (to run or EXPLAIN).
+def queries(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> DiffQueries:
+    """The diff of (old, new) as statements over their staged or published rows.
 
     A release shared by reference has the very same rows as the one it shares: when both read the
-    same rows, only files and directories are compared.
+    same rows, only files and directories are compared, and the cells are only counted.
     """
     params = {"old": old, "new": new, "old_data": data_release(conn, old), "new_data": data_release(conn, new),
-              "old_files": scoped_files(conn, old, scope), "new_files": scoped_files(conn, new, scope)}
-    statements = {"file": _FILES, "directory": _DIRECTORIES}
-    if params["old_data"] != params["new_data"]:
-        statements.update(cell=_CELLS, cluster=_LABELS.format(subject="'cluster'", column="cluster_alias",
-                                                              table="cluster"),
-                          gene=_LABELS.format(subject="'gene'", column="gene_identifier", table="gene"))
+              "old_files": scoped_files(conn, old, scope), "new_files": scoped_files(conn, new, scope),
+              "no_class": NO_CLASS}
+    same_rows = params["old_data"] == params["new_data"]
+    items = {"file": _FILES, "directory": _DIRECTORIES}
+    if not same_rows:
+        items.update(cluster=_LABELS.format(subject="'cluster'", column="cluster_alias", table="cluster"),
+                     gene=_LABELS.format(subject="'gene'", column="gene_identifier", table="gene"))
     relations = {f"{side}_{t}": staged_or_published(conn, t, params[f"{side}_data"])
                  for side in ("old", "new") for t in _ROW_TABLES}
-    return {subject: sql.SQL(s).format(**relations) for subject, s in statements.items()}, params
+    return DiffQueries({subject: sql.SQL(s).format(**relations) for subject, s in items.items()},
+                       sql.SQL(_SAME_CELLS if same_rows else _CELLS).format(**relations), params)
 
 
 def compute(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> ReleaseDiff:
     """Replace the stored diff of (old, new) in ``conn``'s transaction (commit or roll back is the caller's),
     and read back what the release notes show."""
-    statements, params = item_statements(conn, old, new, scope)
+    planned = queries(conn, old, new, scope)
     conn.execute("INSERT INTO abc.release_diff (old_release, new_release, summary) VALUES (%s, %s, '{}') "
                  "ON CONFLICT (old_release, new_release) DO UPDATE SET computed_at = now(), summary = '{}'",
                  (old, new))
     conn.execute("DELETE FROM abc.release_diff_item WHERE old_release = %s AND new_release = %s", (old, new))
-    for statement in statements.values():
-        conn.execute(statement, params)
+    for statement in planned.items.values():
+        conn.execute(statement, planned.params)
+    classes: dict[str, dict[str, int]] = {"old": {}, "new": {}}
+    for side, name, n in conn.execute(planned.cells, planned.params).fetchall():
+        classes[side][name] = n
 
     summary: dict[str, dict[str, dict[str, int]]] = {}
     for dataset, subject, change, n in conn.execute(
@@ -210,11 +247,8 @@ def compute(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> Relea
         ' FROM abc.release_diff_item WHERE old_release = %s AND new_release = %s AND subject = ANY(%s)) i '
         'WHERE row_number <= %s ORDER BY subject, change, row_number',
         (old, new, LISTED_SUBJECTS, LISTED_PER_CHANGE)).fetchall()]
-    old_classes = cells_per_class(conn, params["old_data"])
-    new_classes = (old_classes if params["new_data"] == params["old_data"]
-                   else cells_per_class(conn, params["new_data"]))
-    per_class = [ClassCount(name, old_classes.get(name, 0), new_classes.get(name, 0))
-                 for name in sorted(old_classes.keys() | new_classes.keys())]
+    per_class = [ClassCount(name, classes["old"].get(name, 0), classes["new"].get(name, 0))
+                 for name in sorted(classes["old"].keys() | classes["new"].keys())]
     return ReleaseDiff(old, new, summary, listed, per_class)
 
 

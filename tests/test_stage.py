@@ -32,8 +32,9 @@ def _published_release(settings, engine, monkeypatch) -> None:
 
 
 def _readers(settings, release: str) -> dict:
+    per_class = {c.class_name: c.new for c in diff.record(settings.database_url, release, release,
+                                                             settings.run_scope, keep=False).cells_per_class}
     with db.copy_connection(settings.database_url) as conn:
-        per_class = diff.cells_per_class(conn, release)
         datasets = [r[0] for r in conn.execute("SELECT DISTINCT dataset FROM abc.cell WHERE release = %s",
                                                (release,)).fetchall()]
         cells = {d: len(cell_assignments(conn, release, d)) for d in datasets}
