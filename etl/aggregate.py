@@ -1205,6 +1205,7 @@ def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[s
     _carry_over(conn, release, list(partials), staged)
     for table in EXPRESSION_TABLES:
         index_staging_table(conn, table, release)
+        conn.execute(sql.SQL("ANALYZE {}").format(staged[table]))  # checks and readers plan on its statistics
     return entries
 
 

@@ -135,14 +135,11 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     from etl import diff
 
     settings = settings.with_overrides(mirror_root=args.target)
-    result = diff.diff(diff.release_content(settings.database_url, args.old, settings.run_scope),
-                       diff.release_content(settings.database_url, args.new, settings.run_scope))
+    result = diff.record(settings.database_url, args.old, args.new, settings.run_scope, keep=not args.no_store)
     print(diff.release_notes_markdown(result), end="")
-    if not args.no_store:
-        diff.store(settings.database_url, result)
-        if settings.mirror_is_local:
-            for path in diff.write_release_notes(result, settings.mirror_path):
-                print(f"wrote {path}", file=sys.stderr)
+    if not args.no_store and settings.mirror_is_local:
+        for path in diff.write_release_notes(result, settings.mirror_path):
+            print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -273,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff = commands.add_parser("diff", help="what changed between two loaded releases; stores it, writes release notes")
     diff.add_argument("old", help="older release YYYYMMDD")
     diff.add_argument("new", help="newer release YYYYMMDD")
-    diff.add_argument("--no-store", action="store_true", help="only print: store nothing, write no release notes")
+    diff.add_argument("--no-store", action="store_true",
+                      help="only print: store nothing (computed in the database, then rolled back), "
+                           "write no release notes")
     diff.add_argument("--target", help="mirror root the release notes go beside (env ABC_MIRROR_ROOT)")
     database_flag(diff)
     scope_flag(diff)

@@ -5,23 +5,30 @@ normalization, file type), because a release that pins a new dated directory giv
 it a new key. So a file is *added* or *removed* when its identity appears or disappears, *changed*
 when its MD5 differs, and *moved* when only its key changed (same MD5). Directories (the dated
 version each dataset/kind is pinned to), cells (added, removed, re-assigned to another cluster),
-clusters and genes are compared by their labels. The core works on DataFrames, so it is testable
-without a database; :func:`release_content` reads them from the warehouse (the staged load of a
-release when it is not yet published, so the diff can be stored at load time).
+clusters and genes are compared by their labels.
+
+The diff is computed in the database, so that no memory proportional to the cells is needed:
+each comparison is an ``INSERT ... SELECT`` (a full join of the two releases' rows) straight into
+``abc.release_diff_item``; the cells are compared in one pass that also counts them per cluster
+of each release (so per class), and the summary counts are a ``GROUP BY`` of the items. Only the
+scope's file filter runs in Python (a release lists a few thousand files). Rows are read from the
+staged load of a release when it is not yet published (:func:`etl.publish.staged_or_published`),
+so the diff can be stored at load time, and from the release it shares when published by
+reference. The release notes read the counts and at most ``LISTED_PER_CHANGE`` items of each
+change.
 """
 
 from __future__ import annotations
 
 import html
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 from sqlalchemy.engine import Engine
 
 from etl import db
@@ -30,181 +37,225 @@ from etl.scope import Scope
 from etl.transfer import write_file_nofollow
 
 FILE_IDENTITY = ["dataset", "kind", "tag", "normalization", "file_type"]
-ITEM_COLUMNS = ["dataset", "subject", "change", "item", "old_value", "new_value"]
 LISTED_PER_CHANGE = 50
+CHANGES = ["added", "removed", "changed", "moved", "reassigned"]
+SUBJECTS = ["directory", "file", "cell", "cluster", "gene"]
+LISTED_SUBJECTS = ["directory", "file"]  # the release notes list these items; the others are counted
+NO_CLASS = "(no class)"
 
 
-@dataclass
-class ReleaseContent:
-    """What a diff compares of one release; every frame has a ``dataset`` column."""
+@dataclass(frozen=True)
+class DiffItem:
+    dataset: str
+    subject: str
+    change: str
+    item: str
+    old_value: str | None
+    new_value: str | None
 
-    release: str
-    files: pd.DataFrame  # relative_path, dataset, kind, tag, normalization, file_type, md5
-    directories: pd.DataFrame  # dataset, kind, version
-    cells: pd.DataFrame  # dataset, cell_label, cluster_alias
-    clusters: pd.DataFrame  # dataset, cluster_alias
-    genes: pd.DataFrame  # dataset, gene_identifier
-    cluster_class: pd.DataFrame  # cluster_alias, class_name
+
+@dataclass(frozen=True)
+class ClassCount:
+    class_name: str
+    old: int
+    new: int
 
 
 @dataclass
 class ReleaseDiff:
+    """A stored diff as the release notes need it: counts, a few items, cells per class."""
+
     old: str
     new: str
-    items: pd.DataFrame  # ITEM_COLUMNS
-    cells_per_class: pd.DataFrame  # class_name, old, new
-
-    def counts(self) -> dict[str, dict[str, dict[str, int]]]:
-        """dataset -> subject -> change -> number of items."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        for (dataset, subject, change), n in self.items.groupby(["dataset", "subject", "change"]).size().items():
-            out.setdefault(dataset, {}).setdefault(subject, {})[change] = int(n)
-        return out
+    summary: dict[str, dict[str, dict[str, int]]]  # dataset -> subject -> change -> number of items
+    listed: list[DiffItem]  # of LISTED_SUBJECTS, the first LISTED_PER_CHANGE of each change by (dataset, item)
+    cells_per_class: list[ClassCount]  # sorted by class name
 
     def count(self, subject: str, change: str, dataset: str | None = None) -> int:
-        rows = self.items[(self.items.subject == subject) & (self.items.change == change)]
-        return int(len(rows if dataset is None else rows[rows.dataset == dataset]))
+        return sum(by_subject.get(subject, {}).get(change, 0) for name, by_subject in self.summary.items()
+                   if dataset is None or name == dataset)
 
 
-def _items(frame: pd.DataFrame, subject: str, change: str, item: str, old: str | None, new: str | None) -> pd.DataFrame:
-    return pd.DataFrame({"dataset": frame["dataset"].to_numpy(), "subject": subject, "change": change,
-                         "item": frame[item].astype(str).to_numpy(),
-                         "old_value": frame[old].astype(str).to_numpy() if old else None,
-                         "new_value": frame[new].astype(str).to_numpy() if new else None}, columns=ITEM_COLUMNS)
+# --- in the database ----------------------------------------------------------------------------
+
+# Each statement inserts the items of one subject; %(old)s / %(new)s are the releases compared,
+# %(old_data)s / %(new_data)s the releases whose rows they read (their own, or those they share),
+# {old_*} / {new_*} those rows' relations (staged or published).
+_INSERT = "INSERT INTO abc.release_diff_item (old_release, new_release, dataset, subject, change, item, " \
+          "old_value, new_value) "
+
+_FILES = _INSERT + """
+    SELECT %(old)s, %(new)s, dataset, 'file', change, coalesce(n.relative_path, o.relative_path),
+           CASE WHEN change = 'moved' THEN o.relative_path ELSE o.md5 END,
+           CASE WHEN change = 'moved' THEN n.relative_path ELSE n.md5 END
+    FROM (SELECT * FROM abc.release_file WHERE release = %(old)s AND relative_path = ANY(%(old_files)s)) o
+    FULL JOIN (SELECT * FROM abc.release_file WHERE release = %(new)s AND relative_path = ANY(%(new_files)s)) n
+        USING (dataset, kind, tag, normalization, file_type)
+    CROSS JOIN LATERAL (SELECT CASE WHEN o.relative_path IS NULL THEN 'added'
+                                    WHEN n.relative_path IS NULL THEN 'removed'
+                                    WHEN o.md5 <> n.md5 THEN 'changed' ELSE 'moved' END AS change) c
+    WHERE o.relative_path IS NULL OR n.relative_path IS NULL OR o.md5 <> n.md5 OR o.relative_path <> n.relative_path"""
+
+# A release's directories of the datasets and kinds its scoped files are in.
+_SCOPED_DIRECTORIES = """(SELECT dataset, kind, version FROM abc.release_directory d WHERE release = %({r})s
+    AND EXISTS (SELECT 1 FROM abc.release_file f WHERE f.release = d.release AND f.dataset = d.dataset
+                AND f.kind = d.kind AND f.relative_path = ANY(%({r}_files)s)))"""
+
+_DIRECTORIES = _INSERT + f"""
+    SELECT %(old)s, %(new)s, dataset, 'directory',
+           CASE WHEN o.version IS NULL THEN 'added' WHEN n.version IS NULL THEN 'removed' ELSE 'changed' END,
+           kind, o.version, n.version
+    FROM {_SCOPED_DIRECTORIES.format(r="old")} o FULL JOIN {_SCOPED_DIRECTORIES.format(r="new")} n USING (dataset, kind)
+    WHERE o.version IS DISTINCT FROM n.version"""
+
+# Labels (clusters, genes) added and removed per dataset.
+_LABELS = _INSERT + """
+    SELECT %(old)s, %(new)s, coalesce(n.dataset, o.dataset), {subject},
+           CASE WHEN o.label IS NULL THEN 'added' ELSE 'removed' END, coalesce(n.label, o.label)::text, NULL, NULL
+    FROM (SELECT DISTINCT dataset, {column} AS label FROM {{old_{table}}} WHERE release = %(old_data)s) o
+    FULL JOIN (SELECT DISTINCT dataset, {column} AS label FROM {{new_{table}}} WHERE release = %(new_data)s) n
+        ON n.dataset = o.dataset AND n.label = o.label
+    WHERE o.label IS NULL OR n.label IS NULL"""
+
+# A release's cells with their cluster: its own cluster_alias or, in the consensus layout, the
+# taxonomy's cell_to_cluster_membership row.
+_CELLS_OF = """(SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias
+    FROM {{{r}_cell}} c LEFT JOIN {{{r}_cell_cluster_membership}} m ON m.release = c.release
+         AND m.cell_label = c.cell_label
+    WHERE c.release = %({r}_data)s)"""
+
+# Cells per class of each side, from the cells counted per (side, cluster) in per_cluster: the
+# few clusters are named by their side's 'class' term.
+_PER_CLASS = """
+    SELECT p.side, coalesce(t.cluster_annotation_term_name, %(no_class)s), sum(p.n)::bigint
+    FROM per_cluster p LEFT JOIN (
+        SELECT 'old' AS side, cluster_alias, cluster_annotation_term_name FROM {old_cluster_membership}
+        WHERE release = %(old_data)s AND cluster_annotation_term_set_name = 'class'
+        UNION ALL
+        SELECT 'new', cluster_alias, cluster_annotation_term_name FROM {new_cluster_membership}
+        WHERE release = %(new_data)s AND cluster_annotation_term_set_name = 'class') t
+      ON t.side = p.side AND t.cluster_alias = p.cluster_alias
+    GROUP BY 1, 2"""
+
+# One pass over both releases' cells, joined on cell_label (unique in a release): it inserts the
+# cell items and returns the cells per class of both sides. Unchanged cells collapse into one group
+# per cluster, so ``pairs`` holds about as many rows as clusters plus changed cells. A changed cell
+# in one release only is added or removed; in both, it is re-assigned within its dataset, or removed
+# from its old dataset and added to its new one.
+_CELLS = f"""
+    WITH pairs AS (
+        SELECT o.dataset AS old_dataset, n.dataset AS new_dataset, o.cluster_alias AS old_cluster,
+               n.cluster_alias AS new_cluster,
+               CASE WHEN o.dataset IS DISTINCT FROM n.dataset OR o.cluster_alias IS DISTINCT FROM n.cluster_alias
+                    THEN coalesce(n.cell_label, o.cell_label) END AS changed_cell,
+               count(*) AS n
+        FROM {_CELLS_OF.format(r="old")} o FULL JOIN {_CELLS_OF.format(r="new")} n ON n.cell_label = o.cell_label
+        GROUP BY 1, 2, 3, 4, 5),
+    items AS ({_INSERT}
+        SELECT %(old)s, %(new)s, x.dataset, 'cell', x.change, p.changed_cell, x.old_cluster::text,
+               x.new_cluster::text
+        FROM pairs p CROSS JOIN LATERAL (VALUES ('removed', p.old_dataset, p.old_cluster, NULL::integer),
+                                                 ('added', p.new_dataset, NULL, p.new_cluster),
+                                                 ('reassigned', p.new_dataset, p.old_cluster, p.new_cluster))
+                                         x(change, dataset, old_cluster, new_cluster)
+        WHERE p.changed_cell IS NOT NULL AND x.dataset IS NOT NULL
+          AND (x.change = 'reassigned') = coalesce(p.old_dataset = p.new_dataset, false)),
+    per_cluster AS (
+        SELECT 'old' AS side, old_cluster AS cluster_alias, sum(n) AS n FROM pairs WHERE old_dataset IS NOT NULL
+        GROUP BY 2
+        UNION ALL
+        SELECT 'new', new_cluster, sum(n) FROM pairs WHERE new_dataset IS NOT NULL GROUP BY 2)
+    {_PER_CLASS}"""
+
+# The same counts when both releases read the same rows (one shared by reference): no cell changed.
+_SAME_CELLS = f"""
+    WITH counts AS (SELECT cluster_alias, count(*) AS n FROM {_CELLS_OF.format(r="old")} o GROUP BY 1),
+    per_cluster AS (SELECT side, cluster_alias, n FROM counts CROSS JOIN (VALUES ('old'), ('new')) s(side))
+    {_PER_CLASS}"""
+
+_ROW_TABLES = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership"]
 
 
-def _outer(old: pd.DataFrame, new: pd.DataFrame, on: list[str]) -> pd.DataFrame:
-    return old.merge(new, on=on, how="outer", suffixes=("_old", "_new"), indicator=True)
+def data_release(conn: psycopg.Connection, release: str) -> str:
+    """The release whose rows ``release`` reads: the one it shares when published by reference, else itself."""
+    row = conn.execute("SELECT coalesce(shares_data_with, version) FROM abc.release WHERE version = %s",
+                       (release,)).fetchone()
+    return row[0] if row else release
 
 
-def diff_files(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    both = _outer(old[[*FILE_IDENTITY, "relative_path", "md5"]], new[[*FILE_IDENTITY, "relative_path", "md5"]],
-                  FILE_IDENTITY)
-    kept = both[both._merge == "both"]
-    return pd.concat([
-        _items(both[both._merge == "right_only"], "file", "added", "relative_path_new", None, "md5_new"),
-        _items(both[both._merge == "left_only"], "file", "removed", "relative_path_old", "md5_old", None),
-        _items(kept[kept.md5_old != kept.md5_new], "file", "changed", "relative_path_new", "md5_old", "md5_new"),
-        _items(kept[(kept.md5_old == kept.md5_new) & (kept.relative_path_old != kept.relative_path_new)],
-               "file", "moved", "relative_path_new", "relative_path_old", "relative_path_new"),
-    ], ignore_index=True)
+def scoped_files(conn: psycopg.Connection, release: str, scope: Scope) -> list[str]:
+    """Keys of the release's files that feed the warehouse in ``scope`` (its manifest's, a few thousand)."""
+    with conn.cursor(row_factory=namedtuple_row) as cursor:
+        rows = cursor.execute("SELECT relative_path, dataset, kind, tag FROM abc.release_file WHERE release = %s",
+                              (release,)).fetchall()
+    return [r.relative_path for r in rows if scope.feeds_warehouse(r)]
 
 
-def diff_directories(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    both = _outer(old, new, ["dataset", "kind"])
-    kept = both[both._merge == "both"]
-    return pd.concat([
-        _items(both[both._merge == "right_only"], "directory", "added", "kind", None, "version_new"),
-        _items(both[both._merge == "left_only"], "directory", "removed", "kind", "version_old", None),
-        _items(kept[kept.version_old != kept.version_new], "directory", "changed", "kind", "version_old",
-               "version_new"),
-    ], ignore_index=True)
+@dataclass(frozen=True)
+class DiffQueries:
+    """The statements of a diff (to run, or EXPLAIN) and their parameters."""
+
+    items: dict[str, sql.Composed]  # subject -> its INSERT ... SELECT of items (files, directories, labels)
+    cells: sql.Composed  # inserts the cell items, returns (side, class name, cells)
+    params: dict[str, object]
 
 
-def diff_cells(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """Cells added, removed, and re-assigned to another cluster (``cluster_alias`` old -> new)."""
-    both = _outer(old[["dataset", "cell_label", "cluster_alias"]], new[["dataset", "cell_label", "cluster_alias"]],
-                  ["dataset", "cell_label"])
-    kept = both[both._merge == "both"]
-    moved = kept[kept.cluster_alias_old.astype("Int64").ne(kept.cluster_alias_new.astype("Int64")).fillna(
-        kept.cluster_alias_old.isna() != kept.cluster_alias_new.isna())]
-    return pd.concat([
-        _items(both[both._merge == "right_only"], "cell", "added", "cell_label", None, "cluster_alias_new"),
-        _items(both[both._merge == "left_only"], "cell", "removed", "cell_label", "cluster_alias_old", None),
-        _items(moved, "cell", "reassigned", "cell_label", "cluster_alias_old", "cluster_alias_new"),
-    ], ignore_index=True)
+def queries(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> DiffQueries:
+    """The diff of (old, new) as statements over their staged or published rows.
+
+    A release shared by reference has the very same rows as the one it shares: when both read the
+    same rows, only files and directories are compared, and the cells are only counted.
+    """
+    params = {"old": old, "new": new, "old_data": data_release(conn, old), "new_data": data_release(conn, new),
+              "old_files": scoped_files(conn, old, scope), "new_files": scoped_files(conn, new, scope),
+              "no_class": NO_CLASS}
+    same_rows = params["old_data"] == params["new_data"]
+    items = {"file": _FILES, "directory": _DIRECTORIES}
+    if not same_rows:
+        items.update(cluster=_LABELS.format(subject="'cluster'", column="cluster_alias", table="cluster"),
+                     gene=_LABELS.format(subject="'gene'", column="gene_identifier", table="gene"))
+    relations = {f"{side}_{t}": staged_or_published(conn, t, params[f"{side}_data"])
+                 for side in ("old", "new") for t in _ROW_TABLES}
+    return DiffQueries({subject: sql.SQL(s).format(**relations) for subject, s in items.items()},
+                       sql.SQL(_SAME_CELLS if same_rows else _CELLS).format(**relations), params)
 
 
-def diff_labels(old: pd.DataFrame, new: pd.DataFrame, subject: str, key: str) -> pd.DataFrame:
-    """Labels (clusters, genes) added and removed per dataset."""
-    both = _outer(old[["dataset", key]].drop_duplicates(), new[["dataset", key]].drop_duplicates(), ["dataset", key])
-    return pd.concat([_items(both[both._merge == "right_only"], subject, "added", key, None, None),
-                      _items(both[both._merge == "left_only"], subject, "removed", key, None, None)],
-                     ignore_index=True)
+def compute(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> ReleaseDiff:
+    """Replace the stored diff of (old, new) in ``conn``'s transaction (commit or roll back is the caller's),
+    and read back what the release notes show."""
+    planned = queries(conn, old, new, scope)
+    conn.execute("INSERT INTO abc.release_diff (old_release, new_release, summary) VALUES (%s, %s, '{}') "
+                 "ON CONFLICT (old_release, new_release) DO UPDATE SET computed_at = now(), summary = '{}'",
+                 (old, new))
+    conn.execute("DELETE FROM abc.release_diff_item WHERE old_release = %s AND new_release = %s", (old, new))
+    for statement in planned.items.values():
+        conn.execute(statement, planned.params)
+    classes: dict[str, dict[str, int]] = {"old": {}, "new": {}}
+    for side, name, n in conn.execute(planned.cells, planned.params).fetchall():
+        classes[side][name] = n
+
+    summary: dict[str, dict[str, dict[str, int]]] = {}
+    for dataset, subject, change, n in conn.execute(
+            "SELECT dataset, subject, change, count(*) FROM abc.release_diff_item WHERE old_release = %s "
+            "AND new_release = %s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3", (old, new)).fetchall():
+        summary.setdefault(dataset, {}).setdefault(subject, {})[change] = n
+    conn.execute("UPDATE abc.release_diff SET summary = %s WHERE old_release = %s AND new_release = %s",
+                 (json.dumps(summary), old, new))
+    listed = [DiffItem(*row) for row in conn.execute(
+        'SELECT dataset, subject, change, item, old_value, new_value FROM ('
+        ' SELECT *, row_number() OVER (PARTITION BY subject, change ORDER BY dataset COLLATE "C", item COLLATE "C")'
+        ' FROM abc.release_diff_item WHERE old_release = %s AND new_release = %s AND subject = ANY(%s)) i '
+        'WHERE row_number <= %s ORDER BY subject, change, row_number',
+        (old, new, LISTED_SUBJECTS, LISTED_PER_CHANGE)).fetchall()]
+    per_class = [ClassCount(name, classes["old"].get(name, 0), classes["new"].get(name, 0))
+                 for name in sorted(classes["old"].keys() | classes["new"].keys())]
+    return ReleaseDiff(old, new, summary, listed, per_class)
 
 
-def cells_per_class(cells: pd.DataFrame, cluster_class: pd.DataFrame) -> pd.Series:
-    named = cells.merge(cluster_class, on="cluster_alias", how="left")
-    return named["class_name"].fillna("(no class)").value_counts()
-
-
-def diff(old: ReleaseContent, new: ReleaseContent) -> ReleaseDiff:
-    items = pd.concat([
-        diff_files(old.files, new.files),
-        diff_directories(old.directories, new.directories),
-        diff_cells(old.cells, new.cells),
-        diff_labels(old.clusters, new.clusters, "cluster", "cluster_alias"),
-        diff_labels(old.genes, new.genes, "gene", "gene_identifier"),
-    ], ignore_index=True)
-    per_class = pd.DataFrame({"old": cells_per_class(old.cells, old.cluster_class),
-                              "new": cells_per_class(new.cells, new.cluster_class)}).fillna(0).astype(int)
-    per_class = per_class.rename_axis("class_name").reset_index().sort_values("class_name", ignore_index=True)
-    return ReleaseDiff(old.release, new.release, items, per_class)
-
-
-# --- from the warehouse -----------------------------------------------------------------------
-
-def _frame(conn: psycopg.Connection, query: sql.Composable, dtypes: dict[str, str]) -> pd.DataFrame:
-    buffer = io.BytesIO()
-    with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT csv, HEADER true)").format(query)) as copy:
-        for data in copy:
-            buffer.write(data)
-    buffer.seek(0)
-    return pd.read_csv(buffer, dtype=dtypes, keep_default_na=False, na_values=[""])
-
-
-def release_content(database_url: str, release: str, scope: Scope) -> ReleaseContent:
-    """A release's files and directories that feed the warehouse in ``scope`` (manifest), and its loaded
-    cells, clusters and genes (those of the release it shares when published by reference)."""
-    def rows(table: str, columns: str) -> sql.Composed:
-        return sql.SQL("SELECT {} FROM {} WHERE release = {}").format(
-            sql.SQL(columns), staged_or_published(conn, table, data), sql.Literal(data))
-
-    text = str
-    with db.copy_connection(database_url) as conn:
-        data = conn.execute("SELECT coalesce(shares_data_with, version) FROM abc.release WHERE version = %s",
-                            (release,)).fetchone()
-        data = data[0] if data else release
-        files = _frame(conn, sql.SQL("SELECT relative_path, dataset, kind, tag, normalization, file_type, md5 "
-                                     "FROM abc.release_file WHERE release = {}").format(sql.Literal(release)),
-                       dict.fromkeys(["relative_path", *FILE_IDENTITY, "md5"], text))
-        files = files[[scope.feeds_warehouse(f) for f in files.itertuples()]].reset_index(drop=True)
-        files["normalization"] = files["normalization"].fillna("")
-        directories = _frame(conn, sql.SQL("SELECT dataset, kind, version FROM abc.release_directory "
-                                           "WHERE release = {}").format(sql.Literal(release)),
-                             dict.fromkeys(["dataset", "kind", "version"], text))
-        scoped = set(zip(files["dataset"], files["kind"], strict=True))
-        directories = directories[[(d, k) in scoped for d, k in zip(directories["dataset"], directories["kind"],
-                                                                      strict=True)]].reset_index(drop=True)
-        # A cell's cluster is its own cluster_alias or, in the consensus layout, the taxonomy's
-        # cell_to_cluster_membership row.
-        cells = _frame(conn, sql.SQL(
-            "SELECT c.dataset, c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias "
-            "FROM {} c LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
-            "WHERE c.release = {}").format(
-            staged_or_published(conn, "cell", data),
-            staged_or_published(conn, "cell_cluster_membership", data), sql.Literal(data)),
-            {"dataset": text, "cell_label": text, "cluster_alias": "Int64"})
-        clusters = _frame(conn, rows("cluster", "dataset, cluster_alias"), {"dataset": text, "cluster_alias": "Int64"})
-        genes = _frame(conn, rows("gene", "dataset, gene_identifier"), {"dataset": text, "gene_identifier": text})
-        cluster_class = _frame(conn, rows("cluster_membership", "cluster_alias, cluster_annotation_term_name AS "
-                                          "class_name") + sql.SQL(" AND cluster_annotation_term_set_name = 'class'"),
-                               {"cluster_alias": "Int64", "class_name": text})
-    return ReleaseContent(release, files, directories, cells, clusters, genes, cluster_class)
-
-
-def store(database_url: str, result: ReleaseDiff) -> None:
-    """Replace the stored diff of (old, new): summary counts in abc.release_diff, items via COPY."""
-    with db.copy_connection(database_url) as conn, conn.transaction():
-        conn.execute("DELETE FROM abc.release_diff WHERE old_release = %s AND new_release = %s",
-                     (result.old, result.new))
-        conn.execute("INSERT INTO abc.release_diff (old_release, new_release, summary) VALUES (%s, %s, %s)",
-                     (result.old, result.new, json.dumps(result.counts())))
-        with conn.cursor().copy("COPY abc.release_diff_item (old_release, new_release, dataset, subject, change, "
-                                "item, old_value, new_value) FROM STDIN") as copy:
-            for row in result.items.itertuples(index=False):
-                copy.write_row((result.old, result.new, row.dataset, row.subject, row.change, row.item,
-                                row.old_value, row.new_value))
+def record(database_url: str, old: str, new: str, scope: Scope, keep: bool = True) -> ReleaseDiff:
+    """Compute and store the diff of (old, new); with ``keep`` False nothing stays stored (rolled back)."""
+    with db.copy_connection(database_url) as conn, conn.transaction(force_rollback=not keep):
+        return compute(conn, old, new, scope)
 
 
 def previous_release(engine: Engine, release: str) -> str | None:
@@ -216,12 +267,9 @@ def previous_release(engine: Engine, release: str) -> str | None:
 
 # --- release notes ----------------------------------------------------------------------------
 
-CHANGES = ["added", "removed", "changed", "moved", "reassigned"]
-SUBJECTS = ["directory", "file", "cell", "cluster", "gene"]
-
 
 def _summary_rows(result: ReleaseDiff) -> list[list[str]]:
-    counts = result.counts()
+    counts = result.summary
     return [[dataset, subject, *(str(counts[dataset].get(subject, {}).get(c, 0)) for c in CHANGES)]
             for dataset in sorted(counts) for subject in SUBJECTS if subject in counts[dataset]]
 
@@ -230,13 +278,13 @@ def _listed(result: ReleaseDiff, subject: str) -> list[tuple[str, str, str]]:
     """(change, item, detail) of ``subject``, at most LISTED_PER_CHANGE per change."""
     out = []
     for change in CHANGES:
-        rows = result.items[(result.items.subject == subject) & (result.items.change == change)]
-        for row in rows.sort_values(["dataset", "item"]).head(LISTED_PER_CHANGE).itertuples():
+        for row in (i for i in result.listed if i.subject == subject and i.change == change):
             old, new = row.old_value, row.new_value
             detail = f"{old} → {new}" if old and new else (new or old or "")
             out.append((change, f"{row.dataset}: {row.item}", detail))
-        if len(rows) > LISTED_PER_CHANGE:
-            out.append((change, f"… and {len(rows) - LISTED_PER_CHANGE} more", ""))
+        total = result.count(subject, change)
+        if total > LISTED_PER_CHANGE:
+            out.append((change, f"… and {total - LISTED_PER_CHANGE} more", ""))
     return out
 
 
@@ -244,7 +292,7 @@ def release_notes_markdown(result: ReleaseDiff) -> str:
     lines = [f"# Release {result.new}: changes since {result.old}", "", "## Summary", "",
              "| dataset | subject | " + " | ".join(CHANGES) + " |", "|---|---|" + "---:|" * len(CHANGES)]
     lines += ["| " + " | ".join(row) + " |" for row in _summary_rows(result)]
-    if result.items.empty:
+    if not result.summary:
         lines += ["", "No change in scope."]
     for subject, title in (("directory", "Dataset versions"), ("file", "Files")):
         listed = _listed(result, subject)
@@ -253,24 +301,24 @@ def release_notes_markdown(result: ReleaseDiff) -> str:
                                                 in listed]
     lines += ["", "## Cells per class", "", f"| class | {result.old} | {result.new} | change |", "|---|---:|---:|---:|"]
     lines += [f"| {r.class_name} | {r.old} | {r.new} | {r.new - r.old:+d} |"
-              for r in result.cells_per_class.itertuples()]
+              for r in result.cells_per_class]
     return "\n".join(lines) + "\n"
 
 
 def cells_per_class_svg(result: ReleaseDiff, bar_height: int = 8, width: int = 640) -> str:
     """A grouped horizontal bar chart, old vs new cells per class, as inline SVG (no script, works offline)."""
-    frame = result.cells_per_class
+    classes = result.cells_per_class
     label_width, row = 220, 2 * bar_height + 8
-    top = max([1, *frame.old.tolist(), *frame.new.tolist()])
+    top = max([1, *(c.old for c in classes), *(c.new for c in classes)])
     scale = (width - label_width - 60) / top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(frame) + 40}" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(classes) + 40}" '
              f'role="img" aria-label="cells per class, {result.old} vs {result.new}" font-family="sans-serif" '
              'font-size="11">',
              f'<rect x="{label_width}" y="4" width="10" height="10" fill="#9aa5b1"/>'
              f'<text x="{label_width + 14}" y="13">{result.old}</text>'
              f'<rect x="{label_width + 90}" y="4" width="10" height="10" fill="#2f6fde"/>'
              f'<text x="{label_width + 104}" y="13">{result.new}</text>']
-    for i, r in enumerate(frame.itertuples()):
+    for i, r in enumerate(classes):
         y = 24 + i * row
         parts.append(f'<text x="{label_width - 6}" y="{y + bar_height + 3}" text-anchor="end">'
                      f'{html.escape(str(r.class_name))}</text>')
@@ -292,7 +340,7 @@ def release_notes_html(result: ReleaseDiff) -> str:
 
     title = f"Release {result.new}: changes since {result.old}"
     sections = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>",
-                table(["dataset", "subject", *CHANGES], _summary_rows(result)) if not result.items.empty
+                table(["dataset", "subject", *CHANGES], _summary_rows(result)) if result.summary
                 else "<p>No change in scope.</p>"]
     for subject, name in (("directory", "Dataset versions"), ("file", "Files")):
         listed = _listed(result, subject)
@@ -301,7 +349,7 @@ def release_notes_html(result: ReleaseDiff) -> str:
     sections += ["<h2>Cells per class</h2>", cells_per_class_svg(result),
                  table(["class", result.old, result.new, "change"],
                        [[r.class_name, r.old, r.new, f"{r.new - r.old:+d}"]
-                        for r in result.cells_per_class.itertuples()])]
+                        for r in result.cells_per_class])]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

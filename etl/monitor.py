@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
@@ -81,27 +82,37 @@ CHECKS: dict[str, tuple[str, str]] = {
                                               coalesce(e.n_cells, 0), coalesce(m.n, 0)), '; ') FROM
                (SELECT dataset, group_label, n_cells FROM {expression_group}
                 WHERE release = %(r)s AND grouping = 'cluster') e
-           FULL JOIN (SELECT c.dataset, t.cluster_annotation_term_label AS label, count(*) AS n FROM {cell} c
-                      LEFT JOIN {cell_cluster_membership} a ON a.release = c.release AND a.cell_label = c.cell_label
-                      JOIN {cluster_membership} t ON t.release = c.release
-                           AND t.cluster_alias = coalesce(c.cluster_alias, a.cluster_alias)
+           FULL JOIN (SELECT x.dataset, t.cluster_annotation_term_label AS label, sum(x.n)::bigint AS n
+                      FROM (SELECT c.dataset, coalesce(c.cluster_alias, a.cluster_alias) AS cluster_alias,
+                                   count(*) AS n
+                            FROM {cell} c LEFT JOIN {cell_cluster_membership} a
+                                 ON a.release = c.release AND a.cell_label = c.cell_label
+                            WHERE c.release = %(r)s
+                              AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
+                            GROUP BY 1, 2) x
+                      JOIN {cluster_membership} t ON t.release = %(r)s AND t.cluster_alias = x.cluster_alias
                            AND t.cluster_annotation_term_set_name = 'cluster'
-                      WHERE c.release = %(r)s
-                        AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
                       GROUP BY 1, 2) m
              ON m.dataset = e.dataset AND m.label = e.group_label
            WHERE coalesce(e.n_cells, 0) <> coalesce(m.n, 0)"""),
 }
 
 
+CHECKED_TABLES = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
+
+
+def check_query(conn: psycopg.Connection, name: str, release: str) -> sql.Composed:
+    """The check's query over ``release``'s staged or published tables; its parameter ``r`` is the release."""
+    relations = {t: staged_or_published(conn, t, release) for t in CHECKED_TABLES}
+    return sql.SQL(CHECKS[name][1]).format(**relations)
+
+
 def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
     """Run every check on ``release`` (its staged load when not yet published) and store the results."""
-    tables = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
     results = []
     with db.copy_connection(database_url) as conn:
-        relations = {t: staged_or_published(conn, t, release) for t in tables}
-        for name, (_, query) in CHECKS.items():
-            failing, details = conn.execute(sql.SQL(query).format(**relations), {"r": release}).fetchone()
+        for name in CHECKS:
+            failing, details = conn.execute(check_query(conn, name, release), {"r": release}).fetchone()
             results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))
         with conn.transaction():
             conn.execute("DELETE FROM abc.quality_check WHERE release = %s", (release,))
@@ -208,9 +219,7 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     if old is None:
         log.info("release %s: no earlier loaded release to diff against", release)
         return None
-    result = diff.diff(diff.release_content(settings.database_url, old, settings.run_scope),
-                       diff.release_content(settings.database_url, release, settings.run_scope))
-    diff.store(settings.database_url, result)
+    result = diff.record(settings.database_url, old, release, settings.run_scope)
     if not settings.mirror_is_local:
         log.info("release notes of %s not written: mirror %s is not a local directory", release, settings.mirror_root)
         return None

@@ -319,9 +319,20 @@ def is_staged(conn: psycopg.Connection, table: str, release: str) -> bool:
 def staged_or_published(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:
     """The release's staging table while its stage is live (:func:`reads_staged`), else the published
     table: so that the run's checks and next stage read what its last stage wrote, and everyone
-    else reads a published release as published, never a failed or abandoned stage."""
-    staged = is_staged(conn, table, release) and reads_staged(conn, release)
-    return staged_table(table, release) if staged else sql.Identifier("abc", table)
+    else reads a published release as published, never a failed or abandoned stage.
+
+    A published release is read from its partition (``abc_part.<table>_r<release>``, the staging
+    table :func:`publish` attached), not through ``abc.<table>``: the partition keeps the statistics
+    ANALYZE took when it was staged, while the partitioned parent has none (autovacuum never analyzes
+    it), so joins through the parent are planned for billions of rows. A release with no partition
+    (never published, e.g. not aggregated) reads the parent, which holds none of its rows.
+    """
+    if is_staged(conn, table, release) and reads_staged(conn, release):
+        return staged_table(table, release)
+    partition = f"{PARTITION_SCHEMA}.{staging_name(table, release)}"
+    if conn.execute("SELECT to_regclass(%s)", (partition,)).fetchone()[0] is not None:
+        return sql.Identifier(PARTITION_SCHEMA, staging_name(table, release))
+    return sql.Identifier("abc", table)
 
 
 def create_staging_table(conn: psycopg.Connection, table: str, release: str) -> sql.Identifier:

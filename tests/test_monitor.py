@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from etl import alerts, diff, monitor, source
+from etl import aggregate, alerts, db, diff, monitor, source
 from etl.cli import main
 from etl.discovery import discover
 from etl.fixtures import (
@@ -25,7 +25,7 @@ from etl.fixtures import (
     OLD_RELEASE,
     TAXONOMY,
 )
-from etl.load import load_release_metadata
+from etl.load import cell_assignments, load_release_metadata
 from tests.conftest import scoped_keys
 
 
@@ -107,22 +107,48 @@ def metadata_csv(generated_bucket, release: str, dataset: str, stem: str) -> pd.
     return pd.read_csv(generated_bucket.bucket_dir / key, dtype={"cell_label": str})
 
 
-def test_cell_diff_on_generated_csvs_matches_the_generator(generated_bucket):
-    # A cell's cluster is its row of the taxonomy's cell_to_cluster_membership.csv (the real layout).
-    frames = {r: metadata_csv(generated_bucket, r, CONSENSUS_WMB, "cell_metadata").assign(dataset=CONSENSUS_WMB)
-              .merge(metadata_csv(generated_bucket, r, TAXONOMY, "cell_to_cluster_membership"), on="cell_label")
-              [["dataset", "cell_label", "cluster_alias"]]
-              for r in generated_bucket.consensus_releases}
-    items = diff.diff_cells(frames[OLD_RELEASE], frames[NEW_RELEASE])
+def cell_clusters(generated_bucket, release: str) -> pd.Series:
+    """cell_label -> cluster_alias of the consensus WMB cells: each cell's row of the taxonomy's
+    cell_to_cluster_membership.csv (the real layout)."""
+    cells = metadata_csv(generated_bucket, release, CONSENSUS_WMB, "cell_metadata")
+    membership = metadata_csv(generated_bucket, release, TAXONOMY, "cell_to_cluster_membership")
+    return cells[["cell_label"]].merge(membership, on="cell_label").set_index("cell_label")["cluster_alias"]
+
+
+def expected_cells_per_class(generated_bucket, release: str) -> dict[str, int]:
+    """class name -> cells of the release's consensus datasets, from the generated CSVs."""
+    cells = pd.concat([metadata_csv(generated_bucket, release, d, "cell_metadata")[["cell_label"]]
+                       for d in (CONSENSUS_WMB, MACOSKO)])
+    membership = metadata_csv(generated_bucket, release, TAXONOMY, "cell_to_cluster_membership")
+    terms = metadata_csv(generated_bucket, release, TAXONOMY, "cluster_to_cluster_annotation_membership")
+    classes = terms[terms.cluster_annotation_term_set_name == "class"][
+        ["cluster_alias", "cluster_annotation_term_name"]]
+    named = cells.merge(membership, on="cell_label", how="left").merge(classes, on="cluster_alias", how="left")
+    return named["cluster_annotation_term_name"].fillna(diff.NO_CLASS).value_counts().to_dict()
+
+
+def test_cell_diff_matches_the_generator(both_loaded, engine, generated_bucket):
+    diff.record(both_loaded.database_url, OLD_RELEASE, NEW_RELEASE, both_loaded.run_scope)
+    with engine.connect() as conn:
+        items = pd.DataFrame(conn.execute(sa.text(
+            "SELECT change, item, old_value, new_value FROM abc.release_diff_item WHERE old_release = :o "
+            "AND new_release = :n AND subject = 'cell' AND dataset = :d"),
+            {"o": OLD_RELEASE, "n": NEW_RELEASE, "d": CONSENSUS_WMB}).all())
     changes = generated_bucket.changes[CONSENSUS_WMB]
     for change, expected in (("reassigned", changes.reassigned), ("removed", changes.removed),
                              ("added", changes.added)):
         assert sorted(items[items.change == change].item) == sorted(expected)
+    old, new = cell_clusters(generated_bucket, OLD_RELEASE), cell_clusters(generated_bucket, NEW_RELEASE)
     moved = items[items.change == "reassigned"]
+    assert list(moved.old_value) == [str(old[c]) for c in moved.item]
+    assert list(moved.new_value) == [str(new[c]) for c in moved.item]
     assert (moved.old_value != moved.new_value).all()
+    removed, added = items[items.change == "removed"], items[items.change == "added"]
+    assert list(removed.old_value) == [str(old[c]) for c in removed.item] and removed.new_value.isna().all()
+    assert list(added.new_value) == [str(new[c]) for c in added.item] and added.old_value.isna().all()
 
 
-def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine, generated_bucket):
+def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine, generated_bucket, monkeypatch):
     settings = both_loaded
     md, html = monitor.record_diff(settings, engine, NEW_RELEASE, old=OLD_RELEASE)
     assert (md, html) == (settings.mirror_path / "releases" / NEW_RELEASE / "release-notes.md",
@@ -143,10 +169,10 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
                                        "AND new_release = :n"), {"o": OLD_RELEASE, "n": NEW_RELEASE}).scalar_one()
         stored = conn.execute(sa.text("SELECT subject, change, count(*) FROM abc.release_diff_item "
                                       "GROUP BY 1, 2")).all()
-    result = diff.diff(diff.release_content(settings.database_url, OLD_RELEASE, settings.run_scope),
-                       diff.release_content(settings.database_url, NEW_RELEASE, settings.run_scope))
-    assert summary == result.counts()
-    assert {(s, c): n for s, c, n in stored} == result.items.groupby(["subject", "change"]).size().to_dict()
+    result = diff.record(settings.database_url, OLD_RELEASE, NEW_RELEASE, settings.run_scope)
+    assert summary == result.summary
+    assert {(s, c): n for s, c, n in stored} == {(s, c): result.count(s, c) for by_subject in summary.values()
+                                                 for s, by_change in by_subject.items() for c in by_change}
     assert {c: result.count("file", c) for c in expected_files} == expected_files
     assert summary[CONSENSUS_WMB]["cell"] == {"added": len(changes.added), "removed": len(changes.removed),
                                               "reassigned": len(changes.reassigned)}
@@ -163,10 +189,25 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
             f"{len(changes.reassigned)} |") in notes
     assert f"- changed: `{CONSENSUS_WMB}: metadata` {OLD_RELEASE} → {NEW_RELEASE}" in notes
     per_class = result.cells_per_class
-    assert per_class.new.sum() - per_class.old.sum() == len(changes.added) - len(changes.removed)
+    assert {c.class_name: c.old for c in per_class if c.old} == expected_cells_per_class(generated_bucket, OLD_RELEASE)
+    assert {c.class_name: c.new for c in per_class if c.new} == expected_cells_per_class(generated_bucket, NEW_RELEASE)
+    assert sum(c.new - c.old for c in per_class) == len(changes.added) - len(changes.removed)
+    assert [c.class_name for c in per_class] == sorted(c.class_name for c in per_class)
+    for c in per_class:
+        assert f"| {c.class_name} | {c.old} | {c.new} | {c.new - c.old:+d} |" in notes
     page = html.read_text()
     assert page.count('<rect class="new"') == page.count('<rect class="old"') == len(per_class)
     assert "<script" not in page and "http://www.w3.org/2000/svg" in page
+
+    # The notes list the first items of each change by (dataset, item), then how many more.
+    monkeypatch.setattr(diff, "LISTED_PER_CHANGE", 2)
+    short = diff.release_notes_markdown(diff.record(settings.database_url, OLD_RELEASE, NEW_RELEASE,
+                                                    settings.run_scope, keep=False))
+    moved = sorted((k[0], new[k][0], old[k][0]) for k in old.keys() & new.keys()
+                   if old[k][1] == new[k][1] and old[k][0] != new[k][0])
+    listed = [line for line in short.splitlines() if line.startswith("- moved: ")]
+    assert listed == [f"- moved: `{d}: {key}` {was} → {key}" for d, key, was in moved[:2]] + [
+        f"- moved: `… and {len(moved) - 2} more`"]
 
 
 def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, webhook):
@@ -211,6 +252,54 @@ def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, w
         stored = dict(conn.execute(sa.text("SELECT name, passed FROM abc.quality_check WHERE release = :r"),
                                    {"r": OLD_RELEASE}).all())
     assert stored == {r.name: r.passed for r in results}
+
+
+def test_expression_check_fails_when_aggregated_and_metadata_counts_differ(settings, engine, generated_bucket,
+                                                                         tmp_path):
+    discover(source.make_client(settings), settings, engine)
+    load(settings, generated_bucket, OLD_RELEASE)
+    matrices = sorted((generated_bucket.bucket_dir / "expression_matrices" / MACOSKO / OLD_RELEASE).glob("*-log2.h5ad"))
+    with db.copy_connection(settings.database_url) as conn:
+        taxonomy = aggregate.release_taxonomy(conn, OLD_RELEASE)
+        cells = cell_assignments(conn, OLD_RELEASE, MACOSKO)
+        partials = [aggregate.aggregate_file(p, cells, taxonomy, tmp_path / f"{p.stem}.npz") for p in matrices]
+        aggregate.merge_and_publish(conn, OLD_RELEASE, {MACOSKO: partials}, taxonomy)
+
+    def expression_check() -> monitor.CheckResult:
+        results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
+        return {r.name: r for r in results}["expression_cells_match_metadata"]
+
+    assert expression_check() == monitor.CheckResult("expression_cells_match_metadata", True, 0, "")
+    with engine.connect() as conn:
+        groups = dict(conn.execute(sa.text(
+            "SELECT t.cluster_alias, e.group_label || '|' || e.n_cells FROM abc.expression_group e "
+            "JOIN abc.cluster_membership t ON t.release = e.release AND t.cluster_annotation_term_set_name = 'cluster' "
+            "AND t.cluster_annotation_term_label = e.group_label WHERE e.release = :r AND e.dataset = :d "
+            "AND e.grouping = 'cluster' ORDER BY e.n_cells DESC LIMIT 2"), {"r": OLD_RELEASE, "d": MACOSKO}).all())
+        (source_alias, source_group), (target_alias, target_group) = groups.items()
+        cell = conn.execute(sa.text("SELECT cell_label FROM abc.cell_cluster_membership WHERE release = :r "
+                                    "AND cluster_alias = :a AND cell_label IN (SELECT cell_label FROM abc.cell "
+                                    "WHERE release = :r AND dataset = :d) LIMIT 1"),
+                            {"r": OLD_RELEASE, "a": source_alias, "d": MACOSKO}).scalar_one()
+    (source_label, source_n), (target_label, target_n) = (g.split("|") for g in (source_group, target_group))
+    expected = {f"{MACOSKO} {source_label}: {source_n} aggregated, {int(source_n) - 1} in metadata",
+                f"{MACOSKO} {target_label}: {target_n} aggregated, {int(target_n) + 1} in metadata"}
+    # The cell moves to another cluster in the metadata, once through the taxonomy's cell_to_cluster_membership
+    # (the consensus layout), once through its own cluster_alias (which wins over the membership row).
+    for move, undo in (
+            ("UPDATE abc.cell_cluster_membership SET cluster_alias = :to WHERE release = :r AND cell_label = :c",
+             "UPDATE abc.cell_cluster_membership SET cluster_alias = :back WHERE release = :r AND cell_label = :c"),
+            ("UPDATE abc.cell SET cluster_alias = :to WHERE release = :r AND cell_label = :c",
+             "UPDATE abc.cell SET cluster_alias = NULL WHERE release = :r AND cell_label = :c")):
+        values = {"to": target_alias, "back": source_alias, "r": OLD_RELEASE, "c": cell}
+        with engine.begin() as conn:
+            conn.execute(sa.text(move), values)
+        failed = expression_check()
+        assert (failed.passed, failed.failing) == (False, 2)
+        assert set(failed.details.split("; ")) == expected
+        with engine.begin() as conn:
+            conn.execute(sa.text(undo), values)
+        assert expression_check().passed
 
 
 def test_new_release_and_lag_alerts(settings, engine, generated_bucket, webhook):
@@ -261,6 +350,14 @@ def test_status_and_diff_commands(both_loaded, engine, capsys, monkeypatch):
     assert main(["diff", OLD_RELEASE, NEW_RELEASE]) == 0
     out = capsys.readouterr().out
     assert out == (Path(settings.mirror_root).resolve() / "releases" / NEW_RELEASE / "release-notes.md").read_text()
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM abc.release_diff"))
+    assert main(["diff", OLD_RELEASE, NEW_RELEASE, "--no-store"]) == 0
+    assert capsys.readouterr().out == out  # the same notes, nothing stored
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release_diff_item")).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release_diff")).scalar_one() == 0
 
 
 def test_a_webhook_that_is_down_is_logged_without_its_secret_path(caplog):

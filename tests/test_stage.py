@@ -42,13 +42,14 @@ def _published_release(settings, engine, monkeypatch) -> None:
 
 
 def _readers(settings, release: str) -> dict:
-    content = diff.release_content(settings.database_url, release, settings.run_scope)
+    per_class = {c.class_name: c.new for c in diff.record(settings.database_url, release, release,
+                                                             settings.run_scope, keep=False).cells_per_class}
     with db.copy_connection(settings.database_url) as conn:
         datasets = [r[0] for r in conn.execute("SELECT DISTINCT dataset FROM abc.cell WHERE release = %s",
                                                (release,)).fetchall()]
         cells = {d: len(cell_assignments(conn, release, d)) for d in datasets}
         planned = aggregate.plan_release(settings, conn, release)
-    return {"cells": len(content.cells), "genes": len(content.genes), "assignments": cells,
+    return {"cells": sum(per_class.values()), "cells_per_class": per_class, "assignments": cells,
             "planned": sorted(i["key"] for i in planned)}
 
 
