@@ -121,7 +121,8 @@ def reader_view(settings: Settings, staged: bool = True) -> dict[str, int]:
                 view[f"read {table}"] = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE release = %s").format(
                     staged_or_published(conn, table, RELEASE)), (RELEASE,)).fetchone()[0]
     if staged:
-        view["diff cells"] = len(diff.release_content(settings.database_url, RELEASE, settings.run_scope).cells)
+        view["diff cells"] = sum(c.new for c in diff.record(settings.database_url, RELEASE, RELEASE, settings.run_scope,
+                                                             keep=False).cells_per_class)
     return view
 
 

@@ -149,12 +149,13 @@ STAGE_THEN_SLEEP = ("import sys, time; from etl import pipeline; from etl.config
 
 def _cells_read(settings, release: str) -> tuple[int, int]:
     """Cells a reader sees of ``release``: through the diff, and where staged_or_published points."""
-    content = diff.release_content(settings.database_url, release, settings.run_scope)
+    through_diff = sum(c.new for c in diff.record(settings.database_url, release, release, settings.run_scope,
+                                                  keep=False).cells_per_class)
     with db.copy_connection(settings.database_url) as conn:
         table = staged_or_published(conn, "cell", release)
         read = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE release = %s").format(table),
                             (release,)).fetchone()[0]
-    return len(content.cells), read
+    return through_diff, read
 
 
 def test_a_killed_runs_stage_is_abandoned_never_read_and_taken_over(settings, engine, monkeypatch):
