@@ -305,6 +305,8 @@ class _HttpSource:
         url = urlsplit(botocore_get_url(client, bucket, marker))
         if url.scheme not in ("http", "https") or not url.path.endswith(marker) or url.query or url.fragment:
             raise _FastPathUnsupported(f"botocore's GET URL {url.geturl()} is not scheme://host/path<key>")
+        # botocore keeps the transport settings it resolved (verify, proxies, client certificate) on its
+        # session only; another botocore without these attributes gets botocore GETs (AttributeError).
         session = getattr(getattr(client, "_endpoint", None), "http_session", None)
         if type(session) is not URLLib3Session:
             raise _FastPathUnsupported(f"the client's HTTP session is a {type(session).__name__}")
@@ -344,7 +346,7 @@ class _HttpSource:
             return None
         try:
             return cls(client, bucket)
-        except (_FastPathUnsupported, BotoCoreError, AttributeError) as exc:
+        except (_FastPathUnsupported, BotoCoreError, AttributeError, OSError) as exc:  # OSError: an unreadable CA
             log.info("GETs from s3://%s go through botocore: %s", bucket, exc)
             return None
 
