@@ -33,6 +33,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
                   "WMB matrices and genes) or atlas (mirror every file listed; load the consensus part)"),
     "ABC_SCOPE_DATASETS": (",".join(DEFAULT_DATASET_PATTERNS), "comma-separated name patterns of the datasets the "
                            "warehouse loads"),
+    "ABC_TRANSFER_RETRY_SECONDS": ("120", "a data GET that keeps failing (throttling, 5xx, dropped connections) "
+                                   "is given up this long after it stopped making progress, or after the S3 "
+                                   "client's attempts (botocore retries config, AWS_MAX_ATTEMPTS)"),
     "ABC_STAGE_WAIT_SECONDS": ("900", "how long a run waits for another run staging the same release before it "
                                "fails, naming it"),
     "ABC_STAGE_OWNER": ("", "who a stage belongs to (empty: the Airflow DAG run, else user@host pid, whose stage "

@@ -13,8 +13,19 @@ for S3 targets, whatever the file size.
 
 Requests to a public bucket are unsigned; those GETs skip botocore and go over plain
 ``http.client`` keep-alive connections (one per thread), reading the socket straight into a reused
-buffer, with the same retries (backoff on throttling, 5xx and dropped connections, continuing from
-the last byte received). Signed requests keep botocore.
+buffer. They go where botocore's would, as botocore's would: its URL for the key (endpoint, region,
+virtual-hosted or path addressing), its certificate checks (``AWS_CA_BUNDLE``, ``verify``), its
+proxy (``HTTPS_PROXY``/``NO_PROXY``: a CONNECT tunnel for HTTPS) and timeouts; a client whose
+transport they cannot reproduce (signed, a client certificate, proxy TLS options), or a source that
+redirects, gets botocore's GETs instead.
+
+Retries are one layer per failure. botocore retries its own requests as the client's config says; a
+body that breaks off mid-range is resumed here, from the last byte received. The plain-HTTP path
+does both itself, with the client's attempt count and botocore's backoff: throttling, 500/502/503/504
+and dropped connections are retried, other errors (403, 404, an untrusted certificate) are not. A
+range gives up after the client's attempts, or ``ABC_TRANSFER_RETRY_SECONDS`` after it started
+failing without progress, with an error naming the key and the last reason; a file is fetched again
+whole only when its bytes did not match (mirror's ``FILE_ATTEMPTS``), never for a failed GET.
 
 Durability (``durable``, the default): a file is fdatasynced before its rename, so a placed file
 survives a power cut; each range is handed to the kernel's writeback (``sync_file_range``) as soon
@@ -31,9 +42,11 @@ import fcntl
 import hashlib
 import http.client
 import json
+import logging
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -46,8 +59,15 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from botocore import UNSIGNED
+from botocore.awsrequest import AWSPreparedRequest
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.httpsession import URLLib3Session, get_cert_path, mask_proxy_url
+from botocore.retries.standard import DEFAULT_MAX_ATTEMPTS
+
+from etl.config import env
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 PART_SIZE = 32 * MiB
@@ -55,12 +75,14 @@ S3_MIN_PART_SIZE = 8 * MiB  # S3 refuses multipart parts under 5 MiB; 8 MiB keep
 MAX_PARTS = 9000  # below S3's 10,000-part limit; also keeps the resume sidecar small
 READ_CHUNK = 1 * MiB
 HASH_CHUNK = 4 * MiB
-PART_ATTEMPTS = 6
+LEGACY_MAX_ATTEMPTS = 5  # botocore's attempts in its legacy retry mode when none are configured
 PERSIST_EVERY_S = 1.0
 PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".partial.json"
 RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                    "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"}
+RETRYABLE_STATUSES = {429, 500, 502, 503, 504}
+REDIRECT_STATUSES = {301, 302, 307, 308}
 
 
 class TransferError(RuntimeError):
@@ -124,20 +146,15 @@ class RateLimiter:
             time.sleep(wait_s)
 
 
-def _retryable(exc: Exception) -> bool:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return error.get("Code") in RETRYABLE_CODES or status == 429 or status >= 500
-    return isinstance(exc, BotoCoreError | OSError | _ShortRead)
-
-
 class _ShortRead(Exception):
     """The connection ended before the requested range did."""
 
 
-def backoff_delay(attempt: int, base: float = 0.2, cap: float = 20.0) -> float:
-    """Exponential backoff with full jitter, so throttled workers do not retry in step."""
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:
+    """Exponential backoff with full jitter, so throttled workers do not retry in step.
+
+    The defaults are botocore's own (up to 1, 2, 4, ... s, at most 20 s) for the ``attempt``-th failure.
+    """
     return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
@@ -145,6 +162,52 @@ def _content_total(response: dict) -> int | None:
     content_range = response.get("ContentRange") or ""
     total = content_range.rpartition("/")[2]
     return int(total) if total.isdigit() else None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failing data GET is given up: after ``attempts`` tries of a range, or once ``seconds`` have
+    passed since it started failing without a byte more arriving.
+
+    ``attempts`` is the S3 client's own count (botocore's ``retries`` config, ``AWS_MAX_ATTEMPTS``),
+    so a GET gives up after as many tries on either path; ``seconds`` is ``ABC_TRANSFER_RETRY_SECONDS``.
+    """
+
+    attempts: int
+    seconds: float
+
+    @classmethod
+    def for_client(cls, client: BaseClient, seconds: float | None = None) -> RetryPolicy:
+        retries = client.meta.config.retries or {}
+        attempts = retries.get("total_max_attempts") or (
+            LEGACY_MAX_ATTEMPTS if retries.get("mode") == "legacy" else DEFAULT_MAX_ATTEMPTS)
+        return cls(int(attempts), float(env("ABC_TRANSFER_RETRY_SECONDS")) if seconds is None else seconds)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, _HttpError) else f"{type(exc).__name__}: {exc}"
+
+
+class _Failures:
+    """One range's failed attempts: waits (backoff) before the next one, or gives up as the policy says."""
+
+    def __init__(self, key: str, policy: RetryPolicy) -> None:
+        self.key, self.policy = key, policy
+        self.count = 0
+        self.since = 0.0  # when the current run of failures without progress began
+        self.pos = -1  # the byte reached at the last failure
+
+    def failed(self, exc: Exception, pos: int) -> None:
+        """Sleep before the next attempt, or raise :class:`TransferError` naming the key and ``exc``."""
+        now = time.monotonic()
+        self.count += 1
+        if pos != self.pos:  # the first failure, or bytes arrived since the last one: the clock starts again
+            self.since, self.pos = now, pos
+        delay = backoff_delay(self.count)
+        if self.count >= self.policy.attempts or now + delay - self.since > self.policy.seconds:
+            raise TransferError(f"GET gave up on {self.key} after {self.count} attempts "
+                                f"({now - self.since:.1f} s without progress): {_reason(exc)}") from exc
+        time.sleep(delay)
 
 
 class _HttpError(Exception):
@@ -156,7 +219,87 @@ class _HttpError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE_CODES or self.status == 429 or self.status >= 500
+        """What botocore retries: throttling and transient error codes, and 500, 502, 503, 504 (and 429)."""
+        return self.code in RETRYABLE_CODES or self.status in RETRYABLE_STATUSES
+
+
+class _Redirected(Exception):
+    """The source redirected a GET (a bucket in another region): botocore follows those, the plain path does not.
+
+    ``pos`` is the byte the range had reached, where botocore takes over.
+    """
+
+    def __init__(self, message: str, pos: int = 0) -> None:
+        super().__init__(message)
+        self.pos = pos
+
+
+class _FastPathUnsupported(Exception):
+    """The client has a setting the plain-HTTP path does not reproduce; botocore then makes every GET."""
+
+
+class _Captured(Exception):
+    """Stops botocore's probe request just before it would be sent."""
+
+
+def botocore_get_url(client: BaseClient, bucket: str, key: str) -> str:
+    """The URL botocore requests for GET ``bucket/key`` with ``client``, taken from its own request before sending.
+
+    Endpoint, region, addressing style (virtual-hosted or path), dualstack and key quoting are then
+    botocore's by construction. (A presigned URL is not the same: it names the global endpoint.)
+    """
+    seen: list[str] = []
+
+    def capture(request: AWSPreparedRequest, **kwargs: object) -> None:
+        if key in request.url:  # only the probe: other threads may use the client meanwhile
+            seen.append(request.url)
+            raise _Captured
+
+    event, unique_id = "before-send.s3.GetObject", f"abc-mirror-get-url-{id(seen)}"
+    client.meta.events.register_first(event, capture, unique_id=unique_id)
+    try:
+        client.get_object(Bucket=bucket, Key=key)
+    except _Captured:
+        pass
+    finally:
+        client.meta.events.unregister(event, unique_id=unique_id)
+    if not seen:
+        raise _FastPathUnsupported("botocore sent no GET request to look at")
+    return seen[0]
+
+
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """What botocore's connections check: ``verify`` False nothing; True the CA bundle botocore uses by
+    default (certifi's); a path (``AWS_CA_BUNDLE``, ``REQUESTS_CA_BUNDLE``, ``verify=``) that bundle alone."""
+    if not verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=get_cert_path(verify))
+
+
+class _Tuned:
+    """Connects within the client's connect timeout (TCP, proxy tunnel, TLS handshake), then reads with its
+    read timeout, as botocore's urllib3 connections do; TCP keepalive if the client's config asks for it."""
+
+    read_timeout: float
+    keepalive: bool
+    sock: socket.socket
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock.settimeout(self.read_timeout)
+        if self.keepalive:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class _HttpConnection(_Tuned, http.client.HTTPConnection):
+    pass
+
+
+class _HttpsConnection(_Tuned, http.client.HTTPSConnection):
+    pass
 
 
 class _HttpSource:
@@ -164,41 +307,74 @@ class _HttpSource:
 
     The public bucket needs no signature, so the request is a bare GET with a Range header. Bytes go
     from the socket straight into a caller's buffer (``readinto``), skipping botocore's per-request
-    machinery and urllib3's buffering. The URL of each key comes from the botocore client's own
-    unsigned URL for the bucket (same endpoint, addressing style and key quoting).
+    machinery and urllib3's buffering. Everything else is the botocore client's: the URL of each key
+    (:func:`botocore_get_url`), certificate checks (its ``verify``), its proxy for the URL's scheme
+    (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` as botocore read them, or ``Config(proxies=...)``:
+    HTTPS through a CONNECT tunnel, HTTP forwarded), its timeouts and TCP keepalive. A client with
+    anything else in its transport gets no fast path (:meth:`for_client`).
     """
 
     def __init__(self, client: BaseClient, bucket: str) -> None:
         marker = "abc-mirror-key-marker"
-        url = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": marker}))
-        if url.query or not url.path.endswith(marker) or url.scheme not in ("http", "https"):
-            raise ValueError(f"unexpected unsigned URL {url.geturl()}")
+        url = urlsplit(botocore_get_url(client, bucket, marker))
+        if url.scheme not in ("http", "https") or not url.path.endswith(marker) or url.query or url.fragment:
+            raise _FastPathUnsupported(f"botocore's GET URL {url.geturl()} is not scheme://host/path<key>")
+        # botocore keeps the transport settings it resolved (verify, proxies, client certificate) on its
+        # session only; another botocore without these attributes gets botocore GETs (AttributeError).
+        session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+        if type(session) is not URLLib3Session:
+            raise _FastPathUnsupported(f"the client's HTTP session is a {type(session).__name__}")
+        verify, proxies, client_cert = session._verify, session._proxy_config, session._cert_file
+        if client_cert:
+            raise _FastPathUnsupported("the client presents a TLS client certificate")
+        if proxies.settings:
+            raise _FastPathUnsupported(f"the client's proxies_config {sorted(proxies.settings)}")
+        proxy = proxies.proxy_url_for(url.geturl())
+        if proxy and urlsplit(proxy).scheme != "http":
+            raise _FastPathUnsupported(f"the proxy {mask_proxy_url(proxy)} is not reached over plain HTTP")
+        config = client.meta.config
+        self.enabled = True  # False once the source redirected a GET: botocore makes them from then on
         self.https = url.scheme == "https"
+        self.origin = f"{url.scheme}://{url.netloc}"
         self.host, self.port = url.hostname, url.port
-        self.prefix = url.path[: -len(marker)]
-        self.timeout = client.meta.config.read_timeout or 60
-        self.context = ssl.create_default_context() if self.https else None
+        self.proxy = urlsplit(proxy) if proxy else None
+        self.proxy_headers = proxies.proxy_headers_for(proxy) if proxy else {}
+        self.path_prefix = url.path[: -len(marker)]
+        # A plain-HTTP proxy is asked for the absolute URL; HTTPS goes through a tunnel to the host.
+        self.forwarded = bool(self.proxy) and not self.https
+        self.verify = verify
+        self.context = _tls_context(verify) if self.https else None
+        self.connect_timeout = config.connect_timeout or 60
+        self.read_timeout = config.read_timeout or 60
+        self.keepalive = bool(config.tcp_keepalive)
         self.local = threading.local()
         self.connections: list[http.client.HTTPConnection] = []
         self.lock = threading.Lock()
 
     @classmethod
     def for_client(cls, client: BaseClient, bucket: str) -> _HttpSource | None:
-        """The fast path when requests are unsigned; None (botocore for every GET) otherwise."""
+        """The fast path when requests are unsigned and the transport is one it reproduces; None (botocore
+        for every GET) otherwise: signed requests, a client certificate, ``proxies_config`` options, a
+        proxy reached over HTTPS, a custom HTTP session, or a GET URL with a query."""
         if client.meta.config.signature_version is not UNSIGNED:
             return None
         try:
             return cls(client, bucket)
-        except (ValueError, AttributeError):
+        except (_FastPathUnsupported, BotoCoreError, AttributeError, OSError) as exc:  # OSError: an unreadable CA
+            log.info("GETs from s3://%s go through botocore: %s", bucket, exc)
             return None
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self.local, "conn", None)
         if conn is None:
+            host, port = (self.proxy.hostname, self.proxy.port or 80) if self.proxy else (self.host, self.port)
             if self.https:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+                conn = _HttpsConnection(host, port, timeout=self.connect_timeout, context=self.context)
+                if self.proxy:
+                    conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                conn = _HttpConnection(host, port, timeout=self.connect_timeout)
+            conn.read_timeout, conn.keepalive = self.read_timeout, self.keepalive
             self.local.conn = conn
             with self.lock:
                 self.connections.append(conn)
@@ -217,12 +393,27 @@ class _HttpSource:
                 conn.close()
             self.connections.clear()
 
+    def url(self, key: str) -> str:
+        """The URL of ``key``: botocore's for the marker key, with this key quoted as botocore quotes keys."""
+        return self.origin + self.path_prefix + quote(key, safe="/~")
+
     def get(self, key: str, start: int, end: int) -> http.client.HTTPResponse:
-        """The response to GET bytes [start, end) of ``key``, its body unread; raises :class:`_HttpError`."""
+        """The response to GET bytes [start, end) of ``key``, its body unread.
+
+        Raises :class:`_HttpError` for an error status, :class:`_Redirected` for a redirect.
+        """
         conn = self._connection()
-        conn.request("GET", self.prefix + quote(key, safe="/~"),
-                     headers={"Range": f"bytes={start}-{end - 1}", "User-Agent": "abc-mirror"})
+        headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "abc-mirror"}
+        if self.forwarded:
+            headers.update(self.proxy_headers)
+        url = self.url(key)
+        conn.request("GET", url if self.forwarded else url[len(self.origin):], headers=headers)
         response = conn.getresponse()
+        if response.status in REDIRECT_STATUSES:
+            response.read()
+            region = response.getheader("x-amz-bucket-region")
+            raise _Redirected(f"HTTP {response.status} from {self.origin}"
+                              + (f" (the bucket is in {region})" if region else ""))
         if response.status not in (200, 206):
             body = response.read(64 << 10)
             found = re.search(rb"<Code>([^<]*)</Code>", body)
@@ -499,7 +690,7 @@ class Transfer:
 
     def __init__(self, client: BaseClient, bucket: str, *, workers: int, part_size: int = PART_SIZE,
                  max_bandwidth: float | None = None, on_bytes: Callable[[int], None] = lambda n: None,
-                 durable: bool = True) -> None:
+                 durable: bool = True, retry_seconds: float | None = None) -> None:
         self.client = client
         self.bucket = bucket
         self.workers = workers
@@ -508,6 +699,7 @@ class Transfer:
         self.on_bytes = on_bytes
         self.durable = durable  # fsync each file before its rename (and .partial ranges before listing them)
         self.http = _HttpSource.for_client(client, bucket)  # unsigned GETs without botocore
+        self.retry = RetryPolicy.for_client(client, retry_seconds)  # when a failing GET is given up
         self.local = threading.local()  # each thread's read buffer
         self.read_back = 0  # bytes hashed from the page cache rather than in line (ranges done out of order)
         self.group_sync = _GroupSync()  # small files: one syncfs for all files waiting, before their renames
@@ -533,43 +725,54 @@ class Transfer:
         """GET bytes [start, end) of ``key``, handing each chunk and its offset to ``write``; returns the ETag.
 
         A chunk may be a view of a buffer reused for the next one: ``write`` must use it at once.
-        Transient failures (throttling, 5xx, dropped connections) are retried with backoff,
-        continuing from the last byte received rather than from the start of the range.
+        Transient failures are retried as the module docstring says, continuing from the last byte
+        received rather than from the start of the range.
         """
-        if self.http is not None:
-            return self._read_range_http(key, start, end, expected_total, write)
-        pos, attempt = start, 0
+        source = self.http
+        if source is not None and source.enabled:
+            try:
+                return self._read_range_http(source, key, start, end, expected_total, write)
+            except _Redirected as exc:
+                source.enabled = False
+                log.warning("GET %s: %s; botocore makes the GETs from now on (it follows redirects)", key, exc)
+                start = exc.pos
+        return self._read_range_botocore(key, start, end, expected_total, write)
+
+    def _read_range_botocore(self, key: str, pos: int, end: int, expected_total: int,
+                             write: Callable[[int, memoryview | bytes], None]) -> str:
+        """:meth:`read_range` through botocore, from ``pos``: botocore has retried a GET that raises, as the
+        client's config says, so only a body that breaks off is retried here (resumed)."""
+        failures = _Failures(key, self.retry)
         while True:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={pos}-{end - 1}")
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                raise TransferError(f"GET failed: {error.get('Code') or exc} (HTTP {status}) for {key}") from exc
+            except BotoCoreError as exc:
+                raise TransferError(f"GET failed: {exc} for {key}") from exc
+            body = response["Body"]
+            try:
                 total = _content_total(response)
                 if total is not None and total != expected_total:
                     raise TransferError(f"source object is {total} bytes, the manifest says {expected_total}")
-                body = response["Body"]
                 while pos < end:
                     chunk = body.read(min(READ_CHUNK, end - pos))
                     if self.stopped.is_set():
                         raise TransferError("interrupted")
                     if not chunk:
-                        raise _ShortRead(f"{key}: connection ended at byte {pos} of range {start}-{end}")
+                        raise _ShortRead(f"connection ended at byte {pos} of range ending at {end}")
                     if self.limiter:
                         self.limiter.acquire(len(chunk))
                     write(pos, chunk)
                     pos += len(chunk)
                     self.on_bytes(len(chunk))
-                body.close()
                 return response.get("ETag", "").strip('"')
-            except TransferError:
-                raise
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if not _retryable(exc):
-                    raise TransferError(f"GET failed: {code or exc}") from exc
-                attempt = self._after_failure(key, attempt, exc)
-            except Exception as exc:
-                if not _retryable(exc):
-                    raise
-                attempt = self._after_failure(key, attempt, exc)
+            except (BotoCoreError, OSError, _ShortRead) as exc:
+                failures.failed(exc, pos)
+            finally:
+                body.close()
 
     def _buffer(self) -> memoryview:
         view = getattr(self.local, "buffer", None)
@@ -577,14 +780,15 @@ class Transfer:
             view = self.local.buffer = memoryview(bytearray(READ_CHUNK))
         return view
 
-    def _read_range_http(self, key: str, start: int, end: int, expected_total: int,
+    def _read_range_http(self, source: _HttpSource, key: str, start: int, end: int, expected_total: int,
                          write: Callable[[int, memoryview], None]) -> str:
         """:meth:`read_range` over :class:`_HttpSource`: the socket reads into one reused buffer per thread."""
-        pos, attempt = start, 0
+        pos = start
+        failures = _Failures(key, self.retry)
         buffer = self._buffer()
         while True:
             try:
-                response = self.http.get(key, pos, end)
+                response = source.get(key, pos, end)
                 total = _content_total({"ContentRange": response.getheader("Content-Range")})
                 if total is None and response.status == 200:
                     total = response.length
@@ -596,7 +800,7 @@ class Transfer:
                     if self.stopped.is_set():
                         raise TransferError("interrupted")
                     if not n:
-                        raise _ShortRead(f"{key}: connection ended at byte {pos} of range {start}-{end}")
+                        raise _ShortRead(f"connection ended at byte {pos} of range ending at {end}")
                     if self.limiter:
                         self.limiter.acquire(n)
                     write(pos, buffer[:n])
@@ -606,23 +810,24 @@ class Transfer:
                     response.read()
                 return etag
             except TransferError:
-                self.http.drop()
+                source.drop()
+                raise
+            except _Redirected as exc:
+                source.drop()
+                exc.pos = pos
                 raise
             except _HttpError as exc:
-                self.http.drop()
+                source.drop()
                 if not exc.retryable:
-                    raise TransferError(f"GET failed: {exc.code or exc}") from exc
-                attempt = self._after_failure(key, attempt, exc)
+                    raise TransferError(f"GET failed: {exc.code or exc} (HTTP {exc.status}) for {key}") from exc
+                failures.failed(exc, pos)
+            except ssl.SSLCertVerificationError as exc:
+                source.drop()
+                raise TransferError(f"GET failed: the TLS certificate of {source.origin} is not trusted ({exc}; "
+                                    f"CA bundle: {get_cert_path(source.verify)}) for {key}") from exc
             except (OSError, http.client.HTTPException, _ShortRead) as exc:
-                self.http.drop()
-                attempt = self._after_failure(key, attempt, exc)
-
-    def _after_failure(self, key: str, attempt: int, exc: Exception) -> int:
-        attempt += 1
-        if attempt >= PART_ATTEMPTS:
-            raise TransferError(f"gave up after {attempt} attempts: {exc}") from exc
-        time.sleep(backoff_delay(attempt))
-        return attempt
+                source.drop()
+                failures.failed(exc, pos)
 
     def _head_etag(self, job: FileJob) -> str:
         """An empty file is never fetched; only its existence and size are confirmed."""
