@@ -257,7 +257,8 @@ def run_state(engine: Engine, release: str, name: str, inputs: list[str], input_
             "SELECT relative_path, md5 FROM abc.release_file WHERE release = :r AND relative_path = ANY(:keys) "
             "UNION ALL SELECT manifest_key, manifest_md5 FROM abc.release WHERE version = :r "
             "AND manifest_key = ANY(:keys)"), {"r": release, "keys": inputs}).all())
-    return {"release": release, "step": name, "target": target, "selection": {k: v for k, v in (selection or {}).items() if v is not None},
+    chosen = {option: value for option, value in (selection or {}).items() if value is not None}
+    return {"release": release, "step": name, "target": target, "selection": chosen,
             "inputs": {key: md5.get(key) for key in inputs}, "input_tables": sorted(input_tables),
             "code_version": code_version()}
 
