@@ -11,7 +11,8 @@ one transaction) -> lineage (every published relation traced to its source objec
 against the previous release, release notes beside the mirror, ``published`` alert). A failed task
 alerts through ``AbcWebhookNotifier``, and a failed run drops the stage it leaves (re-running it loads
 afresh); mirror, load and aggregate steps are lineage steps
-(``abc.lineage_run``, OpenLineage events).
+(``abc.lineage_run``, OpenLineage events), recorded once per state of their work: a cleared task
+that finds its work done adds no run and emits no event.
 
 Only the run's scope (``scope`` param, else ``ABC_SCOPE``; docs/scope.md) is mirrored, loaded and
 aggregated. A release whose scoped files are those of a published release is published by reference

@@ -10,33 +10,47 @@ Use from any stage (CLI or Airflow task alike)::
         n = load_cells(...)
         s.wrote("abc.cell", partition="20251031", rows=n)
 
-Entering records an ``abc.lineage_run`` row (who ran it: Airflow dag_id/run_id/task_id or the
-command line, code version, start) with its inputs, and emits an OpenLineage START event; leaving
-records the outputs with their row counts and emits COMPLETE, or, when the block raises, records the
-error and emits FAIL before the exception goes on. ``inputs`` are bucket keys (source objects), as
-listed in the release's manifest; ``input_tables`` warehouse tables the step read. The database is
-the record an auditor queries (``abc.lineage_sources(relation, release)``, see docs/lineage.md);
-events go wherever the OpenLineage client is configured (``OPENLINEAGE_URL``,
-``OPENLINEAGE__TRANSPORT__*``, ``openlineage.yml``; the console when nothing is), and an emitter that
-fails only logs a warning: lineage never fails the work it describes.
+One ``abc.lineage_run`` per state of the work, however often a task is retried or cleared. Entering
+computes the step's state (release, step, target, selection, inputs with their MD5s, tables read,
+code version: :func:`run_state`). When a succeeded run already has that state, the execution is that
+state again: nothing is recorded nor emitted, a log line names the run that describes it, and only a
+failure is recorded (as a failed run, with its START and FAIL events). Otherwise entering records a run
+(who ran it: Airflow dag_id/run_id/task_id or the command line, code version, start) with its inputs
+and emits an OpenLineage START event; leaving records the outputs with their row counts and emits
+COMPLETE, or, when the block raises, records the error and emits FAIL before the exception goes on.
+The database refuses a second succeeded run of one state (a unique index, sql/012_lineage_state.sql):
+an execution that finishes a state another one finished meanwhile is dropped and emits ABORT.
+
+A run's outputs are what readers read (``published_at``) at its end for a step writing in place, and,
+for a ``staged`` step (its outputs go to the release's stage in ``abc_staging``), once that stage is
+published (:func:`publish_stage_runs`): a run whose stage is dropped is never the source of published
+data. ``inputs`` are bucket keys (source objects), as listed in the release's manifest;
+``input_tables`` warehouse tables the step read. The database is the record an auditor queries
+(``abc.lineage_sources(relation, release)``, see docs/lineage.md); events go wherever the OpenLineage
+client is configured (``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``, ``openlineage.yml``; the
+console when nothing is), and an emitter that fails only logs a warning: lineage never fails the work
+it describes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from botocore.client import BaseClient
 from openlineage.client import OpenLineageClient
@@ -51,6 +65,7 @@ from sqlalchemy.engine import Engine
 
 from etl.config import Settings
 from etl.manifest import Manifest
+from etl.publish import LIVE_STATES, stage_owner
 from etl.source import list_objects
 
 log = logging.getLogger(__name__)
@@ -151,7 +166,10 @@ def warehouse_namespace(engine: Engine) -> str:
 
 @dataclass
 class Step:
-    """A running step: call :meth:`wrote` for each table (partition) it writes."""
+    """A running step: call :meth:`wrote` for each table (partition) it writes.
+
+    ``recorded`` is False while the execution is a state a succeeded run (``run_id``) already describes.
+    """
 
     run_id: int
     run_uuid: str
@@ -160,7 +178,13 @@ class Step:
     context: RunContext
     inputs: list[str]
     input_tables: list[str]
+    state: dict
+    recorded: bool = True
     outputs: dict[tuple[str, str], int | None] = field(default_factory=dict)
+
+    @property
+    def state_key(self) -> str:
+        return state_key(self.state)
 
     def wrote(self, table: str, partition: str = "", rows: int | None = None) -> None:
         if "." not in table:
@@ -205,10 +229,11 @@ class _Events:
                 message=f"{type(error).__name__}: {error}", programmingLanguage="python", producer=PRODUCER)
         return Run(runId=self.step.run_uuid, facets=facets)
 
-    def event(self, state: RunState, error: BaseException | None = None) -> RunEvent:
-        return RunEvent(eventType=state, eventTime=datetime.now(UTC).isoformat(), run=self._run(error),
+    def event(self, state: RunState, error: BaseException | None = None, at: datetime | None = None) -> RunEvent:
+        return RunEvent(eventType=state, eventTime=(at or datetime.now(UTC)).isoformat(), run=self._run(error),
                         job=Job(namespace=JOB_NAMESPACE, name=f"abc_mirror.{self.step.name}"),
-                        inputs=self._inputs(), outputs=self._outputs() if state != RunState.START else [],
+                        inputs=self._inputs(),
+                        outputs=self._outputs() if state not in (RunState.START, RunState.ABORT) else [],
                         producer=PRODUCER)
 
 
@@ -218,56 +243,148 @@ def _airflow_task_run_id(context: RunContext) -> str:
                           f"airflow:{context.dag_id}/{context.dag_run_id}/{context.task_id}/{context.try_number}"))
 
 
-def _start(engine: Engine, release: str, name: str, context: RunContext, inputs: list[str],
-           input_tables: list[str]) -> Step:
-    run_uuid = str(uuid.uuid4())
+def run_state(engine: Engine, release: str, name: str, inputs: list[str], input_tables: list[str],
+              target: str = "", selection: Mapping[str, object] | None = None) -> dict:
+    """What a step's outputs depend on: two executions with the same state write the same data.
+
+    Inputs carry their MD5 (the manifest's for a release file, the manifest's own for the manifest
+    key; null for a key the release does not list); ``target`` names where a step writes outside the
+    warehouse (the mirror), ``selection`` the options that choose what it does (files, datasets; an
+    option left out and one given as None are the same state).
+    """
+    with engine.connect() as conn:
+        md5 = dict(conn.execute(sa.text(
+            "SELECT relative_path, md5 FROM abc.release_file WHERE release = :r AND relative_path = ANY(:keys) "
+            "UNION ALL SELECT manifest_key, manifest_md5 FROM abc.release WHERE version = :r "
+            "AND manifest_key = ANY(:keys)"), {"r": release, "keys": inputs}).all())
+    chosen = {option: value for option, value in (selection or {}).items() if value is not None}
+    return {"release": release, "step": name, "target": target, "selection": chosen,
+            "inputs": {key: md5.get(key) for key in inputs}, "input_tables": sorted(input_tables),
+            "code_version": code_version()}
+
+
+def state_key(state: Mapping[str, object]) -> str:
+    """SHA-256 of ``state`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _completed_run(engine: Engine, key: str) -> sa.Row | None:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT id, run_uuid FROM abc.lineage_run WHERE state_key = :k "
+                                    "AND status = 'succeeded'"), {"k": key}).first()
+
+
+def _start(engine: Engine, s: Step, started_at: datetime) -> None:
+    """Record ``s`` as a new run (with its inputs), giving it its id and runId."""
+    run_uuid, context = str(uuid.uuid4()), s.context
     with engine.begin() as conn:
         run_id = conn.execute(sa.text("""
             INSERT INTO abc.lineage_run (run_uuid, release, step, orchestrator, dag_id, dag_run_id, task_id,
-                                         try_number, invocation, code_version)
-            VALUES (:u, :r, :s, :o, :dag, :run, :task, :try, :inv, :code) RETURNING id"""),
-            {"u": run_uuid, "r": release, "s": name, "o": context.orchestrator, "dag": context.dag_id,
+                                         try_number, invocation, code_version, started_at, state, state_key)
+            VALUES (:u, :r, :s, :o, :dag, :run, :task, :try, :inv, :code, :at, CAST(:state AS jsonb), :key)
+            RETURNING id"""),
+            {"u": run_uuid, "r": s.release, "s": s.name, "o": context.orchestrator, "dag": context.dag_id,
              "run": context.dag_run_id, "task": context.task_id, "try": context.try_number,
-             "inv": context.invocation, "code": code_version()}).scalar_one()
-        rows = [{"id": run_id, "k": "object", "n": key} for key in dict.fromkeys(inputs)]
-        rows += [{"id": run_id, "k": "table", "n": table} for table in dict.fromkeys(input_tables)]
+             "inv": context.invocation, "code": s.state["code_version"], "at": started_at,
+             "state": json.dumps(s.state), "key": s.state_key}).scalar_one()
+        rows = [{"id": run_id, "k": "object", "n": key} for key in s.inputs]
+        rows += [{"id": run_id, "k": "table", "n": table} for table in s.input_tables]
         if rows:
             conn.execute(sa.text("INSERT INTO abc.lineage_input (run_id, kind, name) VALUES (:id, :k, :n)"), rows)
-    return Step(run_id, run_uuid, release, name, context, list(dict.fromkeys(inputs)),
-                list(dict.fromkeys(input_tables)))
+    s.run_id, s.run_uuid, s.recorded = run_id, run_uuid, True
 
 
-def _finish(engine: Engine, s: Step, error: BaseException | None) -> None:
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE abc.lineage_run SET finished_at = now(), status = :st, error = :e WHERE id = :id"),
-                     {"id": s.run_id, "st": "failed" if error else "succeeded",
-                      "e": f"{type(error).__name__}: {error}" if error else None})
-        if s.outputs:
-            conn.execute(sa.text("INSERT INTO abc.lineage_output (run_id, table_name, partition, row_count) "
-                                 "VALUES (:id, :t, :p, :n)"),
-                         [{"id": s.run_id, "t": t, "p": p, "n": n} for (t, p), n in s.outputs.items()])
+def _mark_current(conn: sa.Connection, run_id: int, release: str, staged: bool) -> None:
+    """What run ``run_id`` describes is in place: read now, or (``staged``) held by this run's live stage."""
+    if not staged:
+        conn.execute(sa.text("UPDATE abc.lineage_run SET published_at = now() WHERE id = :id"), {"id": run_id})
+        return
+    conn.execute(sa.text("""
+        UPDATE abc.lineage_run run SET stage_owner = stage.owner, stage_started_at = stage.started_at
+        FROM abc.stage WHERE run.id = :id AND stage.release = :r AND stage.owner = :me
+                             AND stage.state = ANY(:live)"""),
+                 {"id": run_id, "r": release, "me": stage_owner(), "live": list(LIVE_STATES)})
+
+
+def _finish(engine: Engine, s: Step, error: BaseException | None, staged: bool) -> bool:
+    """Record the end of ``s``; False when the database refuses it as a second succeeded run of its state."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE abc.lineage_run SET finished_at = now(), status = :st, error = :e "
+                                 "WHERE id = :id"),
+                         {"id": s.run_id, "st": "failed" if error else "succeeded",
+                          "e": f"{type(error).__name__}: {error}" if error else None})
+            if s.outputs:
+                conn.execute(sa.text("INSERT INTO abc.lineage_output (run_id, table_name, partition, row_count) "
+                                     "VALUES (:id, :t, :p, :n)"),
+                             [{"id": s.run_id, "t": t, "p": p, "n": n} for (t, p), n in s.outputs.items()])
+            if error is None:
+                _mark_current(conn, s.run_id, s.release, staged)
+    except sa.exc.IntegrityError as exc:
+        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != "lineage_run_state_key":
+            raise
+        return False
+    return True
 
 
 @contextmanager
 def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (), input_tables: Iterable[str] = (),
-         run: RunContext | None = None, emitter: Emitter | None = None, bucket: str | None = None) -> Iterator[Step]:
-    """Record and emit one step of ``release``; see the module docstring."""
+         run: RunContext | None = None, emitter: Emitter | None = None, bucket: str | None = None,
+         target: str = "", selection: Mapping[str, object] | None = None, staged: bool = False) -> Iterator[Step]:
+    """Record and emit one step of ``release`` once per state; see the module docstring.
+
+    ``target`` and ``selection`` go into the state (:func:`run_state`); ``staged``: the step writes the
+    release's stage, and what it wrote is read once the stage is published.
+    """
     emitter = emitter or default_emitter()
-    s = _start(engine, release, step, run or RunContext.from_airflow_or_cli(), list(inputs), list(input_tables))
+    inputs, input_tables = list(dict.fromkeys(inputs)), list(dict.fromkeys(input_tables))
+    state = run_state(engine, release, step, inputs, input_tables, target, selection)
+    s = Step(0, "", release, step, run or RunContext.from_airflow_or_cli(), inputs, input_tables, state)
     events = _Events(s, bucket or Settings.from_env().bucket, engine.url.database or "abc",
                      warehouse_namespace(engine))
-    emitter.emit(events.event(RunState.START))
+    started_at = datetime.now(UTC)
+    done = _completed_run(engine, s.state_key)
+    if done is None:
+        _start(engine, s, started_at)
+        emitter.emit(events.event(RunState.START, at=started_at))
+    else:
+        s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
+        log.info("%s of release %s: lineage run %s already describes this state (%s); recorded again only if "
+                 "this execution fails", step, release, s.run_uuid, s.state_key[:12])
     try:
         yield s
     except BaseException as exc:
         try:
-            _finish(engine, s, exc)
+            if not s.recorded:  # the state was reached before, this execution of it failed: record the attempt
+                _start(engine, s, started_at)
+                emitter.emit(events.event(RunState.START, at=started_at))
+            _finish(engine, s, exc, staged)
         except sa.exc.SQLAlchemyError as unrecorded:  # e.g. the server restarting: the step's own error goes on
             log.warning("lineage run %s (%s of %s) not marked failed: %s", s.run_id, step, release, unrecorded)
-        emitter.emit(events.event(RunState.FAIL, exc))
+        if s.recorded:
+            emitter.emit(events.event(RunState.FAIL, exc))
         raise
-    _finish(engine, s, None)
-    emitter.emit(events.event(RunState.COMPLETE))
+    if s.recorded and _finish(engine, s, None, staged):
+        emitter.emit(events.event(RunState.COMPLETE))
+        return
+    if s.recorded:  # another execution succeeded with this state meanwhile: the database kept its run
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM abc.lineage_run WHERE id = :id"), {"id": s.run_id})
+        emitter.emit(events.event(RunState.ABORT))
+        refused, done = s.run_uuid, _completed_run(engine, s.state_key)
+        s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
+        log.info("%s of release %s: lineage run %s finished this state first; run %s dropped (ABORT)",
+                 step, release, s.run_uuid, refused)
+    with engine.begin() as conn:
+        _mark_current(conn, s.run_id, release, staged)
+
+
+def publish_stage_runs(conn: psycopg.Connection, release: str) -> None:
+    """The runs whose outputs the release's stage holds are read from now on: call in the transaction
+    that publishes the stage, before it is marked published."""
+    conn.execute("UPDATE abc.lineage_run run SET published_at = now() FROM abc.stage "
+                 "WHERE stage.release = %s AND run.release = stage.release AND run.status = 'succeeded' "
+                 "AND run.stage_owner = stage.owner AND run.stage_started_at = stage.started_at", (release,))
 
 
 def record_source_objects(engine: Engine, client: BaseClient, settings: Settings, release: str) -> int:
@@ -307,13 +424,14 @@ def sources_of(engine: Engine, relation: str, release: str) -> list[sa.Row]:
 
 
 def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[str]:
-    """``abc-mirror lineage``: the release's graph as a tree: manifest, steps, what each read and wrote."""
+    """``abc-mirror lineage``: the release's graph as a tree: manifest, the runs behind what readers read
+    with what each read and wrote, then one line for each other run (failed, staged, superseded)."""
     with engine.connect() as conn:
         rel = conn.execute(sa.text("SELECT * FROM abc.release WHERE version = :r"), {"r": release}).first()
         if rel is None:
             return [f"release {release} is not recorded"]
-        runs = conn.execute(sa.text("SELECT * FROM abc.lineage_run WHERE release = :r ORDER BY started_at, id"),
-                            {"r": release}).all()
+        runs = conn.execute(sa.text(f"SELECT run.*, {RUN_STANDING} AS standing FROM abc.lineage_run run "
+                                    "WHERE run.release = :r ORDER BY run.started_at, run.id"), {"r": release}).all()
         inputs = conn.execute(sa.text("""
             SELECT i.run_id, i.kind, i.name, rf.size, rf.md5, so.etag, so.last_modified,
                    mo.local_path, mo.verified_at
@@ -330,22 +448,47 @@ def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[
             ORDER BY o.table_name, o.partition"""), {"r": release}).all()
     out = [f"release {release} ({rel.status})",
            f"└─ manifest {rel.manifest_key} md5 {rel.manifest_md5}, {rel.n_files} files, {rel.total_bytes} bytes"]
+    current = [run for run in runs if run.standing == "current"]
+    others = [run for run in runs if run.standing != "current"]
     if not runs:
         out.append("   (no step recorded)")
-    for i, run in enumerate(runs):
-        last = i == len(runs) - 1
-        out.append(f"   {'└─' if last else '├─'} {run.step} [{run.status}] {RunContext(**_context_fields(run)).ref}; "
-                   f"code {run.code_version}; {run.started_at:%Y-%m-%d %H:%M:%S}"
-                   + (f" → {run.finished_at:%H:%M:%S}" if run.finished_at else ""))
+    for i, run in enumerate(current):
+        last = i == len(current) - 1 and not others
+        out.append(f"   {'└─' if last else '├─'} {_run_line(run, run.status)}")
         children = [_input_line(x) for x in inputs if x.run_id == run.id]
         children += [f"wrote {o.table_name}" + (f" [{o.partition}]" if o.partition else "")
                      + (f": {o.row_count} rows" if o.row_count is not None else "")
                      for o in outputs if o.run_id == run.id]
-        if run.error:
-            children.append(f"error: {run.error}")
         pad = "      " if last else "   │  "
         out += [f"{pad}{'└─' if j == len(children) - 1 else '├─'} {line}" for j, line in enumerate(children)]
+    if others:
+        out.append(f"   └─ {len(others)} other run{'s' if len(others) > 1 else ''}, not behind what readers read:")
+        out += [f"      {'└─' if j == len(others) - 1 else '├─'} {_run_line(run, run.standing)}"
+                + (f"; error: {run.error}" if run.error else "") for j, run in enumerate(others)]
     return out
+
+
+# A run's standing in its release: 'current' (what it wrote is read now), 'superseded' (a run of the same
+# step, target and selection published later), 'staged' (held by the live stage, not yet published),
+# 'not published' (its stage was dropped), 'failed' or 'running'.
+RUN_STANDING = """CASE
+    WHEN run.status <> 'succeeded' THEN run.status
+    WHEN run.published_at IS NULL THEN CASE WHEN EXISTS (
+        SELECT 1 FROM abc.stage WHERE stage.release = run.release AND stage.owner = run.stage_owner
+                                  AND stage.started_at = run.stage_started_at
+                                  AND stage.state IN ('staging', 'staged')) THEN 'staged' ELSE 'not published' END
+    WHEN EXISTS (
+        SELECT 1 FROM abc.lineage_run later
+        WHERE later.release = run.release AND later.step = run.step AND later.status = 'succeeded'
+              AND later.published_at > run.published_at
+              AND later.state - '{inputs,code_version}'::text[] = run.state - '{inputs,code_version}'::text[])
+        THEN 'superseded'
+    ELSE 'current' END"""
+
+
+def _run_line(run: sa.Row, label: str) -> str:
+    return (f"{run.step} [{label}] {RunContext(**_context_fields(run)).ref}; code {run.code_version}; "
+            f"{run.started_at:%Y-%m-%d %H:%M:%S}" + (f" → {run.finished_at:%H:%M:%S}" if run.finished_at else ""))
 
 
 def _context_fields(run: sa.Row) -> dict:

@@ -147,8 +147,11 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
         if options.get("dry_run"):
             return mirror_release(settings, engine, release, keys=keys, datasets=datasets, kinds=kinds,
                                   normalizations=normalizations, **options)
+        selection = {"keys": sorted(keys) if keys is not None else None, "datasets": _sorted(datasets),
+                     "kinds": _sorted(kinds), "normalizations": _sorted(normalizations),
+                     "scope": settings.run_scope.name}
         with lineage.step(engine, release=release, step="mirror", inputs=[_manifest_key(settings, engine, release)],
-                          bucket=settings.bucket) as s:
+                          bucket=settings.bucket, target=target_name(settings.mirror_root), selection=selection) as s:
             report = mirror_release(settings, engine, release, keys=keys, datasets=datasets, kinds=kinds,
                                     normalizations=normalizations, **options)
             s.wrote("abc.mirror_object", partition=release, rows=report.ok)
@@ -160,6 +163,10 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
         return report
     finally:
         engine.dispose()
+
+
+def _sorted(values: Sequence[str] | None) -> list[str] | None:
+    return sorted(values) if values else None
 
 
 def _manifest_key(settings: Settings, engine: Engine, release: str) -> str:
@@ -204,7 +211,7 @@ def load_metadata(settings: Settings, release: str, datasets: list[str] | None =
         files = release_files_on_disk(settings, engine, release, datasets=datasets, kinds=["metadata"],
                                       keep=scope.feeds_warehouse)
         with lineage.step(engine, release=release, step="load_metadata", inputs=sorted(files),
-                          bucket=settings.bucket) as s:
+                          bucket=settings.bucket, selection={"datasets": _sorted(datasets)}, staged=True) as s:
             report = load_release_metadata(settings.database_url, release, files, datasets, publish_now=False)
             for table, rows in report.table_rows.items():
                 s.wrote(f"abc.{table}", partition=release, rows=rows)
@@ -226,7 +233,7 @@ def stage_expression(settings: Settings, release: str, done: Sequence[Mapping[st
     try:
         with lineage.step(engine, release=release, step="aggregate", inputs=sorted({d["key"] for d in done}),
                           input_tables=["abc.cell", "abc.cell_cluster_membership", "abc.library",
-                                        "abc.cluster_membership"], bucket=settings.bucket) as s:
+                                        "abc.cluster_membership"], bucket=settings.bucket, staged=True) as s:
             entries = aggregate.stage_items(settings, release, done)
             with db.copy_connection(settings.database_url) as conn:
                 for table in EXPRESSION_TABLES:
@@ -353,6 +360,7 @@ def _publish_staged(conn: psycopg.Connection, release: str) -> bool:
                 set_stage(conn, release, "published")
                 return False
             raise PlanError(f"release {release} has nothing staged to publish (status {status[0]})")
+        lineage.publish_stage_runs(conn, release)
         if metadata:
             publish_staged_metadata(conn, release)
         if expression:

@@ -80,7 +80,7 @@ def publish_by_reference(settings: Settings, engine: Engine, release: str) -> Sh
     if shared is None:
         return None
     with lineage.step(engine, release=release, step="publish_by_reference", inputs=[state.manifest_key, *keys],
-                      bucket=settings.bucket) as s:
+                      bucket=settings.bucket, selection={"shares_data_with": shared}) as s:
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE abc.release SET status = 'published', shares_data_with = :p, "
                                  "loaded_at = now(), published_at = now(), last_error = NULL WHERE version = :r"),

@@ -140,9 +140,20 @@ def test_failed_quality_check_blocks_publication(release_env, engine, monkeypatc
     assert "failed_check" in alerts and "failed_run" in alerts and "published" not in alerts
 
 
-def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine, monkeypatch):
-    from etl import aggregate
+def _lineage_runs(engine: sa.Engine, release: str) -> list[tuple[str, str, str]]:
+    """(step, status, runId) of the release's lineage runs after discovery, in order."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT step, status, run_uuid::text FROM abc.lineage_run WHERE release = :r AND step <> 'discover' "
+            "ORDER BY id"), {"r": release})]
 
+
+def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine, monkeypatch):
+    from etl import aggregate, lineage
+    from tests.test_lineage import recording_emitter
+
+    emitter, recording = recording_emitter()
+    monkeypatch.setattr(lineage, "default_emitter", lambda: emitter)
     real_merge = aggregate.merge_and_stage
 
     def broken_merge(*args, **kwargs):
@@ -161,6 +172,9 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
                              {"r": OLD_RELEASE}).one()
         staged = conn.execute(sa.text("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'")).scalar()
     assert tuple(stage) == (f"abc_release run {failed.run_id}", "failed") and staged == 0
+    after_failure = _lineage_runs(engine, OLD_RELEASE)
+    assert {(step, status) for step, status, _ in after_failure} == {
+        ("mirror", "succeeded"), ("load_metadata", "succeeded"), ("aggregate", "failed")}
 
     monkeypatch.setattr(aggregate, "merge_and_stage", real_merge)
     # The same run: dag.test() clears its task instances (the failed one included) and runs them again.
@@ -175,6 +189,19 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
     assert _counts(engine, OLD_RELEASE) == first
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.release WHERE status = 'published'")).scalar() == 1
+    # Lineage once per state: the cleared run added only the aggregation that now succeeded (the mirror
+    # batches and the load had reached their states), the third run nothing; one START and one
+    # COMPLETE or FAIL per run recorded, no other event.
+    runs = _lineage_runs(engine, OLD_RELEASE)
+    assert runs[:-1] == after_failure and runs[-1][:2] == ("aggregate", "succeeded")
+    assert sorted((job, kind, run_id) for job, kind, run_id in recording.runs()) == sorted(
+        (step, kind, run_id) for step, status, run_id in runs
+        for kind in ("START", "COMPLETE" if status == "succeeded" else "FAIL"))
+    with engine.connect() as conn:
+        writers = conn.execute(sa.text("SELECT DISTINCT r.run_uuid::text FROM abc.lineage_current_writer w "
+                                       "JOIN abc.lineage_run r ON r.id = w.run_id WHERE w.release = :r "
+                                       "AND w.table_name LIKE 'abc.expression%'"), {"r": OLD_RELEASE}).scalars().all()
+    assert writers == [runs[-1][2]]
 
 
 def test_watch_emits_one_partitioned_event_per_new_release(airflow_home, s3_server, database_url, monkeypatch):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -14,12 +18,13 @@ from openlineage.client import OpenLineageClient
 from openlineage.client.transport import Transport
 from openlineage.client.transport.file import FileConfig, FileTransport
 
-from etl import lineage, source
-from etl.cli import main
+from etl import db, lineage, pipeline, source
+from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import MACOSKO, OLD_RELEASE, WMB_GENE_KEY
 from etl.load import load_release_metadata
 from etl.mirror import mirror_release
+from etl.publish import fail_stage
 from tests.conftest import SERVER_URL
 
 # The RunEvent of the OpenLineage spec (2-0-2), as JSON Schema: the client ships only attrs classes
@@ -62,6 +67,41 @@ EXPRESSION_TABLES = ["abc.expression_gene", "abc.expression_group", "abc.express
 def file_emitter(path: Path) -> lineage.Emitter:
     return lineage.Emitter(OpenLineageClient(transport=FileTransport(FileConfig(log_file_path=str(path),
                                                                                 append=True))))
+
+
+class Recording(Transport):
+    """Keeps every event emitted, in order."""
+
+    kind = "recording"
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
+
+    def runs(self) -> list[tuple[str, str, str]]:
+        """(job, event type, runId) of each event."""
+        return [(e.job.name.removeprefix("abc_mirror."), e.eventType.value, e.run.runId) for e in self.events]
+
+
+def recording_emitter() -> tuple[lineage.Emitter, Recording]:
+    transport = Recording()
+    return lineage.Emitter(OpenLineageClient(transport=transport)), transport
+
+
+def lineage_runs(engine: sa.Engine, release: str, step: str | None = None) -> list[sa.Row]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT id, step, run_uuid::text AS run_uuid, status, state_key, published_at FROM abc.lineage_run "
+            "WHERE release = :r AND (CAST(:s AS text) IS NULL OR step = :s) ORDER BY id"),
+            {"r": release, "s": step}).all()
+
+
+def current_writer(engine: sa.Engine, table: str, release: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT run_id FROM abc.lineage_current_writer WHERE table_name = :t "
+                                    "AND release = :r"), {"t": table, "r": release}).scalar_one()
 
 
 def read_events(path: Path) -> list[dict]:
@@ -189,10 +229,11 @@ def test_failing_transport_only_warns(engine, settings, monkeypatch):
 
     warnings = []
     monkeypatch.setattr(lineage.log, "warning", lambda message, *args: warnings.append(message % args))
-    with lineage.step(engine, release=OLD_RELEASE, step="discover", emitter=lineage.Emitter(OpenLineageClient(
+    # (discovery recorded the discover step of this manifest: a mirror step is a state not recorded yet)
+    with lineage.step(engine, release=OLD_RELEASE, step="mirror", emitter=lineage.Emitter(OpenLineageClient(
             transport=Down())), inputs=[f"releases/{OLD_RELEASE}/manifest.json"]) as s:
-        s.wrote("abc.release_file", partition=OLD_RELEASE, rows=3)
-    assert warnings == [f"OpenLineage {state} event of abc_mirror.discover not emitted: lineage backend down"
+        s.wrote("abc.mirror_object", partition=OLD_RELEASE, rows=3)
+    assert warnings == [f"OpenLineage {state} event of abc_mirror.mirror not emitted: lineage backend down"
                         for state in ("START", "COMPLETE")]
     with engine.connect() as conn:
         assert conn.exec_driver_sql(f"SELECT status FROM abc.lineage_run WHERE id = {s.run_id}").scalar_one() \
@@ -212,3 +253,152 @@ def test_cli_prints_the_tree(lineage_graph, settings, capsys, monkeypatch):
         assert f"read {key} (" in out and str(Path(settings.mirror_root).resolve() / key) in out
     assert f"wrote abc.cell [{release}]: " in out
     assert sum(f"read {key}" in out for key in matrices) == len(matrices)
+
+
+def test_a_step_executed_again_on_its_state_is_not_recorded_nor_emitted_again(lineage_graph, engine, settings,
+                                                                               generated_bucket, caplog):
+    release, metadata, _, events_path, emitter = lineage_graph
+    (load,) = lineage_runs(engine, release, "load_metadata")
+    cleared = lineage.RunContext("airflow", dag_id="abc_release", dag_run_id="manual__1", task_id="load_metadata",
+                                 try_number=2)
+    caplog.set_level(logging.INFO, logger=lineage.log.name)
+    with lineage.step(engine, release=release, step="load_metadata", inputs=reversed(metadata), run=cleared,
+                      emitter=emitter) as s:
+        loaded = load_release_metadata(settings.database_url, release,
+                                       {k: generated_bucket.bucket_dir / k for k in metadata})
+        for table, rows in loaded.table_rows.items():
+            s.wrote(f"abc.{table}", partition=release, rows=rows)
+    assert not s.recorded and s.run_uuid == load.run_uuid
+    assert [r.id for r in lineage_runs(engine, release, "load_metadata")] == [load.id]
+    assert len(read_events(events_path)) == 6  # the fixture's three steps, START and COMPLETE each
+    assert f"lineage run {load.run_uuid} already describes this state" in caplog.text
+    assert {r.run_ref for r in lineage.sources_of(engine, "abc.cell", release)} == \
+        {f"cli abc-mirror load --release {release}"}
+
+
+def test_a_failed_attempt_then_a_succeeded_one_only_the_succeeded_one_is_the_source(lineage_graph, engine,
+                                                                                    monkeypatch):
+    release, metadata, _, _, _ = lineage_graph
+    monkeypatch.setattr(lineage, "code_version", lambda: "0.2.0+gnewer")  # a new state of the load: new code
+    emitter, recording = recording_emitter()
+
+    def attempt(try_number: int, error: Exception | None = None) -> None:
+        context = lineage.RunContext("airflow", dag_id="abc_release", dag_run_id="manual__2",
+                                     task_id="load_metadata", try_number=try_number)
+        with lineage.step(engine, release=release, step="load_metadata", inputs=metadata, run=context,
+                          emitter=emitter) as s:
+            s.wrote("abc.cell", partition=release, rows=5)
+            if error:
+                raise error
+
+    with pytest.raises(OSError, match="disk full"):
+        attempt(1, OSError("disk full"))
+    attempt(2)
+    attempt(3)  # cleared after it succeeded: the same state again
+    failed, succeeded = lineage_runs(engine, release, "load_metadata")[1:]
+    assert (failed.status, succeeded.status) == ("failed", "succeeded")
+    assert failed.state_key == succeeded.state_key and failed.published_at is None
+    assert recording.runs() == [("load_metadata", "START", failed.run_uuid), ("load_metadata", "FAIL", failed.run_uuid),
+                                ("load_metadata", "START", succeeded.run_uuid),
+                                ("load_metadata", "COMPLETE", succeeded.run_uuid)]
+    assert current_writer(engine, "abc.cell", release) == succeeded.id
+    assert {r.run_ref for r in lineage.sources_of(engine, "abc.cell", release) if r.step == "load_metadata"} == \
+        {"airflow abc_release/manual__2/load_metadata try 2"}
+    tree = lineage.tree_lines(engine, release)
+    others = tree.index("   └─ 2 other runs, not behind what readers read:")
+    assert any(line.startswith("   ├─ load_metadata [succeeded] airflow abc_release/manual__2/load_metadata try 2")
+               for line in tree[:others])
+    assert tree[others + 1].startswith("      ├─ load_metadata [superseded] cli abc-mirror load")
+    assert tree[others + 2].startswith("      └─ load_metadata [failed] airflow abc_release/manual__2/load_metadata "
+                                       "try 1") and tree[others + 2].endswith("; error: OSError: disk full")
+
+
+def test_a_staged_run_is_the_source_once_its_stage_is_published(lineage_graph, engine, settings, monkeypatch):
+    release = lineage_graph[0]
+    (fixture_load,) = lineage_runs(engine, release, "load_metadata")
+    monkeypatch.setattr(lineage, "code_version", lambda: "0.2.0+gnewer")  # a reload by newer code: a new state
+    emitter, recording = recording_emitter()
+    monkeypatch.setattr(lineage, "default_emitter", lambda: emitter)
+
+    pipeline.load_metadata(settings, release)
+    reload = lineage_runs(engine, release, "load_metadata")[-1]
+    assert reload.status == "succeeded" and reload.published_at is None
+    assert current_writer(engine, "abc.cell", release) == fixture_load.id  # readers read the published load
+    assert any(line.startswith("      └─ load_metadata [staged] cli ") for line in lineage.tree_lines(engine, release))
+
+    with db.copy_connection(settings.database_url) as conn:
+        fail_stage(conn, release, "a check failed")
+    assert current_writer(engine, "abc.cell", release) == fixture_load.id
+    assert any(line.startswith("      └─ load_metadata [not published] cli ")
+               for line in lineage.tree_lines(engine, release))
+
+    pipeline.load_metadata(settings, release)  # the same state staged again: its run describes it
+    assert lineage_runs(engine, release, "load_metadata")[-1].id == reload.id
+    with db.copy_connection(settings.database_url) as conn:
+        assert pipeline.publish_release(conn, release)
+    assert current_writer(engine, "abc.cell", release) == reload.id
+    assert recording.runs() == [("load_metadata", "START", reload.run_uuid),
+                                ("load_metadata", "COMPLETE", reload.run_uuid)]
+    tree = lineage.tree_lines(engine, release)
+    assert tree[-2] == "   └─ 1 other run, not behind what readers read:"
+    assert tree[-1].startswith("      └─ load_metadata [superseded] cli abc-mirror load")
+
+
+def test_two_executions_finishing_one_state_at_once_leave_one_run(engine, settings):
+    discover(source.make_client(settings), settings, engine)
+    emitter, recording = recording_emitter()
+    both_started = threading.Barrier(2, timeout=60)
+
+    def execute(try_number: int) -> lineage.Step:
+        context = lineage.RunContext("airflow", dag_id="abc_release", dag_run_id="manual__1", task_id="mirror",
+                                     try_number=try_number)
+        with lineage.step(engine, release=OLD_RELEASE, step="mirror", inputs=[f"releases/{OLD_RELEASE}/manifest.json"],
+                          run=context, emitter=emitter) as s:
+            both_started.wait()  # neither found the state completed: both recorded a run and emitted START
+            s.wrote("abc.mirror_object", partition=OLD_RELEASE, rows=3)
+        return s
+
+    with ThreadPoolExecutor(2) as pool:
+        steps = list(pool.map(execute, [1, 2]))
+    (kept,) = lineage_runs(engine, OLD_RELEASE, "mirror")
+    assert kept.status == "succeeded" and {s.run_uuid for s in steps} == {kept.run_uuid}
+    events = recording.runs()
+    started = {run_id for _, kind, run_id in events if kind == "START"}
+    assert sorted(kind for _, kind, _ in events) == ["ABORT", "COMPLETE", "START", "START"]
+    assert len(started) == 2 and kept.run_uuid in started
+    assert {kind: run_id for _, kind, run_id in events if kind != "START"} == \
+        {"COMPLETE": kept.run_uuid, "ABORT": (started - {kept.run_uuid}).pop()}
+    # The database itself refuses a second succeeded run of one state.
+    with pytest.raises(sa.exc.IntegrityError, match="lineage_run_state_key"), engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO abc.lineage_run (run_uuid, release, step, orchestrator, code_version, "
+                             "status, state_key) VALUES (:u, :r, 'mirror', 'cli', 'x', 'succeeded', :k)"),
+                     {"u": str(uuid.uuid4()), "r": OLD_RELEASE, "k": kept.state_key})
+
+
+def test_the_cli_run_twice_records_and_emits_each_step_once(settings, engine, generated_bucket, monkeypatch, capsys):
+    discover(source.make_client(settings), settings, engine)
+    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
+    emitter, recording = recording_emitter()
+    monkeypatch.setattr(lineage, "default_emitter", lambda: emitter)
+
+    def chain() -> None:
+        for command in ("mirror", "load", "aggregate"):
+            arguments = [command, "--release", OLD_RELEASE, "--database-url", settings.database_url]
+            arguments += ["--target", settings.mirror_root, "--no-progress"] if command == "mirror" else []
+            monkeypatch.setattr(sys, "argv", ["abc-mirror", *arguments])
+            assert main(arguments) == EXIT_OK, command
+
+    chain()
+    runs = lineage_runs(engine, OLD_RELEASE)
+    events = recording.runs()
+    assert [(r.step, r.status) for r in runs] == [("discover", "succeeded"), ("mirror", "succeeded"),
+                                                  ("load_metadata", "succeeded"), ("aggregate", "succeeded")]
+    assert events == [(r.step, kind, r.run_uuid) for r in runs[1:] for kind in ("START", "COMPLETE")]
+    chain()
+    assert [r.id for r in lineage_runs(engine, OLD_RELEASE)] == [r.id for r in runs]
+    assert recording.runs() == events
+    assert all(r.published_at is not None for r in lineage_runs(engine, OLD_RELEASE))
+    tree = lineage.tree_lines(engine, OLD_RELEASE)
+    assert not any("other run" in line for line in tree)
+    assert pipeline.check_lineage(settings, OLD_RELEASE)["abc.expression_by_cluster"] > 0
