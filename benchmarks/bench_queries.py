@@ -200,17 +200,21 @@ def queries(conn: psycopg.Connection) -> list[Query]:
     found = [Query(f"demo: {title}", "scripts/demo.py", text, target)
              for (title, text), target in zip(ANALYST_QUERIES, demo_targets, strict=True)]
     found += [
+        Query("docs: cells per class per dataset, counted from the cells", "docs/schema.md (and scripts/demo.py "
+              "before sql/011)", "SELECT dataset, class_name, count(*) AS cells FROM abc.current_cell_annotated "
+              "GROUP BY dataset, class_name ORDER BY dataset, class_name"),
         Query("docs: clusters present in both datasets (listed)", "docs/schema.md",
-              "SELECT cluster_alias FROM abc.current_cell_annotated GROUP BY cluster_alias "
+              "SELECT cluster_alias FROM abc.current_cluster_cell_count GROUP BY cluster_alias "
               "HAVING count(DISTINCT dataset) = 2 ORDER BY cluster_alias"),
         Query(f"docs: cells of a region ({region}) with their subclass", "docs/schema.md",
               f"SELECT cell_label, subclass_name FROM abc.current_cell_annotated "
               f"WHERE region_of_interest_acronym = '{region}'"),
         Query("docs: how a cluster's cell count moved between two releases", "docs/schema.md",
-              f"SELECT cluster_alias, count(*) FILTER (WHERE release = '{OLD}') AS before, "
-              f"count(*) FILTER (WHERE release = '{NEW}') AS after FROM abc.cell WHERE release IN ('{OLD}', '{NEW}') "
-              f"GROUP BY cluster_alias ORDER BY abs(count(*) FILTER (WHERE release = '{NEW}') - "
-              f"count(*) FILTER (WHERE release = '{OLD}')) DESC LIMIT 20", as_reader=False),
+              f"SELECT dataset, cluster_alias, sum(n_cells) FILTER (WHERE release = '{OLD}') AS before, "
+              f"sum(n_cells) FILTER (WHERE release = '{NEW}') AS after FROM abc.cluster_cell_count "
+              f"WHERE release IN ('{OLD}', '{NEW}') GROUP BY dataset, cluster_alias "
+              f"ORDER BY abs(coalesce(sum(n_cells) FILTER (WHERE release = '{NEW}'), 0) "
+              f"- coalesce(sum(n_cells) FILTER (WHERE release = '{OLD}'), 0)) DESC LIMIT 20", as_reader=False),
         Query("docs: Gad1 across all clusters of one dataset", "docs/schema.md",
               f"SELECT group_name, mean, fraction, n_cells FROM abc.expression_by_cluster WHERE release = '{NEW}' "
               f"AND dataset = '{fx.MACOSKO}' AND gene_symbol = 'Gad1' ORDER BY mean DESC", 20.0),
