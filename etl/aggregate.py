@@ -64,6 +64,7 @@ from etl.load import cell_assignments
 from etl.mirror import release_files_on_disk
 from etl.publish import (
     EXPRESSION_TABLES,
+    analyze_published,
     claim_stage,
     create_staging_table,
     index_staging_table,
@@ -1143,6 +1144,7 @@ def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[
         with conn.transaction():
             publish(conn, release, EXPRESSION_TABLES)
             set_stage(conn, release, "published")
+        analyze_published(conn, EXPRESSION_TABLES)
     return entries
 
 
@@ -1176,10 +1178,15 @@ def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[s
                      taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str]) -> dict[str, int]:
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
     staged = {table: create_staging_table(conn, table, release) for table in EXPRESSION_TABLES}
-    for table in ("expression_gene_major", "expression_group_major"):
+    for table, index_column in (("expression_gene_major", "group_index"), ("expression_group_major", "gene_index")):
         for column in ("sum", "sum_sq"):  # float arrays do not compress: store them out of line, as is
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE EXTERNAL").format(
                 staged[table], sql.Identifier(column)))
+        # No statistics of the arrays, as on the parent (sql/011): no query filters on them, and
+        # sampling them reads them whole (67 s for a full release's gene-major arrays).
+        conn.execute(sql.SQL("ALTER TABLE {} ").format(staged[table]) + sql.SQL(", ").join(
+            sql.SQL("ALTER COLUMN {} SET STATISTICS 0").format(sql.Identifier(column))
+            for column in (index_column, "n_nonzero", "sum", "sum_sq")))
     entries: dict[str, int] = {}
     for dataset, paths in partials.items():
         loaded = [load_partial(Path(p)) for p in paths]

@@ -32,6 +32,7 @@ from psycopg import sql
 
 from etl import db
 from etl.publish import (
+    analyze_published,
     claim_stage,
     create_staging_table,
     fail_stage,
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 # Publication order: the tables a foreign key references come before the ones referencing them.
 METADATA_TABLES = ["cluster_annotation_term_set", "cluster_annotation_term", "cluster", "cluster_membership",
                    "gene", "donor", "library", "cell", "cell_cluster_membership", "cell_embedding", "value_set"]
+# Derived from the staged cells and published with the metadata: cells per dataset and cluster, so that
+# counts per class or cluster read thousands of rows, not millions of cells (sql/011).
+CELL_COUNT_TABLE = "cluster_cell_count"
+PUBLISHED_TABLES = [*METADATA_TABLES, CELL_COUNT_TABLE]
 # Manifest tag (file stem) -> table.
 TABLE_OF_TAG = {
     "cell_metadata": "cell",
@@ -530,6 +535,8 @@ def load_release_metadata(
             fail_stage(conn, release, str(exc))
             _mark_failed(database_url, release, str(exc))
             raise
+        if report.published:
+            analyze_published(conn, PUBLISHED_TABLES)
     for line in report.lines():
         log.info("%s", line)
     return report
@@ -558,10 +565,11 @@ def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[st
         conn.execute(sql.SQL("ANALYZE {}").format(target))
     for table in METADATA_TABLES:
         _check_references(conn, table, release, by_table)
+    report.table_rows[CELL_COUNT_TABLE] = _stage_cell_counts(conn, release)
     report.loaded = [x for table in METADATA_TABLES for x in loads[table]]
     _record_files(conn, release, report)
     if publish_now:
-        publish(conn, release, METADATA_TABLES)
+        publish(conn, release, PUBLISHED_TABLES)
         conn.execute("UPDATE abc.release SET status = 'published', loaded_at = now(), published_at = now(), "
                      "last_error = NULL WHERE version = %s", (release,))
         set_stage(conn, release, "published")
@@ -574,9 +582,23 @@ def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[st
     report.published = publish_now
 
 
+def _stage_cell_counts(conn: psycopg.Connection, release: str) -> int:
+    """Stage abc.cluster_cell_count from the staged cells (a cell's own cluster or its membership row)."""
+    target = create_staging_table(conn, CELL_COUNT_TABLE, release)
+    rows = conn.execute(sql.SQL(
+        "INSERT INTO {} (release, dataset, cluster_alias, n_cells) "
+        "SELECT c.release, c.dataset, coalesce(c.cluster_alias, m.cluster_alias), count(*) "
+        "FROM {} c LEFT JOIN {} m ON m.cell_label = c.cell_label GROUP BY 1, 2, 3").format(
+        target, staged_table("cell", release), staged_table("cell_cluster_membership", release))).rowcount
+    index_staging_table(conn, CELL_COUNT_TABLE, release)
+    conn.execute(sql.SQL("ANALYZE {}").format(target))
+    return rows
+
+
 def publish_staged_metadata(conn: psycopg.Connection, release: str) -> None:
-    """Publish a release staged with ``publish_now=False``; call inside ``conn.transaction()``."""
-    publish(conn, release, METADATA_TABLES)
+    """Publish a release staged with ``publish_now=False``; call inside ``conn.transaction()``, and
+    :func:`etl.publish.analyze_published` with :data:`PUBLISHED_TABLES` after it commits."""
+    publish(conn, release, PUBLISHED_TABLES)
     conn.execute("UPDATE abc.release SET status = 'published', published_at = now(), last_error = NULL "
                  "WHERE version = %s", (release,))
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from etl import alerts, db, lineage, monitor, reuse, source
 from etl.config import Settings
 from etl.discovery import ensure_release_recorded, load_manifest
-from etl.load import METADATA_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
+from etl.load import METADATA_TABLES, PUBLISHED_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
 from etl.mirror import (
     MirrorFailedError,
     MirrorReport,
@@ -36,6 +36,7 @@ from etl.mirror import (
 )
 from etl.publish import (
     EXPRESSION_TABLES,
+    analyze_published,
     claim_stage,
     dag_run_owner,
     end_stages_of,
@@ -340,15 +341,18 @@ def publish_release(conn: psycopg.Connection, release: str) -> bool:
     with stage_lock(conn, release):
         claim_stage(conn, release)
         try:
-            return _publish_staged(conn, release)
+            published = _publish_staged(conn, release)
         except PlanError:
             raise
         except Exception as exc:
             fail_stage(conn, release, f"publication failed: {exc}")
             raise
+        analyze_published(conn, published)
+    return bool(published)
 
 
-def _publish_staged(conn: psycopg.Connection, release: str) -> bool:
+def _publish_staged(conn: psycopg.Connection, release: str) -> list[str]:
+    """Publish what is staged in one transaction; the tables published."""
     with conn.transaction():
         status = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
         if status is None:
@@ -358,7 +362,7 @@ def _publish_staged(conn: psycopg.Connection, release: str) -> bool:
         if not metadata and not expression:
             if status[0] == "published":
                 set_stage(conn, release, "published")
-                return False
+                return []
             raise PlanError(f"release {release} has nothing staged to publish (status {status[0]})")
         lineage.publish_stage_runs(conn, release)
         if metadata:
@@ -366,7 +370,7 @@ def _publish_staged(conn: psycopg.Connection, release: str) -> bool:
         if expression:
             publish(conn, release, EXPRESSION_TABLES)
         set_stage(conn, release, "published")
-    return True
+    return (PUBLISHED_TABLES if metadata else []) + (EXPRESSION_TABLES if expression else [])
 
 
 class LineageGap(RuntimeError):

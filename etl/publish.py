@@ -380,6 +380,21 @@ def index_staging_table(conn: psycopg.Connection, table: str, release: str) -> N
             sql.SQL(unique), sql.Identifier(f"{name}_{index_name}"[:63]), staged) + sql.SQL(tail))
 
 
+def analyze_published(conn: psycopg.Connection, tables: list[str]) -> None:
+    """ANALYZE the partitioned tables ``abc.<table>`` as a whole, after a publication has committed; commits.
+
+    Autovacuum analyses partitions, never their partitioned parent, and a query whose release is known
+    only when it runs (every ``abc.current_*`` view) is planned with the parent's statistics: without
+    them its joins get default selectivities and, at millions of cells, plans that never finish. Run
+    after the commit, not in the publishing transaction, whose locks would keep readers waiting. An
+    ANALYZE of a parent also analyses each of its partitions.
+    """
+    _idle(conn)
+    for table in tables:
+        conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier("abc", table)))
+        conn.commit()
+
+
 def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
     """Swap the staged tables in as ``release``'s partitions, atomically.
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from etl import lineage
 from etl.config import Settings
-from etl.load import METADATA_TABLES
+from etl.load import PUBLISHED_TABLES
 from etl.mirror import selected_release_files
 from etl.publish import EXPRESSION_TABLES
 from etl.scope import Scope
@@ -85,7 +85,7 @@ def publish_by_reference(settings: Settings, engine: Engine, release: str) -> Sh
             conn.execute(sa.text("UPDATE abc.release SET status = 'published', shares_data_with = :p, "
                                  "loaded_at = now(), published_at = now(), last_error = NULL WHERE version = :r"),
                          {"p": shared, "r": release})
-        for table in METADATA_TABLES + EXPRESSION_TABLES:
+        for table in PUBLISHED_TABLES + EXPRESSION_TABLES:
             s.wrote(f"abc.{table}", partition=release)
     log.info("release %s: scoped files unchanged since %s; published by reference", release, shared)
     return Shared(shared, True)

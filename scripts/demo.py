@@ -32,10 +32,10 @@ DATABASE_URL = os.environ.get("ABC_DEMO_DATABASE_URL", "postgresql+psycopg2://po
 CURRENT = "(SELECT data_release FROM abc.current_release)"
 ANALYST_QUERIES = [
     ("cells per class per dataset, newest published release",
-     "SELECT dataset, class_name, count(*) AS cells FROM abc.current_cell_annotated "
-     "GROUP BY dataset, class_name ORDER BY dataset, class_name"),
+     "SELECT dataset, term_name AS class_name, n_cells AS cells FROM abc.current_term_cell_count "
+     "WHERE term_set_name = 'class' ORDER BY dataset, class_name"),
     ("clusters present in both datasets",
-     "SELECT count(*) AS clusters_in_both FROM (SELECT cluster_alias FROM abc.current_cell_annotated "
+     "SELECT count(*) AS clusters_in_both FROM (SELECT cluster_alias FROM abc.current_cluster_cell_count "
      "GROUP BY cluster_alias HAVING count(DISTINCT dataset) = 2) c"),
     ("where is Gad1 expressed? top 10 clusters by mean log2 expression",
      "SELECT dataset, group_name AS cluster, mean, fraction, n_cells FROM abc.expression_by_cluster "

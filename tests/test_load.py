@@ -287,6 +287,54 @@ def test_loading_one_dataset_keeps_the_others(generated_bucket, discovered, conn
     after = counts(conn, OLD_RELEASE)
     assert after == {**before, "cell": before["cell"] - 5}
     assert conn.execute("SELECT count(*) FROM abc.cell WHERE dataset = %s", (MACOSKO,)).fetchone()[0] == macosko_before
+    assert cells_counted(conn, OLD_RELEASE) == cells_per_cluster(conn, OLD_RELEASE)
+    assert sum(cells_counted(conn, OLD_RELEASE).values()) == after["cell"]
+
+
+def cells_per_cluster(conn: psycopg.Connection, release: str) -> dict[tuple[str, int | None], int]:
+    """Cells per dataset and cluster, counted from the cells of the published release."""
+    return dict(((d, a), n) for d, a, n in conn.execute(
+        "SELECT dataset, cluster_alias, count(*) FROM abc.cell_annotated WHERE release = %s GROUP BY 1, 2",
+        (release,)).fetchall())
+
+
+def cells_counted(conn: psycopg.Connection, release: str) -> dict[tuple[str, int | None], int]:
+    """The same from abc.cluster_cell_count."""
+    return dict(((d, a), n) for d, a, n in conn.execute(
+        "SELECT dataset, cluster_alias, n_cells FROM abc.cluster_cell_count WHERE release = %s", (release,)).fetchall())
+
+
+def expression_views_of_004() -> str:
+    """sql/004's two expression views (which 011 replaces), as CREATE OR REPLACE statements."""
+    statements = (REPO / "sql" / "004_expression.sql").read_text().split(";")
+    code = ["\n".join(line for line in s.splitlines() if not line.startswith("--")).strip() for s in statements]
+    views = [c.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1) for c in code
+             if c.startswith(("CREATE VIEW abc.expression_by_gene AS", "CREATE VIEW abc.expression_profile AS"))]
+    assert len(views) == 2
+    return ";\n".join(views)
+
+
+def test_migration_011_counts_the_releases_loaded_before_it(generated_bucket, discovered, conn):
+    """A database that 010 left with a published and a staged release gets both releases' counts."""
+    load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
+    load_release_metadata(discovered, NEW_RELEASE, metadata_files(generated_bucket, NEW_RELEASE), publish_now=False)
+    published = cells_counted(conn, OLD_RELEASE)
+    staged = dict(((d, a), n) for d, a, n in conn.execute(
+        f"SELECT dataset, cluster_alias, n_cells FROM abc_staging.cluster_cell_count_r{NEW_RELEASE}").fetchall())
+    assert published == cells_per_cluster(conn, OLD_RELEASE) and sum(staged.values()) > 0
+    # Back to what 010 left: no counts, and 004's views without 011's function and index.
+    conn.execute("DROP TABLE abc.cluster_cell_count CASCADE")
+    conn.execute(f"DROP TABLE abc_staging.cluster_cell_count_r{NEW_RELEASE}")
+    conn.execute("DROP INDEX abc.expression_gene_symbol_any_dataset_idx")
+    conn.execute(expression_views_of_004())
+    conn.execute("DROP FUNCTION abc.unnest_statistics")
+    conn.execute("DELETE FROM abc.schema_migration WHERE number = 11")
+
+    assert db.upgrade(db.make_engine(discovered)) == ["011_analyst_queries_at_size"]
+    assert cells_counted(conn, OLD_RELEASE) == published
+    with conn.transaction():
+        publish_staged_metadata(conn, NEW_RELEASE)
+    assert cells_counted(conn, NEW_RELEASE) == staged == cells_per_cluster(conn, NEW_RELEASE)
 
 
 # The example queries of docs/schema.md.
@@ -296,6 +344,11 @@ CLUSTERS_IN_BOTH = """SELECT cluster_alias FROM abc.current_cell_annotated GROUP
                       HAVING count(DISTINCT dataset) = 2 ORDER BY cluster_alias"""
 CELLS_OF_A_REGION = """SELECT cell_label, subclass_name FROM abc.current_cell_annotated
                        WHERE region_of_interest_acronym = %s"""
+# The same two questions as docs/schema.md asks them: from the counts staged with the cells.
+CELLS_PER_CLASS_COUNTED = """SELECT dataset, term_name AS class_name, n_cells AS cells FROM abc.current_term_cell_count
+                             WHERE term_set_name = 'class' ORDER BY dataset, class_name"""
+CLUSTERS_IN_BOTH_COUNTED = """SELECT cluster_alias FROM abc.current_cluster_cell_count GROUP BY cluster_alias
+                              HAVING count(DISTINCT dataset) = 2 ORDER BY cluster_alias"""
 
 
 def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
@@ -311,6 +364,10 @@ def test_analyst_views_and_read_only_role(generated_bucket, discovered, conn):
     both = [a for (a,) in conn.execute(CLUSTERS_IN_BOTH).fetchall()]
     assert both == sorted(set(cells[cells.dataset == MACOSKO].cluster_alias)
                           & set(cells[cells.dataset == CONSENSUS_WMB].cluster_alias))
+    with conn.transaction():
+        conn.execute("SET LOCAL ROLE abc_reader")
+        assert {(d, c): n for d, c, n in conn.execute(CELLS_PER_CLASS_COUNTED).fetchall()} == expected.to_dict()
+        assert [a for (a,) in conn.execute(CLUSTERS_IN_BOTH_COUNTED).fetchall()] == both
     region = cells.region_of_interest_acronym.iloc[0]
     in_region = conn.execute(CELLS_OF_A_REGION, (region,)).fetchall()
     assert len(in_region) == (cells.region_of_interest_acronym == region).sum()
