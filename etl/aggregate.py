@@ -1182,7 +1182,7 @@ def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[s
         for column in ("sum", "sum_sq"):  # float arrays do not compress: store them out of line, as is
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE EXTERNAL").format(
                 staged[table], sql.Identifier(column)))
-        # No statistics of the arrays, as on the parent (sql/011): no query filters on them, and
+        # No statistics of the arrays, as on the parent (sql/013): no query filters on them, and
         # sampling them reads them whole (67 s for a full release's gene-major arrays).
         conn.execute(sql.SQL("ALTER TABLE {} ").format(staged[table]) + sql.SQL(", ").join(
             sql.SQL("ALTER COLUMN {} SET STATISTICS 0").format(sql.Identifier(column))

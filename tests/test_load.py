@@ -305,7 +305,7 @@ def cells_counted(conn: psycopg.Connection, release: str) -> dict[tuple[str, int
 
 
 def expression_views_of_004() -> str:
-    """sql/004's two expression views (which 011 replaces), as CREATE OR REPLACE statements."""
+    """sql/004's two expression views (which 013 replaces), as CREATE OR REPLACE statements."""
     statements = (REPO / "sql" / "004_expression.sql").read_text().split(";")
     code = ["\n".join(line for line in s.splitlines() if not line.startswith("--")).strip() for s in statements]
     views = [c.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1) for c in code
@@ -314,23 +314,23 @@ def expression_views_of_004() -> str:
     return ";\n".join(views)
 
 
-def test_migration_011_counts_the_releases_loaded_before_it(generated_bucket, discovered, conn):
-    """A database that 010 left with a published and a staged release gets both releases' counts."""
+def test_migration_013_counts_the_releases_loaded_before_it(generated_bucket, discovered, conn):
+    """A database that 012 left with a published and a staged release gets both releases' counts."""
     load_release_metadata(discovered, OLD_RELEASE, metadata_files(generated_bucket, OLD_RELEASE))
     load_release_metadata(discovered, NEW_RELEASE, metadata_files(generated_bucket, NEW_RELEASE), publish_now=False)
     published = cells_counted(conn, OLD_RELEASE)
     staged = dict(((d, a), n) for d, a, n in conn.execute(
         f"SELECT dataset, cluster_alias, n_cells FROM abc_staging.cluster_cell_count_r{NEW_RELEASE}").fetchall())
     assert published == cells_per_cluster(conn, OLD_RELEASE) and sum(staged.values()) > 0
-    # Back to what 010 left: no counts, and 004's views without 011's function and index.
+    # Back to what 012 left: no counts, and 004's views without 013's function and index.
     conn.execute("DROP TABLE abc.cluster_cell_count CASCADE")
     conn.execute(f"DROP TABLE abc_staging.cluster_cell_count_r{NEW_RELEASE}")
     conn.execute("DROP INDEX abc.expression_gene_symbol_any_dataset_idx")
     conn.execute(expression_views_of_004())
     conn.execute("DROP FUNCTION abc.unnest_statistics")
-    conn.execute("DELETE FROM abc.schema_migration WHERE number = 11")
+    conn.execute("DELETE FROM abc.schema_migration WHERE number = 13")
 
-    assert db.upgrade(db.make_engine(discovered)) == ["011_analyst_queries_at_size"]
+    assert db.upgrade(db.make_engine(discovered)) == ["013_analyst_queries_at_size"]
     assert cells_counted(conn, OLD_RELEASE) == published
     with conn.transaction():
         publish_staged_metadata(conn, NEW_RELEASE)
