@@ -31,13 +31,19 @@ from etl.publish import (
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _published_release(settings, engine, monkeypatch) -> None:
+def _mirrored_release(settings, engine, monkeypatch) -> str:
+    """OLD_RELEASE discovered and mirrored through the CLI; the database URL."""
     discover(source.make_client(settings), settings, engine)
     monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
     url = settings.database_url
     assert main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--no-progress",
                  "--database-url", url]) == EXIT_OK
+    return url
+
+
+def _published_release(settings, engine, monkeypatch) -> None:
+    url = _mirrored_release(settings, engine, monkeypatch)
     assert main(["load", "--release", OLD_RELEASE, "--database-url", url]) == EXIT_OK
 
 
@@ -159,12 +165,7 @@ def _cells_read(settings, release: str) -> tuple[int, int]:
 
 
 def test_a_killed_runs_stage_is_abandoned_never_read_and_taken_over(settings, engine, monkeypatch):
-    discover(source.make_client(settings), settings, engine)
-    monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", settings.endpoint_url)
-    url = settings.database_url
-    assert main(["mirror", "--release", OLD_RELEASE, "--target", settings.mirror_root, "--no-progress",
-                 "--database-url", url]) == EXIT_OK
+    url = _mirrored_release(settings, engine, monkeypatch)
     env = {**os.environ, "PYTHONPATH": str(REPO), "ABC_DATABASE_URL": url, "ABC_MIRROR_ROOT": settings.mirror_root,
            "AWS_ENDPOINT_URL_S3": settings.endpoint_url, "OPENLINEAGE_DISABLED": "true"}
     env.pop("ABC_STAGE_OWNER", None)
