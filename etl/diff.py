@@ -36,7 +36,6 @@ from etl.publish import staged_or_published
 from etl.scope import Scope
 from etl.transfer import write_file_nofollow
 
-FILE_IDENTITY = ["dataset", "kind", "tag", "normalization", "file_type"]
 LISTED_PER_CHANGE = 50
 CHANGES = ["added", "removed", "changed", "moved", "reassigned"]
 SUBJECTS = ["directory", "file", "cell", "cluster", "gene"]
@@ -78,9 +77,10 @@ class ReleaseDiff:
 
 # --- in the database ----------------------------------------------------------------------------
 
-# Each statement inserts the items of one subject; %(old)s / %(new)s are the releases compared,
-# %(old_data)s / %(new_data)s the releases whose rows they read (their own, or those they share),
-# {old_*} / {new_*} those rows' relations (staged or published).
+# Each statement inserts the items of one subject (the cells' also returns the cells per class);
+# %(old)s / %(new)s are the releases compared, %(old_data)s / %(new_data)s the releases whose rows
+# they read (their own, or those they share), {old_*} / {new_*} those rows' relations (staged or
+# published).
 _INSERT = "INSERT INTO abc.release_diff_item (old_release, new_release, dataset, subject, change, item, " \
           "old_value, new_value) "
 
