@@ -170,17 +170,17 @@ def main() -> None:
                   f"of {NEW_RELEASE}")
     timed(f"checks {NEW_RELEASE}", [*CHECK, url, NEW_RELEASE], env, log, args.workdir)
     with db.copy_connection(url) as conn:
-        for name in monitor.CHECKS:
+        checks = monitor.check_queries(conn, NEW_RELEASE)
+        for name, query in checks.items():
             started, cpu = time.perf_counter(), backend_cpu(conn)
-            conn.execute(monitor.check_query(conn, name, NEW_RELEASE), {"r": NEW_RELEASE}).fetchone()
+            conn.execute(query, {"r": NEW_RELEASE}).fetchone()
             print(f"  check {name}: wall {time.perf_counter() - started:.1f} s, server CPU "
                   f"{backend_cpu(conn) - cpu:.1f} s (+ parallel workers')")
         planned = diff.queries(conn, OLD_RELEASE, NEW_RELEASE, Settings.from_env().run_scope)
         wall, cpu = cell_pass_cpu(conn, planned)
         print(f"  diff {OLD_RELEASE} {NEW_RELEASE}, pass over the cells without parallel workers: wall {wall:.1f} s, "
               f"server CPU {cpu:.1f} s; load {load_average()}")
-        plans = {"check": explain(conn, monitor.check_query(conn, "expression_cells_match_metadata", NEW_RELEASE),
-                                  {"r": NEW_RELEASE}),
+        plans = {"check": explain(conn, checks["expression_cells_match_metadata"], {"r": NEW_RELEASE}),
                  "cells": explain(conn, planned.cells, planned.params,
                                   psycopg.sql.SQL("DELETE FROM abc.release_diff_item WHERE old_release = {} "
                                                   "AND new_release = {}").format(OLD_RELEASE, NEW_RELEASE))}

@@ -101,18 +101,18 @@ CHECKS: dict[str, tuple[str, str]] = {
 CHECKED_TABLES = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
 
 
-def check_query(conn: psycopg.Connection, name: str, release: str) -> sql.Composed:
-    """The check's query over ``release``'s staged or published tables; its parameter ``r`` is the release."""
+def check_queries(conn: psycopg.Connection, release: str) -> dict[str, sql.Composed]:
+    """Each check's query over ``release``'s staged or published tables; their parameter ``r`` is the release."""
     relations = {t: staged_or_published(conn, t, release) for t in CHECKED_TABLES}
-    return sql.SQL(CHECKS[name][1]).format(**relations)
+    return {name: sql.SQL(query).format(**relations) for name, (_, query) in CHECKS.items()}
 
 
 def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
     """Run every check on ``release`` (its staged load when not yet published) and store the results."""
     results = []
     with db.copy_connection(database_url) as conn:
-        for name in CHECKS:
-            failing, details = conn.execute(check_query(conn, name, release), {"r": release}).fetchone()
+        for name, query in check_queries(conn, release).items():
+            failing, details = conn.execute(query, {"r": release}).fetchone()
             results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))
         with conn.transaction():
             conn.execute("DELETE FROM abc.quality_check WHERE release = %s", (release,))
