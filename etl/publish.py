@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 RELEASE_RE = re.compile(r"^[0-9]{8}$")
 STAGING_SCHEMA = "abc_staging"
 PARTITION_SCHEMA = "abc_part"
+# Planner settings for the foreign-key validation ATTACH PARTITION runs (a join of the partition's rows,
+# e.g. 7.65 M cells, against abc.cluster). Left alone, PostgreSQL 15 sorts both sides for a merge anti
+# join: 14.0 s for 7.65 M cells; a hash anti join on the 6,721 clusters takes 2.5 s
+# (benchmarks/RESULTS.md, "Publishing at full size"). Set for the ATTACH statements only.
+FOREIGN_KEY_CHECK_PLAN = {"enable_mergejoin": "off", "enable_nestloop": "off"}
 # The aggregation stage's tables, here so that publishing needs no numerical stack.
 EXPRESSION_TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
                      "expression_file"]
@@ -380,19 +385,37 @@ def index_staging_table(conn: psycopg.Connection, table: str, release: str) -> N
             sql.SQL(unique), sql.Identifier(f"{name}_{index_name}"[:63]), staged) + sql.SQL(tail))
 
 
-def analyze_published(conn: psycopg.Connection, tables: list[str]) -> None:
-    """ANALYZE the partitioned tables ``abc.<table>`` as a whole, after a publication has committed; commits.
+def analyze_published(conn: psycopg.Connection, tables: list[str]) -> list[str]:
+    """ANALYZE those partitioned tables ``abc.<table>`` whose statistics have fallen behind; commits.
 
     Autovacuum analyses partitions, never their partitioned parent, and a query whose release is known
     only when it runs (every ``abc.current_*`` view) is planned with the parent's statistics: without
-    them its joins get default selectivities and, at millions of cells, plans that never finish. Run
-    after the commit, not in the publishing transaction, whose locks would keep readers waiting. An
-    ANALYZE of a parent also analyses each of its partitions.
+    them its joins get default selectivities and, at millions of cells, plans that never finish. But in
+    PostgreSQL before 18 an ANALYZE of a parent also analyses every partition again, so its cost grows with
+    the releases kept (:func:`parents_to_analyze` says which are due). Run after the commit, not in the
+    publishing transaction, whose locks would keep readers waiting. Returns the tables analysed.
     """
     _idle(conn)
-    for table in tables:
+    due = parents_to_analyze(conn, tables)
+    for table in due:
         conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier("abc", table)))
         conn.commit()
+    return due
+
+
+def parents_to_analyze(conn: psycopg.Connection, tables: list[str]) -> list[str]:
+    """The parents with partitions and no statistics, or statistics taken when they had under half their
+    partitions now: their estimates per release are then off by at most 2x, and the releases kept cost
+    O(1) ANALYZEs of a partition per publication, amortised, instead of all of them every time."""
+    rows = conn.execute(
+        "SELECT c.relname, (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), "
+        "(SELECT CASE WHEN s.n_distinct > 0 THEN s.n_distinct END FROM pg_stats s "
+        " WHERE s.schemaname = 'abc' AND s.tablename = c.relname AND s.attname = 'release' AND s.inherited) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'abc' AND c.relname = ANY(%s)", (tables,)).fetchall()
+    partitions = {name: (count, analysed) for name, count, analysed in rows}
+    return [t for t in tables if partitions[t][0] > 0
+            and (partitions[t][1] is None or 2 * partitions[t][1] <= partitions[t][0])]
 
 
 def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
@@ -400,7 +423,9 @@ def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
 
     Run inside one transaction (psycopg's ``conn.transaction()``); an old partition of the
     same release is detached and dropped first, so publishing twice never duplicates rows.
-    Tables are attached in the order given: parents of foreign keys first.
+    Tables are attached in the order given: parents of foreign keys first. ATTACH validates each
+    foreign key of the new partition with one anti-join of its rows against the referenced table;
+    :data:`FOREIGN_KEY_CHECK_PLAN` holds that join to a hash of the (small) referenced side.
     """
     _check_release(release)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(PARTITION_SCHEMA)))
@@ -410,9 +435,13 @@ def publish(conn: psycopg.Connection, release: str, tables: list[str]) -> None:
         if exists.fetchone()[0] is not None:
             conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(sql.Identifier("abc", table), old))
             conn.execute(sql.SQL("DROP TABLE {}").format(old))
+    for setting, value in FOREIGN_KEY_CHECK_PLAN.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
     for table in tables:
         staged = staged_table(table, release)
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(PARTITION_SCHEMA)))
         conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES IN ({})").format(
             sql.Identifier("abc", table), sql.Identifier(PARTITION_SCHEMA, staging_name(table, release)),
             sql.Literal(release)))
+    for setting in FOREIGN_KEY_CHECK_PLAN:
+        conn.execute(sql.SQL("RESET {}").format(sql.Identifier(setting)))
