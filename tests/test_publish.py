@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from etl import db
-from etl.publish import create_staging_table, index_staging_table, publish
+from etl.publish import analyze_published, create_staging_table, index_staging_table, publish
 
 
 @pytest.fixture
@@ -61,3 +61,25 @@ def test_failed_publish_leaves_previous_state(conn):
 def test_release_must_be_a_date(conn):
     with pytest.raises(ValueError, match="YYYYMMDD"):
         create_staging_table(conn, "toy", "2025'; DROP TABLE abc.release; --")
+
+
+def test_parents_are_analysed_when_their_partitions_double(conn):
+    """A parent's statistics are taken at its first publication, then each time its partitions have
+    doubled since they were taken (not at every publication: that re-analyses every partition)."""
+    analysed_at = []
+    for n, release in enumerate(["20250101", "20250201", "20250301", "20250401", "20250501"], start=1):
+        _stage(conn, release, [(k, f"v{k}") for k in range(50)])
+        with conn.transaction():
+            publish(conn, release, ["toy"])
+        if analyze_published(conn, ["toy"]) == ["toy"]:
+            analysed_at.append(n)
+        releases_in_statistics = conn.execute(
+            "SELECT n_distinct FROM pg_stats WHERE schemaname = 'abc' AND tablename = 'toy' "
+            "AND attname = 'release' AND inherited").fetchone()[0]
+        assert releases_in_statistics == analysed_at[-1]
+    assert analysed_at == [1, 2, 4]
+    # Publishing a release again (same partitions) does not analyse the parent.
+    _stage(conn, "20250501", [(1, "again")])
+    with conn.transaction():
+        publish(conn, "20250501", ["toy"])
+    assert analyze_published(conn, ["toy"]) == []
