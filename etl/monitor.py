@@ -42,21 +42,12 @@ class CheckResult:
     details: str = ""
 
 
-# name -> (what it guards, SQL giving (failing count, details) over {cell}, {cluster}, ... of the release)
+# name -> (what it guards, SQL giving (failing count, details) over {cell}, {cluster}, ... of the release).
+# Keys are not re-checked here: each staged table has its primary key (no cell_label twice in a release),
+# the load checks every foreign key with errors naming file and line (etl.load), and PostgreSQL enforces
+# them on the published partitions. A check repeating them could not fail, and read every cell twice:
+# 3.1 s at 7.65 M cells on a quiet machine, 55 s at load 11.
 CHECKS: dict[str, tuple[str, str]] = {
-    "cell_cluster_in_taxonomy": (
-        "every cell's cluster_alias is a cluster of the release's taxonomy",
-        """SELECT count(*), string_agg(DISTINCT c.cluster_alias::text, ', ') FROM (
-               SELECT release, cluster_alias FROM {cell} WHERE release = %(r)s AND cluster_alias IS NOT NULL
-               UNION ALL
-               SELECT release, cluster_alias FROM {cell_cluster_membership} WHERE release = %(r)s) c
-           WHERE NOT EXISTS (SELECT 1 FROM {cluster} k WHERE k.release = c.release
-                             AND k.cluster_alias = c.cluster_alias)"""),
-    "cell_label_unique": (
-        "no cell_label appears twice in a release",
-        """SELECT count(*), string_agg(cell_label, ', ') FROM (
-               SELECT cell_label FROM {cell} WHERE release = %(r)s GROUP BY cell_label HAVING count(*) > 1
-               ORDER BY cell_label LIMIT 1000) d"""),
     "row_counts_match_files": (
         "each loaded table holds, per dataset, exactly the rows of the files loaded into it",
         """SELECT count(*), string_agg(format('abc.%%s %%s: %%s rows, files hold %%s', f.table_name, f.dataset,
@@ -98,7 +89,7 @@ CHECKS: dict[str, tuple[str, str]] = {
 }
 
 
-CHECKED_TABLES = ["cell", "cell_cluster_membership", "cluster", "gene", "cluster_membership", "expression_group"]
+CHECKED_TABLES = ["cell", "cell_cluster_membership", "gene", "cluster", "cluster_membership", "expression_group"]
 
 
 def check_queries(conn: psycopg.Connection, release: str) -> dict[str, sql.Composed]:
