@@ -457,21 +457,6 @@ def _check_references(conn: psycopg.Connection, table: str, release: str,
                 f"{_locate(files.get(table, []), shown, missing)}")
 
 
-def _check_counts(conn: psycopg.Connection, table: str, release: str, loads: list[FileLoad]) -> int:
-    """The staged rows of each dataset loaded now are exactly the rows of its files."""
-    expected: dict[str, int] = defaultdict(int)
-    for load in loads:
-        expected[load.file.dataset] += load.rows
-    counted = dict(conn.execute(sql.SQL("SELECT dataset, count(*) FROM {} GROUP BY dataset").format(
-        staged_table(table, release))).fetchall())
-    for dataset, rows in expected.items():
-        if counted.get(dataset, 0) != rows:
-            paths = ", ".join(x.file.relative_path for x in loads if x.file.dataset == dataset)
-            raise LoadError(f"abc.{table}: {counted.get(dataset, 0)} rows staged for {dataset}, "
-                            f"but {paths} hold {rows}")
-    return sum(counted.values())
-
-
 def _release_status(conn: psycopg.Connection, release: str) -> str:
     row = conn.execute("SELECT status FROM abc.release WHERE version = %s FOR UPDATE", (release,)).fetchone()
     if row is None:
@@ -557,10 +542,14 @@ def _stage_and_publish(conn: psycopg.Connection, release: str, datasets: list[st
             conn.execute(sql.SQL("ALTER TABLE {} ").format(target) + sql.SQL(", ").join(
                 sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(sql.Identifier(column))
                 for column in _file_constants(release, by_table[table][0])))
+        carried = 0
         if datasets:
-            conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
-                target, sql.Identifier("abc", table)), (release, datasets))
-        report.table_rows[table] = _check_counts(conn, table, release, loads[table])
+            carried = conn.execute(sql.SQL(
+                "INSERT INTO {} SELECT * FROM {} WHERE release = %s AND dataset <> ALL(%s)").format(
+                target, sql.Identifier("abc", table)), (release, datasets)).rowcount
+        # COPY counts the rows it stores, per file (kept in abc.metadata_file, which the quality check
+        # row_counts_match_files compares with the published tables): no count(*) of the staged table.
+        report.table_rows[table] = carried + sum(x.rows for x in loads[table])
         _index_or_report_duplicates(conn, table, release, by_table.get(table, []))
         conn.execute(sql.SQL("ANALYZE {}").format(target))
     for table in METADATA_TABLES:
