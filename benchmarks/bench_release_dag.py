@@ -94,11 +94,29 @@ def median_seconds(action, repeat: int = 5) -> float:
 
 
 def task_rows(cluster: AirflowCluster, run_id: str) -> list[sa.Row]:
+    """Each task's wall time, and when (seconds from the run's start) it was queued, started and ended."""
     with cluster.engine.connect() as conn:
         return conn.execute(sa.text(
-            "SELECT id::text, task_id, map_index, state, extract(epoch FROM end_date - start_date) AS seconds "
-            "FROM task_instance WHERE dag_id = 'abc_release' AND run_id = :r ORDER BY start_date"),
+            "SELECT t.id::text, t.task_id, t.map_index, t.state, "
+            "extract(epoch FROM t.end_date - t.start_date) AS seconds, "
+            "extract(epoch FROM t.queued_dttm - r.start_date) AS queued, "
+            "extract(epoch FROM t.start_date - r.start_date) AS started, "
+            "extract(epoch FROM t.end_date - r.start_date) AS ended "
+            "FROM task_instance t JOIN dag_run r ON r.dag_id = t.dag_id AND r.run_id = t.run_id "
+            "WHERE t.dag_id = 'abc_release' AND t.run_id = :r ORDER BY t.start_date"),
             {"r": run_id}).all()
+
+
+def slow_statements(server_log: Path, offset: int, limit: int = 25) -> list[str]:
+    """The slowest statements PostgreSQL logged (``log_min_duration_statement``) after ``offset``."""
+    lines = []
+    with server_log.open("rb") as log:
+        log.seek(offset)
+        for line in log.read().decode(errors="replace").splitlines():
+            if " duration: " in line and " ms " in line:
+                ms = float(line.split(" duration: ", 1)[1].split(" ms", 1)[0])
+                lines.append((ms, line.split(" duration: ", 1)[1][:220]))
+    return [text for _, text in sorted(lines, reverse=True)[:limit]]
 
 
 def main() -> None:
@@ -107,6 +125,10 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=6_721)
     parser.add_argument("--workdir", type=Path, required=True, help="bucket cache (generated once), mirror, logs")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole chain")
+    parser.add_argument("--server-log", type=Path, default=REPO / "var" / "pg" / "server.log",
+                        help="the PostgreSQL server's log, for its slowest statements in the warehouse")
+    parser.add_argument("--slow-ms", type=int, default=2000,
+                        help="log the warehouse's statements slower than this (log_min_duration_statement)")
     args = parser.parse_args()
 
     bucket_root = args.workdir / f"bucket-{args.cells}-{args.clusters}"
@@ -118,7 +140,12 @@ def main() -> None:
     run_dir.mkdir(parents=True)
     warehouse = _database_url(f"abc_bench_dag_{uuid.uuid4().hex[:8]}")
     db.create_database(warehouse)
-    db.upgrade(db.make_engine(warehouse))
+    engine = db.make_engine(warehouse)
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER DATABASE {engine.url.database} SET log_min_duration_statement = {args.slow_ms}"))
+    engine.dispose()
+    log_offset = args.server_log.stat().st_size if args.server_log.exists() else None
     server = start_s3_server(bucket_root)
     sampler = PeakSampler()
     sampler.start()
@@ -142,6 +169,9 @@ def main() -> None:
                                      in ("success", "failed"), args.timeout)
                     print(f"{run_id}: {cluster.run_state('abc_release', run_id)}", flush=True)
                 report(cluster, sampler, warehouse, cluster.env, server.endpoint_url)
+                if log_offset is not None:
+                    print(f"\nslowest warehouse statements (> {args.slow_ms} ms, {args.server_log}):")
+                    print("\n".join(slow_statements(args.server_log, log_offset)))
             finally:
                 cluster.stop()
     finally:
@@ -172,13 +202,14 @@ def report(cluster: AirflowCluster, sampler: PeakSampler, warehouse: str, env: d
                                            "WHERE dag_id = 'abc_release' AND run_id = :r"),
                                    {"r": run.run_id}).scalar_one()
         print(f"\n### abc_release {release}: {run.state}, {seconds:.1f} s\n")
-        print("| task | state | seconds | peak RSS (MB) |\n|---|---|---:|---:|")
+        print("| task | state | seconds | peak RSS (MB) | queued / started / ended (s from run start) |\n"
+              "|---|---|---:|---:|---|")
         for row in task_rows(cluster, run.run_id):
             name = row.task_id + (f"[{row.map_index}]" if row.map_index >= 0 else "")
             peak = sampler.peaks.get(row.id)
-            print(f"| {name} | {row.state} | {row.seconds or 0:.1f} | "
-                  f"{peak / 1024:.0f} |" if peak else f"| {name} | {row.state} | {row.seconds or 0:.1f} | "
-                  "(ended before a sample) |")
+            shown = f"{peak / 1024:.0f}" if peak else "(ended before a sample)"
+            when = " / ".join("-" if t is None else f"{t:.1f}" for t in (row.queued, row.started, row.ended))
+            print(f"| {name} | {row.state} | {row.seconds or 0:.1f} | {shown} | {when} |")
         if run.state != "success":
             print(cluster.task_logs("abc_release", run.run_id))
     engine = db.make_engine(warehouse)
