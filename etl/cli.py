@@ -197,6 +197,21 @@ def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from etl import db
+    from etl.export import ExportError, export_expression
+
+    genes = [gene for argument in args.genes or [] for gene in argument.split(",") if gene]
+    try:
+        with db.copy_connection(settings.database_url) as conn:
+            result = export_expression(conn, args.release, args.grouping, Path(args.out), genes or None, args.dataset)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(result.line())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abc-mirror", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -307,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     database_flag(aggregate)
     scope_flag(aggregate)
     aggregate.set_defaults(handler=cmd_aggregate)
+
+    export = commands.add_parser("export", help="a published release's aggregated expression as pseudobulk AnnData "
+                                 "(.h5ad) or long parquet")
+    export.add_argument("--release", required=True, help="published release YYYYMMDD")
+    export.add_argument("--grouping", required=True,
+                        help="obs: the groups of cluster, supertype, subclass, class or region_subclass")
+    export.add_argument("--genes", nargs="+", help="only these genes: symbols or identifiers, spaces or commas")
+    export.add_argument("--dataset", action="append", help="only this metadata dataset (repeatable; default all)")
+    export.add_argument("--out", required=True, help="output file: .h5ad (AnnData) or .parquet (one row per pair)")
+    database_flag(export)
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
