@@ -30,6 +30,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_lineage import lineage_task
 from abc_notifiers import AbcWebhookNotifier
 from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
 
@@ -108,7 +109,7 @@ def abc_release():
               f"fetch), {len(batches)} batches")
         return batches
 
-    @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
+    @lineage_task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
     def mirror(keys: list[str], release: str, params=None) -> dict:
         from etl import pipeline
         from etl.transfer import parse_rate
@@ -130,7 +131,7 @@ def abc_release():
         print(f"release {release}: {len(files)} files mirrored and verified in {settings.mirror_root}")
         return len(files)
 
-    @task
+    @lineage_task
     def load_metadata(release: str, params=None) -> list[dict]:
         from etl import aggregate, db, pipeline
 
@@ -157,7 +158,7 @@ def abc_release():
         settings = _settings(params)
         return pipeline.aggregate_item(settings, release, item, default_work_dir(settings, release))
 
-    @task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
+    @lineage_task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
     def merge(done: list[dict], release: str, params=None) -> dict:
         from etl import pipeline
 
