@@ -10,9 +10,10 @@ resolve -> plan -> mirror (mapped over batches of files, pool ``abc_transfers`` 
 one transaction) -> lineage (every published relation traced to its source objects) -> notify (diff
 against the previous release, release notes beside the mirror, ``published`` alert). A failed task
 alerts through ``AbcWebhookNotifier``, and a failed run drops the stage it leaves (re-running it loads
-afresh); mirror, load and aggregate steps are lineage steps
-(``abc.lineage_run``, OpenLineage events), recorded once per state of their work: a cleared task
-that finds its work done adds no run and emits no event.
+afresh); mirror, load and aggregate steps are lineage steps (``abc.lineage_run``), recorded once per
+state of their work: a cleared task that finds its work done adds no run. Their tasks are
+``@lineage_task``s: Airflow's OpenLineage provider sends each task's events with the datasets and
+facets of its steps (docs/lineage.md).
 
 Only the run's scope (``scope`` param, else ``ABC_SCOPE``; docs/scope.md) is mirrored, loaded and
 aggregated. A release whose scoped files are those of a published release is published by reference

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from etl import db, lineage, source
+from etl import lineage, source
 from etl.discovery import discover
 from etl.fixtures import OLD_RELEASE
 from etl.manifest import parse_manifest
@@ -21,15 +21,15 @@ from tests.conftest import REPO
 from tests.test_monitor import Webhook
 
 
-def test_a_dag_run_sends_start_and_complete_per_task_with_its_datasets(airflow_home, settings, generated_bucket):
-    engine = db.make_engine(settings.database_url)
+def test_a_dag_run_sends_start_and_complete_per_task_with_its_datasets(airflow_home, settings, engine,
+                                                                       generated_bucket):
     discover(source.make_client(settings), settings, engine)
     receiver = Webhook()
+    url = receiver.url.removesuffix("/hook")
     env = {**os.environ, "PYTHONPATH": str(REPO), "ABC_DATABASE_URL": settings.database_url,
            "AWS_ENDPOINT_URL_S3": settings.endpoint_url, "ABC_MIRROR_ROOT": settings.mirror_root, "ABC_WORKERS": "4",
-           "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "http", "url": receiver.url.removesuffix("/hook")}),
-           # the plain client's configuration too: a step emitting its own events would reach the receiver
-           "OPENLINEAGE_URL": receiver.url.removesuffix("/hook")}
+           "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "http", "url": url}),
+           "OPENLINEAGE_URL": url}  # the plain client's too: a step emitting events of its own would reach it
     for name in ("AIRFLOW__OPENLINEAGE__DISABLED", "OPENLINEAGE_DISABLED", "ABC_STAGE_OWNER"):
         env.pop(name, None)
     conf = {"release": OLD_RELEASE, "kinds": ["metadata"], "batch_bytes": 1 << 20}
@@ -92,5 +92,4 @@ def test_a_dag_run_sends_start_and_complete_per_task_with_its_datasets(airflow_h
                                                                             manifest_key)]
         assert [d["name"] for d in mirror["outputs"]] == [f"{server.database}.abc.mirror_object"]
     assert completed["validate"][0]["inputs"] == [] and completed["validate"][0]["outputs"] == []
-    engine.dispose()
 
