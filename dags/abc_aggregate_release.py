@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_lineage import lineage_task
 from airflow.sdk import Param, dag, get_current_context, task
 
 
@@ -46,7 +47,7 @@ def abc_aggregate_release():
         return aggregate_item(settings, params["release"], item, default_work_dir(settings, params["release"]),
                               params["chunk_cells"])
 
-    @task
+    @lineage_task
     def merge_and_publish(done: list[dict[str, str]]) -> dict[str, int]:
         from etl import pipeline
         from etl.config import settings_for_airflow_task

@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from abc_lineage import lineage_task
+from airflow.sdk import Param, dag
 
 
 @dag(
@@ -27,7 +28,7 @@ from airflow.sdk import Param, dag, task
     doc_md=__doc__,
 )
 def abc_load_release():
-    @task
+    @lineage_task
     def load_metadata(params=None) -> dict:
         from etl import pipeline
         from etl.config import settings_for_airflow_task

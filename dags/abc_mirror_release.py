@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from abc_lineage import lineage_task
+from airflow.sdk import Param, dag
 
 
 @dag(
@@ -29,7 +30,7 @@ from airflow.sdk import Param, dag, task
     doc_md=__doc__,
 )
 def abc_mirror_release():
-    @task
+    @lineage_task
     def mirror(params=None) -> dict:
         from etl.config import settings_for_airflow_task
         from etl.pipeline import mirror_task

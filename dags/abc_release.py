@@ -10,9 +10,10 @@ resolve -> plan -> mirror (mapped over batches of files, pool ``abc_transfers`` 
 one transaction) -> lineage (every published relation traced to its source objects) -> notify (diff
 against the previous release, release notes beside the mirror, ``published`` alert). A failed task
 alerts through ``AbcWebhookNotifier``, and a failed run drops the stage it leaves (re-running it loads
-afresh); mirror, load and aggregate steps are lineage steps
-(``abc.lineage_run``, OpenLineage events), recorded once per state of their work: a cleared task
-that finds its work done adds no run and emits no event.
+afresh); mirror, load and aggregate steps are lineage steps (``abc.lineage_run``), recorded once per
+state of their work: a cleared task that finds its work done adds no run. Their tasks are
+``@lineage_task``s: Airflow's OpenLineage provider sends each task's events with the datasets and
+facets of its steps (docs/lineage.md).
 
 Only the run's scope (``scope`` param, else ``ABC_SCOPE``; docs/scope.md) is mirrored, loaded and
 aggregated. A release whose scoped files are those of a published release is published by reference
@@ -30,6 +31,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_lineage import lineage_task
 from abc_notifiers import AbcWebhookNotifier
 from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
 
@@ -108,7 +110,7 @@ def abc_release():
               f"fetch), {len(batches)} batches")
         return batches
 
-    @task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
+    @lineage_task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
     def mirror(keys: list[str], release: str, params=None) -> dict:
         from etl import pipeline
         from etl.transfer import parse_rate
@@ -130,7 +132,7 @@ def abc_release():
         print(f"release {release}: {len(files)} files mirrored and verified in {settings.mirror_root}")
         return len(files)
 
-    @task
+    @lineage_task
     def load_metadata(release: str, params=None) -> list[dict]:
         from etl import aggregate, db, pipeline
 
@@ -157,7 +159,7 @@ def abc_release():
         settings = _settings(params)
         return pipeline.aggregate_item(settings, release, item, default_work_dir(settings, release))
 
-    @task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
+    @lineage_task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
     def merge(done: list[dict], release: str, params=None) -> dict:
         from etl import pipeline
 

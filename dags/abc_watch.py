@@ -13,8 +13,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from abc_lineage import lineage_task
 from abc_notifiers import AbcWebhookNotifier
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag
 
 RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
 
@@ -30,7 +31,7 @@ RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas re
     doc_md=__doc__,
 )
 def abc_watch():
-    @task(outlets=[RELEASES_ASSET])
+    @lineage_task(outlets=[RELEASES_ASSET])
     def discover_releases(*, outlet_events=None) -> dict:
         from etl import db, monitor, source
         from etl.config import settings_for_airflow_task

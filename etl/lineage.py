@@ -26,10 +26,16 @@ for a ``staged`` step (its outputs go to the release's stage in ``abc_staging``)
 published (:func:`publish_stage_runs`): a run whose stage is dropped is never the source of published
 data. ``inputs`` are bucket keys (source objects), as listed in the release's manifest;
 ``input_tables`` warehouse tables the step read. The database is the record an auditor queries
-(``abc.lineage_sources(relation, release)``, see docs/lineage.md); events go wherever the OpenLineage
-client is configured (``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``, ``openlineage.yml``; the
-console when nothing is), and an emitter that fails only logs a warning: lineage never fails the work
-it describes.
+(``abc.lineage_sources(relation, release)``, see docs/lineage.md).
+
+Events: outside Airflow (the CLI) a step emits its own START and COMPLETE/FAIL/ABORT with the plain
+OpenLineage client, wherever it is configured (``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``,
+``openlineage.yml``; the console when nothing is), and an emitter that fails only logs a warning:
+lineage never fails the work it describes. Inside an Airflow task, the task's own events are the
+step's: the task runs its steps in :func:`reported_by_task` (``@lineage_task``, plugins/abc_lineage.py),
+so they emit nothing and hand their datasets and facets to the task, and Airflow's OpenLineage provider
+sends them in the task's START/COMPLETE/FAIL through the transport the deployment configures
+(``[openlineage] transport``).
 """
 
 from __future__ import annotations
@@ -46,20 +52,24 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attr
 import psycopg
 import sqlalchemy as sa
 from botocore.client import BaseClient
 from openlineage.client import OpenLineageClient
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
 from openlineage.client.facet_v2 import (
+    DatasetFacet,
+    RunFacet,
+    base_subset_dataset,
     dataset_version_dataset,
     error_message_run,
     output_statistics_output_dataset,
-    parent_run,
 )
 from sqlalchemy.engine import Engine
 
@@ -192,38 +202,70 @@ class Step:
         self.outputs[(table, partition)] = rows
 
 
-class _Events:
-    """The OpenLineage events of one step."""
+@attr.define
+class SourceObjectDatasetFacet(DatasetFacet):
+    """A source object's MD5 as the release's manifest lists it (null for a key it does not list)."""
 
-    def __init__(self, step: Step, bucket: str, database: str, warehouse: str) -> None:
+    md5: str | None
+
+
+@attr.define
+class StepsRunFacet(RunFacet):
+    """The abc-mirror steps of a run, each with its release, the release manifest (key and MD5), the code
+    version and its run in ``abc.lineage_run`` (``recorded`` False: an execution of the state that run
+    already describes)."""
+
+    steps: list[dict]
+
+
+class _Events:
+    """The OpenLineage datasets, facets and events of one step."""
+
+    def __init__(self, step: Step, bucket: str, database: str, warehouse: str, manifest: sa.Row | None) -> None:
         self.step, self.bucket, self.database, self.warehouse = step, bucket, database, warehouse
+        self.manifest = manifest
 
     def _version(self) -> dict:
         return {"version": dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion=self.step.release,
                                                                               producer=PRODUCER)}
 
-    def _inputs(self) -> list[InputDataset]:
-        objects = [InputDataset(namespace=f"s3://{self.bucket}", name=key, facets=self._version())
-                   for key in self.step.inputs]
+    def inputs(self) -> list[InputDataset]:
+        md5 = self.step.state["inputs"]
+        objects = [InputDataset(namespace=f"s3://{self.bucket}", name=key, facets={
+            **self._version(), "abcMirror_sourceObject": SourceObjectDatasetFacet(md5=md5.get(key), producer=PRODUCER)})
+            for key in self.step.inputs]
         tables = [InputDataset(namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version())
                   for table in self.step.input_tables]
         return objects + tables
 
-    def _outputs(self) -> list[OutputDataset]:
-        return [OutputDataset(
-            namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version(),
-            outputFacets={"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                rowCount=rows, producer=PRODUCER)} if rows is not None else {})
-            for (table, _), rows in self.step.outputs.items()]
+    def outputs(self) -> list[OutputDataset]:
+        return [OutputDataset(namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version(),
+                              outputFacets=self._output_facets(partition, rows))
+                for (table, partition), rows in self.step.outputs.items()]
+
+    @staticmethod
+    def _output_facets(partition: str, rows: int | None) -> dict:
+        """Rows written (``outputStatistics``) and the release partition written (``subset``)."""
+        facets: dict = {}
+        if rows is not None:
+            facets["outputStatistics"] = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+                rowCount=rows, producer=PRODUCER)
+        if partition:
+            facets["subset"] = base_subset_dataset.OutputSubsetOutputDatasetFacet(
+                outputCondition=base_subset_dataset.PartitionSubsetCondition(
+                    partitions=[base_subset_dataset.Partition(dimensions={"release": partition})]),
+                producer=PRODUCER)
+        return facets
+
+    def step_facet(self) -> dict:
+        """This step's entry of :class:`StepsRunFacet`."""
+        return {"step": self.step.name, "release": self.step.release, "codeVersion": self.step.state["code_version"],
+                "manifestKey": self.manifest.manifest_key if self.manifest else None,
+                "manifestMd5": self.manifest.manifest_md5 if self.manifest else None,
+                "lineageRunId": self.step.run_uuid, "recorded": self.step.recorded}
 
     def _run(self, error: BaseException | None = None) -> Run:
-        facets: dict = {}
-        context = self.step.context
-        if context.orchestrator == "airflow":
-            facets["parent"] = parent_run.ParentRunFacet(
-                run=parent_run.Run(runId=_airflow_task_run_id(context)),
-                job=parent_run.Job(namespace=JOB_NAMESPACE, name=f"{context.dag_id}.{context.task_id}"),
-                producer=PRODUCER)
+        facets: dict = {"abcMirror": StepsRunFacet(steps=[self.step_facet()], producer=PRODUCER)}
         if error is not None:
             facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
                 message=f"{type(error).__name__}: {error}", programmingLanguage="python", producer=PRODUCER)
@@ -232,15 +274,58 @@ class _Events:
     def event(self, state: RunState, error: BaseException | None = None, at: datetime | None = None) -> RunEvent:
         return RunEvent(eventType=state, eventTime=(at or datetime.now(UTC)).isoformat(), run=self._run(error),
                         job=Job(namespace=JOB_NAMESPACE, name=f"abc_mirror.{self.step.name}"),
-                        inputs=self._inputs(),
-                        outputs=self._outputs() if state not in (RunState.START, RunState.ABORT) else [],
+                        inputs=self.inputs(),
+                        outputs=self.outputs() if state not in (RunState.START, RunState.ABORT) else [],
                         producer=PRODUCER)
 
 
-def _airflow_task_run_id(context: RunContext) -> str:
-    """A stable UUID for the Airflow task try, so every step of one task shares a parent run."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL,
-                          f"airflow:{context.dag_id}/{context.dag_run_id}/{context.task_id}/{context.try_number}"))
+class TaskLineage:
+    """What the steps run inside one Airflow task read and wrote, for the task's own OpenLineage events.
+
+    Read once the steps have ended (Airflow's OpenLineage provider asks when the task completes or
+    fails): a dataset two steps share is given once, every step is an entry of the ``abcMirror`` facet.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[_Events] = []
+
+    def add(self, events: _Events) -> None:
+        self._steps.append(events)
+
+    def inputs(self) -> list[InputDataset]:
+        return _unique(d for step in self._steps for d in step.inputs())
+
+    def outputs(self) -> list[OutputDataset]:
+        return _unique(d for step in self._steps for d in step.outputs())
+
+    def run_facets(self) -> dict:
+        if not self._steps:
+            return {}
+        return {"abcMirror": StepsRunFacet(steps=[step.step_facet() for step in self._steps], producer=PRODUCER)}
+
+
+def _unique(datasets: Iterable[InputDataset | OutputDataset]) -> list:
+    """The datasets in order, each (namespace, name) once: its first occurrence."""
+    kept: dict = {}
+    for dataset in datasets:
+        kept.setdefault((dataset.namespace, dataset.name), dataset)
+    return list(kept.values())
+
+
+_task_lineage: ContextVar[TaskLineage | None] = ContextVar("abc_mirror_task_lineage", default=None)
+
+
+@contextmanager
+def reported_by_task() -> Iterator[TaskLineage]:
+    """Run steps as part of an Airflow task whose OpenLineage events the provider sends: within the block
+    the steps still record themselves in PostgreSQL but emit no event; what they read and wrote is the
+    yielded :class:`TaskLineage`'s, for the task's events."""
+    task = TaskLineage()
+    token = _task_lineage.set(task)
+    try:
+        yield task
+    finally:
+        _task_lineage.reset(token)
 
 
 def run_state(engine: Engine, release: str, name: str, inputs: list[str], input_tables: list[str],
@@ -334,19 +419,31 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
     """Record and emit one step of ``release`` once per state; see the module docstring.
 
     ``target`` and ``selection`` go into the state (:func:`run_state`); ``staged``: the step writes the
-    release's stage, and what it wrote is read once the stage is published.
+    release's stage, and what it wrote is read once the stage is published. Within
+    :func:`reported_by_task` the step emits nothing: its datasets and facets go to the task's events.
     """
-    emitter = emitter or default_emitter()
     inputs, input_tables = list(dict.fromkeys(inputs)), list(dict.fromkeys(input_tables))
     state = run_state(engine, release, step, inputs, input_tables, target, selection)
     s = Step(0, "", release, step, run or RunContext.from_airflow_or_cli(), inputs, input_tables, state)
+    with engine.connect() as conn:
+        manifest = conn.execute(sa.text("SELECT manifest_key, manifest_md5 FROM abc.release WHERE version = :r"),
+                                {"r": release}).first()
     events = _Events(s, bucket or Settings.from_env().bucket, engine.url.database or "abc",
-                     warehouse_namespace(engine))
+                     warehouse_namespace(engine), manifest)
+    task = _task_lineage.get()
+    if task is not None:
+        task.add(events)
+    emitter = emitter or default_emitter()
+
+    def send(state: RunState, error: BaseException | None = None, at: datetime | None = None) -> None:
+        if task is None:
+            emitter.emit(events.event(state, error, at))
+
     started_at = datetime.now(UTC)
     done = _completed_run(engine, s.state_key)
     if done is None:
         _start(engine, s, started_at)
-        emitter.emit(events.event(RunState.START, at=started_at))
+        send(RunState.START, at=started_at)
     else:
         s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
         log.info("%s of release %s: lineage run %s already describes this state (%s); recorded again only if "
@@ -357,20 +454,20 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
         try:
             if not s.recorded:  # the state was reached before, this execution of it failed: record the attempt
                 _start(engine, s, started_at)
-                emitter.emit(events.event(RunState.START, at=started_at))
+                send(RunState.START, at=started_at)
             _finish(engine, s, exc, staged)
         except sa.exc.SQLAlchemyError as unrecorded:  # e.g. the server restarting: the step's own error goes on
             log.warning("lineage run %s (%s of %s) not marked failed: %s", s.run_id, step, release, unrecorded)
         if s.recorded:
-            emitter.emit(events.event(RunState.FAIL, exc))
+            send(RunState.FAIL, exc)
         raise
     if s.recorded and _finish(engine, s, None, staged):
-        emitter.emit(events.event(RunState.COMPLETE))
+        send(RunState.COMPLETE)
         return
     if s.recorded:  # another execution succeeded with this state meanwhile: the database kept its run
         with engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM abc.lineage_run WHERE id = :id"), {"id": s.run_id})
-        emitter.emit(events.event(RunState.ABORT))
+        send(RunState.ABORT)
         refused, done = s.run_uuid, _completed_run(engine, s.state_key)
         s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
         log.info("%s of release %s: lineage run %s finished this state first; run %s dropped (ABORT)",

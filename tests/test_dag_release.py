@@ -190,13 +190,12 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.release WHERE status = 'published'")).scalar() == 1
     # Lineage once per state: the cleared run added only the aggregation that now succeeded (the mirror
-    # batches and the load had reached their states), the third run nothing; one START and one
-    # COMPLETE or FAIL per run recorded, no other event.
+    # batches and the load had reached their states), the third run nothing. Inside Airflow tasks the
+    # steps emit no event of their own: the tasks' events are the OpenLineage provider's
+    # (tests/test_openlineage_airflow.py).
     runs = _lineage_runs(engine, OLD_RELEASE)
     assert runs[:-1] == after_failure and runs[-1][:2] == ("aggregate", "succeeded")
-    assert sorted((job, kind, run_id) for job, kind, run_id in recording.runs()) == sorted(
-        (step, kind, run_id) for step, status, run_id in runs
-        for kind in ("START", "COMPLETE" if status == "succeeded" else "FAIL"))
+    assert recording.events == []
     with engine.connect() as conn:
         writers = conn.execute(sa.text("SELECT DISTINCT r.run_uuid::text FROM abc.lineage_current_writer w "
                                        "JOIN abc.lineage_run r ON r.id = w.run_id WHERE w.release = :r "

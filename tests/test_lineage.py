@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import MACOSKO, OLD_RELEASE, WMB_GENE_KEY
 from etl.load import load_release_metadata
+from etl.manifest import parse_manifest
 from etl.mirror import mirror_release
 from etl.publish import fail_stage
 from tests.conftest import SERVER_URL
@@ -192,11 +194,20 @@ def test_events_are_valid_openlineage_with_inputs_outputs_and_row_counts(lineage
     assert cells[0]["outputFacets"]["outputStatistics"]["rowCount"] == expected_cells
     server = sa.engine.make_url(SERVER_URL)
     assert cells[0]["namespace"] == f"postgres://{server.host}:{server.port or 5432}"
+    assert cells[0]["outputFacets"]["subset"]["outputCondition"] == {
+        "type": "partition", "partitions": [{"dimensions": {"release": release}}]}
+    manifest_key = f"releases/{release}/manifest.json"
+    manifest_bytes = (generated_bucket.bucket_dir / manifest_key).read_bytes()
+    listed_md5 = {f.relative_path: f.md5 for f in parse_manifest(manifest_bytes, manifest_key).files}
+    assert {d["name"]: d["facets"]["abcMirror_sourceObject"]["md5"] for d in load_done["inputs"]} == \
+        {key: listed_md5[key] for key in metadata}
+    assert load_done["run"]["facets"]["abcMirror"]["steps"] == [{
+        "step": "load_metadata", "release": release, "codeVersion": lineage.code_version(),
+        "manifestKey": manifest_key, "manifestMd5": hashlib.md5(manifest_bytes).hexdigest(),
+        "lineageRunId": load_done["run"]["runId"], "recorded": True}]
     aggregate_done = events[5]
     assert {d["name"].split(".", 1)[1] for d in aggregate_done["inputs"] if d["namespace"].startswith("postgres")} \
         == {"abc.cell", "abc.cluster_membership"}
-    parent = aggregate_done["run"]["facets"]["parent"]
-    assert parent["job"]["name"] == "abc_release.merge" and uuid.UUID(parent["run"]["runId"])
 
 
 def test_failed_step_is_recorded_and_emits_fail(lineage_graph, engine, tmp_path):
@@ -216,6 +227,30 @@ def test_failed_step_is_recorded_and_emits_fail(lineage_graph, engine, tmp_path)
     # the failed run's output is not what abc.cell holds: the earlier load still answers
     assert {r.step for r in lineage.sources_of(engine, "abc.cell", release)} == {"load_metadata"}
     assert "metadata/x.csv" not in {r.source_key for r in lineage.sources_of(engine, "abc.cell", release)}
+
+
+def test_steps_of_an_airflow_task_emit_nothing_and_hand_their_datasets_to_the_task(lineage_graph, engine, tmp_path):
+    release, metadata, _, _, _ = lineage_graph
+    events_path = tmp_path / "task.jsonl"
+    with lineage.reported_by_task() as task:
+        with lineage.step(engine, release=release, step="mirror", inputs=metadata[:1],
+                          emitter=file_emitter(events_path)) as s:
+            s.wrote("abc.mirror_object", partition=release, rows=1)
+        with pytest.raises(ValueError, match="bad row"), lineage.step(
+                engine, release=release, step="load_metadata", inputs=[*metadata[:1], "metadata/x.csv"],
+                emitter=file_emitter(events_path)) as failed:
+            failed.wrote("abc.cell", partition=release, rows=1)
+            raise ValueError("bad row")
+    assert not events_path.exists()  # the task's events (the provider's) carry them
+    assert [(d.namespace, d.name) for d in task.inputs()] == [
+        ("s3://allen-brain-cell-atlas", metadata[0]), ("s3://allen-brain-cell-atlas", "metadata/x.csv")]
+    assert [d.name.split(".", 1)[1] for d in task.outputs()] == ["abc.mirror_object", "abc.cell"]
+    steps = task.run_facets()["abcMirror"].steps
+    assert [(x["step"], x["lineageRunId"], x["recorded"]) for x in steps] == [
+        ("mirror", s.run_uuid, True), ("load_metadata", failed.run_uuid, True)]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT status FROM abc.lineage_run WHERE id = {failed.run_id}").scalar_one() \
+            == "failed"
 
 
 def test_failing_transport_only_warns(engine, settings, monkeypatch):
