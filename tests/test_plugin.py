@@ -258,3 +258,30 @@ def test_stage_states_of_a_release_under_way():
                                                                          "7/10 files, 2.1 MB of 3.0 MB")
     assert [duration(timedelta(seconds=s)) for s in (0, 89, 90, 5399, 5400, 129600)] == [
         "0 s", "89 s", "2 min", "90 min", "2 h", "2 d"]
+
+
+def test_release_notes_are_served_but_never_through_a_symlink(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    mirror = tmp_path / "mirror"
+    notes = diff.release_notes_path(mirror, NEW_RELEASE)
+    notes.parent.mkdir(parents=True)
+    notes.write_text("<p>the notes</p>")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a password")
+    planted = diff.release_notes_path(mirror, OLD_RELEASE)
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(secret)
+    (mirror / "releases" / UNCHANGED_RELEASE).symlink_to(tmp_path)  # a directory on the way
+    (tmp_path / "release-notes.html").write_text("outside the mirror")
+    monkeypatch.setenv("ABC_MIRROR_ROOT", str(mirror))
+    client = TestClient(load_plugin().app)
+
+    served = client.get(f"/releases/{NEW_RELEASE}/notes")
+    assert served.status_code == 200 and served.text == "<p>the notes</p>"
+    for release in (OLD_RELEASE, UNCHANGED_RELEASE):
+        refused = client.get(f"/releases/{release}/notes")
+        assert refused.status_code == 403 and "symlink" in refused.text, refused.text
+        assert "password" not in refused.text and "outside the mirror" not in refused.text
+    assert client.get(f"/releases/{PRE_CONSENSUS_RELEASE}/notes").status_code == 404
+    assert client.get("/releases/..%2F..%2Fsecret/notes").status_code in (404, 422)
