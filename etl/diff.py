@@ -396,11 +396,12 @@ def write_release_notes(result: ReleaseDiff, mirror_root: Path) -> tuple[Path, P
     return written[0], written[1]
 
 
-def read_release_notes(mirror_root: Path, release: str, suffix: str = ".html") -> str | None:
-    """The release notes of ``release`` beside a local mirror, None when there are none. A symlink on the
-    way (a directory or the file) is refused (:class:`etl.manifest.UnsafeKeyError`), never followed: the
-    notes are served to whoever opens the releases page."""
-    path = LocalRoot(Path(mirror_root)).path(f"releases/{release}/release-notes{suffix}")
+def read_release_notes(mirror_root: Path, release: str) -> str | None:
+    """The HTML release notes of ``release`` beside a local mirror, None when there are none. A symlink on
+    the way (a directory or the file) is refused (:class:`etl.manifest.UnsafeKeyError`, or
+    :class:`etl.transfer.SymlinkRefusedError` when planted meanwhile), never followed: the notes are served
+    to whoever opens the releases page."""
+    path = LocalRoot(Path(mirror_root)).path(f"releases/{release}/release-notes.html")
     try:
         fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
