@@ -3,7 +3,8 @@
 # Unless ABC_TEST_SERVER_URL / ABC_DEMO_DATABASE_URL (and ABC_TEST_BROKER_URL) name servers to use,
 # they run against a throwaway PostgreSQL cluster and a throwaway Redis of this checkout's own
 # (scripts/ensure-postgres.sh, scripts/ensure-redis.sh: ./var/pg, ./var/redis, loopback, own ports),
-# never the machine's. Both keep running for the next command: `make stop` stops them.
+# never the machine's. Both keep running for the next command: `make stop` stops them. `make test`
+# also needs a headless chromium (scripts/ensure-chromium.sh installs Debian's when it is missing).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -33,7 +34,9 @@ test: setup
 	$(BIN)/ruff check .
 	url="$${ABC_TEST_SERVER_URL:-$$(scripts/ensure-postgres.sh)}" && \
 	broker="$${ABC_TEST_BROKER_URL:-$$(scripts/ensure-redis.sh)}" && \
-	ABC_TEST_SERVER_URL="$$url" ABC_TEST_BROKER_URL="$$broker" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	chromium="$${ABC_TEST_CHROMIUM:-$$(scripts/ensure-chromium.sh)}" && \
+	ABC_TEST_SERVER_URL="$$url" ABC_TEST_BROKER_URL="$$broker" ABC_TEST_CHROMIUM="$$chromium" \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

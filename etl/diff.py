@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,10 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy.engine import Engine
 
 from etl import db
+from etl.mirror import LocalRoot
 from etl.publish import staged_or_published
 from etl.scope import Scope
-from etl.transfer import write_file_nofollow
+from etl.transfer import open_nofollow, write_file_nofollow
 
 LISTED_PER_CHANGE = 50
 CHANGES = ["added", "removed", "changed", "moved", "reassigned"]
@@ -305,28 +308,45 @@ def release_notes_markdown(result: ReleaseDiff) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cells_per_class_svg(result: ReleaseDiff, bar_height: int = 8, width: int = 640) -> str:
-    """A grouped horizontal bar chart, old vs new cells per class, as inline SVG (no script, works offline)."""
-    classes = result.cells_per_class
-    label_width, row = 220, 2 * bar_height + 8
-    top = max([1, *(c.old for c in classes), *(c.new for c in classes)])
+# Bars of the oldest release are grey, those of the newest blue, those between in between.
+OLDEST_COLOUR, NEWEST_COLOUR = (0x9a, 0xa5, 0xb1), (0x2f, 0x6f, 0xde)
+
+
+def release_colours(n: int) -> list[str]:
+    """``n`` colours from the oldest release's to the newest's (the newest's alone for one)."""
+    steps = [i / (n - 1) for i in range(n)] if n > 1 else [1.0]
+    return ["#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(OLDEST_COLOUR, NEWEST_COLOUR, strict=True))
+            for t in steps]
+
+
+def cells_per_class_svg(releases: Sequence[str], classes: Sequence[tuple[str, Sequence[int]]], bar_height: int = 8,
+                        width: int = 640) -> str:
+    """Cells per class as grouped horizontal bars, one bar per release in each class's group, as inline SVG
+    (no script, works offline). ``classes``: (class name, cells in each of ``releases``). Each bar is a
+    ``<rect class="bar" data-release=...>``."""
+    label_width, row, legend_step = 220, len(releases) * bar_height + 8, 90
+    per_line = max(1, (width - label_width) // legend_step)
+    top_margin = 8 + 16 * -(-len(releases) // per_line)
+    top = max([1, *(n for _, counts in classes for n in counts)])
     scale = (width - label_width - 60) / top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(classes) + 40}" '
-             f'role="img" aria-label="cells per class, {result.old} vs {result.new}" font-family="sans-serif" '
-             'font-size="11">',
-             f'<rect x="{label_width}" y="4" width="10" height="10" fill="#9aa5b1"/>'
-             f'<text x="{label_width + 14}" y="13">{result.old}</text>'
-             f'<rect x="{label_width + 90}" y="4" width="10" height="10" fill="#2f6fde"/>'
-             f'<text x="{label_width + 104}" y="13">{result.new}</text>']
-    for i, r in enumerate(classes):
-        y = 24 + i * row
-        parts.append(f'<text x="{label_width - 6}" y="{y + bar_height + 3}" text-anchor="end">'
-                     f'{html.escape(str(r.class_name))}</text>')
-        for j, (value, color) in enumerate(((r.old, "#9aa5b1"), (r.new, "#2f6fde"))):
-            yy = y + j * bar_height
-            parts.append(f'<rect class="{"old" if j == 0 else "new"}" x="{label_width}" y="{yy}" '
-                         f'width="{value * scale:.1f}" height="{bar_height - 1}" fill="{color}">'
-                         f'<title>{html.escape(str(r.class_name))}: {value}</title></rect>'
+    colours = release_colours(len(releases))
+    label = html.escape(f"cells per class in {', '.join(releases)}")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top_margin + row * len(classes) + 8}" '
+             f'role="img" aria-label="{label}" font-family="sans-serif" font-size="11">']
+    for i, (release, colour) in enumerate(zip(releases, colours, strict=True)):
+        x, y = label_width + (i % per_line) * legend_step, 4 + 16 * (i // per_line)
+        parts.append(f'<rect x="{x}" y="{y}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 14}" y="{y + 9}">{html.escape(release)}</text>')
+    for j, (name, counts) in enumerate(classes):
+        y = top_margin + j * row
+        name = html.escape(str(name))
+        parts.append(f'<text x="{label_width - 6}" y="{y + len(releases) * bar_height / 2 + 3:.0f}" '
+                     f'text-anchor="end">{name}</text>')
+        for i, (release, value, colour) in enumerate(zip(releases, counts, colours, strict=True)):
+            yy = y + i * bar_height
+            parts.append(f'<rect class="bar" data-release="{html.escape(release)}" x="{label_width}" y="{yy}" '
+                         f'width="{value * scale:.1f}" height="{bar_height - 1}" fill="{colour}">'
+                         f'<title>{name}, {html.escape(release)}: {value}</title></rect>'
                          f'<text x="{label_width + value * scale + 4:.1f}" y="{yy + bar_height - 1}">{value}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -346,7 +366,9 @@ def release_notes_html(result: ReleaseDiff) -> str:
         listed = _listed(result, subject)
         if listed:
             sections += [f"<h2>{name}</h2>", table(["change", "item", "detail"], [list(x) for x in listed])]
-    sections += ["<h2>Cells per class</h2>", cells_per_class_svg(result),
+    sections += ["<h2>Cells per class</h2>",
+                 cells_per_class_svg([result.old, result.new],
+                                     [(r.class_name, [r.old, r.new]) for r in result.cells_per_class]),
                  table(["class", result.old, result.new, "change"],
                        [[r.class_name, r.old, r.new, f"{r.new - r.old:+d}"]
                         for r in result.cells_per_class])]
@@ -356,15 +378,33 @@ def release_notes_html(result: ReleaseDiff) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
 
 
+def release_notes_path(mirror_root: Path, release: str, suffix: str = ".html") -> Path:
+    """Where the release notes of ``release`` lie beside a local mirror (``.md`` or ``.html``)."""
+    return Path(mirror_root) / "releases" / release / f"release-notes{suffix}"
+
+
 def write_release_notes(result: ReleaseDiff, mirror_root: Path) -> tuple[Path, Path]:
     """``<mirror_root>/releases/<new>/release-notes.md`` and ``.html``, each written whole (temp file + rename)."""
-    directory = Path(mirror_root) / "releases" / result.new
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in ((".md", release_notes_markdown(result)), (".html", release_notes_html(result))):
-        path = directory / f"release-notes{suffix}"
+        path = release_notes_path(mirror_root, result.new, suffix)
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         write_file_nofollow(partial, text.encode("utf-8"))  # a symlink planted there is refused, not followed
         partial.replace(path)
         written.append(path)
     return written[0], written[1]
+
+
+def read_release_notes(mirror_root: Path, release: str) -> str | None:
+    """The HTML release notes of ``release`` beside a local mirror, None when there are none. A symlink on
+    the way (a directory or the file) is refused (:class:`etl.manifest.UnsafeKeyError`, or
+    :class:`etl.transfer.SymlinkRefusedError` when planted meanwhile), never followed: the notes are served
+    to whoever opens the releases page."""
+    path = LocalRoot(Path(mirror_root)).path(f"releases/{release}/release-notes.html")
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode("utf-8")

@@ -520,13 +520,13 @@ def sources_of(engine: Engine, relation: str, release: str) -> list[sa.Row]:
                             {"rel": relation, "r": release}).all()
 
 
-def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[str]:
-    """``abc-mirror lineage``: the release's graph as a tree: manifest, the runs behind what readers read
-    with what each read and wrote, then one line for each other run (failed, staged, superseded)."""
+def _release_graph(engine: Engine, release: str, target: str | None = None
+                   ) -> tuple[sa.Row | None, list[sa.Row], list[sa.Row], list[sa.Row]]:
+    """The release's row, its runs (with their standing), what they read and what they wrote."""
     with engine.connect() as conn:
         rel = conn.execute(sa.text("SELECT * FROM abc.release WHERE version = :r"), {"r": release}).first()
         if rel is None:
-            return [f"release {release} is not recorded"]
+            return None, [], [], []
         runs = conn.execute(sa.text(f"SELECT run.*, {RUN_STANDING} AS standing FROM abc.lineage_run run "
                                     "WHERE run.release = :r ORDER BY run.started_at, run.id"), {"r": release}).all()
         inputs = conn.execute(sa.text("""
@@ -543,6 +543,15 @@ def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[
         outputs = conn.execute(sa.text("""
             SELECT o.* FROM abc.lineage_output o JOIN abc.lineage_run run ON run.id = o.run_id AND run.release = :r
             ORDER BY o.table_name, o.partition"""), {"r": release}).all()
+    return rel, runs, inputs, outputs
+
+
+def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[str]:
+    """``abc-mirror lineage``: the release's graph as a tree: manifest, the runs behind what readers read
+    with what each read and wrote, then one line for each other run (failed, staged, superseded)."""
+    rel, runs, inputs, outputs = _release_graph(engine, release, target)
+    if rel is None:
+        return [f"release {release} is not recorded"]
     out = [f"release {release} ({rel.status})",
            f"└─ manifest {rel.manifest_key} md5 {rel.manifest_md5}, {rel.n_files} files, {rel.total_bytes} bytes"]
     current = [run for run in runs if run.standing == "current"]
@@ -563,6 +572,28 @@ def tree_lines(engine: Engine, release: str, target: str | None = None) -> list[
         out += [f"      {'└─' if j == len(others) - 1 else '├─'} {_run_line(run, run.standing)}"
                 + (f"; error: {run.error}" if run.error else "") for j, run in enumerate(others)]
     return out
+
+
+def release_runs(engine: Engine, release: str) -> list[dict] | None:
+    """The release's lineage runs as plain values (the releases page's JSON), oldest first: who ran each step,
+    its standing (current, superseded, staged, not published, failed, running), what it read and wrote.
+    None when the release is not recorded."""
+    rel, runs, inputs, outputs = _release_graph(engine, release)
+    if rel is None:
+        return None
+
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return [{"run_id": str(run.run_uuid), "step": run.step, "status": run.status, "standing": run.standing,
+             "ran_by": RunContext(**_context_fields(run)).ref, "dag_id": run.dag_id, "dag_run_id": run.dag_run_id,
+             "code_version": run.code_version, "started_at": when(run.started_at),
+             "finished_at": when(run.finished_at), "error": run.error,
+             "inputs": [{"kind": x.kind, "name": x.name, "size": x.size, "md5": x.md5}
+                        for x in inputs if x.run_id == run.id],
+             "outputs": [{"table": o.table_name, "partition": o.partition, "rows": o.row_count}
+                         for o in outputs if o.run_id == run.id]}
+            for run in runs]
 
 
 # A run's standing in its release: 'current' (what it wrote is read now), 'superseded' (a run of the same

@@ -322,7 +322,7 @@ def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None
     header = ["release", "status", "upstream seen", "in scope: mirrored ok/failed/of", "bytes ok", "loaded",
               "published", "checks", "last error"]
     table = [[r.version, f"{r.status} (= {r.shares_data_with})" if r.shares_data_with else r.status,
-              when(r.discovered_at), f"{r.files_ok}/{r.files_failed}/{r.files}", _size(r.bytes_ok),
+              when(r.discovered_at), f"{r.files_ok}/{r.files_failed}/{r.files}", human_size(r.bytes_ok),
               when(r.loaded_at), when(r.published_at), r.checks, (r.last_error or "")[:60]] for r in releases]
     widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *table]]
@@ -341,12 +341,12 @@ def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None
     return out
 
 
-def _size(n: int) -> str:
+def human_size(n: float) -> str:
+    """Bytes in decimal units: "512 B", "3.2 MB", "1.4 TB"."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n} B"
 
 
 

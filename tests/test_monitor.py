@@ -196,7 +196,8 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
     for c in per_class:
         assert f"| {c.class_name} | {c.old} | {c.new} | {c.new - c.old:+d} |" in notes
     page = html.read_text()
-    assert page.count('<rect class="new"') == page.count('<rect class="old"') == len(per_class)
+    assert (page.count(f'<rect class="bar" data-release="{NEW_RELEASE}"')
+            == page.count(f'<rect class="bar" data-release="{OLD_RELEASE}"') == len(per_class))
     assert "<script" not in page and "http://www.w3.org/2000/svg" in page
 
     # The notes list the first items of each change by (dataset, item), then how many more.
