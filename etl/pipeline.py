@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
-from etl import alerts, db, lineage, monitor, reuse, source
+from etl import abc_atlas_cache, alerts, db, lineage, monitor, reuse, source
 from etl.config import Settings
 from etl.discovery import ensure_release_recorded, load_manifest
 from etl.load import METADATA_TABLES, PUBLISHED_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
@@ -141,7 +141,9 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
     file's key, MD5, local path and verification time are there already, which is what
     ``abc.lineage_sources`` joins, so a no-op re-sync of a large release stays cheap. Raises
     :class:`MirrorFailedError` naming the failed files (the report is its ``report``), after
-    recording the step as failed; a dry run is not a step and only reports.
+    recording the step as failed; a dry run is not a step and only reports. Once every selected
+    file is verified, a local mirror's ``abc_atlas_access`` bookkeeping is rewritten
+    (:mod:`etl.abc_atlas_cache`), so the client opens the mirror as its cache.
     """
     engine = db.make_engine(settings.database_url)
     try:
@@ -161,6 +163,9 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
                                           f"failed: {_name_some(sorted(report.failed))}")
                 error.report = report
                 raise error
+        written = abc_atlas_cache.write_client_cache(settings, engine)
+        if written is not None:
+            log.info("%s", written.line())
         return report
     finally:
         engine.dispose()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pendulum
 import pytest
 import sqlalchemy as sa
 
 from etl import db, pipeline, source
+from etl.abc_atlas_cache import DOWNLOADED_DATA, MANIFEST_LAST_USED, manifest_name
 from etl.discovery import discover
 from etl.fixtures import CONSENSUS_RELEASES, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, UNCHANGED_RELEASE
+from tests.conftest import scoped_keys
 from tests.test_dag_watch import load_dag
 
 
@@ -79,7 +83,7 @@ def test_plan_batches_are_even_and_bounded():
         pipeline.plan_batches(files, batch_bytes=1, max_batches=3)) == 3
 
 
-def test_each_release_from_the_floor_publishes_through_the_dag(release_env, engine):
+def test_each_release_from_the_floor_publishes_through_the_dag(release_env, engine, generated_bucket):
     dag = _release_dag()
     runs = {}
     for release in CONSENSUS_RELEASES:
@@ -120,6 +124,11 @@ def test_each_release_from_the_floor_publishes_through_the_dag(release_env, engi
     assert "No change in scope." in (release_env.mirror_path / "releases" / UNCHANGED_RELEASE
                                      / "release-notes.md").read_text()
     assert published_alerts == CONSENSUS_RELEASES
+    # Every mirror batch rewrote the abc_atlas_access bookkeeping; the last saw every file and the newest release.
+    root = release_env.mirror_path
+    assert (root / MANIFEST_LAST_USED).read_text() == manifest_name(NEW_RELEASE)
+    assert set(json.loads((root / DOWNLOADED_DATA).read_text())) == {
+        str(root / key) for release in CONSENSUS_RELEASES for key in scoped_keys(generated_bucket, release)}
 
 
 def test_failed_quality_check_blocks_publication(release_env, engine, monkeypatch):

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from etl import db, diff, source
+from etl.abc_atlas_cache import DOWNLOADED_DATA, MANIFEST_LAST_USED
 from etl.cli import EXIT_OK, EXIT_UNUSABLE, main
 from etl.config import Settings
 from etl.discovery import discover
@@ -90,12 +91,13 @@ def published(settings: Settings, engine: sa.Engine, tables: list[str]) -> Publi
 
 
 def final_paths(settings: Settings) -> dict[str, Path]:
-    """Files at their final place in the mirror (``.partial`` files, the work directory and the mirror's copy
-    of the manifest are not), by key."""
+    """Files at their final place in the mirror (``.partial`` files, the work directory, the mirror's copy
+    of the manifest and the abc_atlas_access client's bookkeeping are not), by key."""
     root = settings.mirror_path
     paths = {path.relative_to(root).as_posix(): path for path in root.rglob("*") if path.is_file()
              and ".partial" not in path.name} if root.exists() else {}
-    return {key: path for key, path in paths.items() if not key.startswith((".abc-work/", "releases/"))}
+    return {key: path for key, path in paths.items() if not key.startswith((".abc-work/", "releases/"))
+            and key not in (DOWNLOADED_DATA, MANIFEST_LAST_USED)}
 
 
 def placed_files(settings: Settings, engine: sa.Engine) -> tuple[int, list[str]]:
