@@ -43,7 +43,8 @@ PARTITION_SCHEMA = "abc_part"
 # Planner settings for the foreign-key validation ATTACH PARTITION runs (a join of the partition's rows,
 # e.g. 7.65 M cells, against abc.cluster). Left alone, PostgreSQL 15 sorts both sides for a merge anti
 # join: 14.0 s for 7.65 M cells; a hash anti join on the 6,721 clusters takes 2.5 s
-# (benchmarks/RESULTS.md, "Publishing at full size"). Set for the ATTACH statements only.
+# (benchmarks/attach_fk_plan.sql; RESULTS.md, "Publishing and loading at full size"). Set for the ATTACH
+# statements only.
 FOREIGN_KEY_CHECK_PLAN = {"enable_mergejoin": "off", "enable_nestloop": "off"}
 # The aggregation stage's tables, here so that publishing needs no numerical stack.
 EXPRESSION_TABLES = ["expression_gene", "expression_group", "expression_gene_major", "expression_group_major",
