@@ -36,6 +36,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ABC_TRANSFER_RETRY_SECONDS": ("120", "a data GET that keeps failing (throttling, 5xx, dropped connections) "
                                    "is given up this long after it stopped making progress, or after the S3 "
                                    "client's attempts (botocore retries config, AWS_MAX_ATTEMPTS)"),
+    "ABC_LOAD_CONNECTIONS": ("2", "metadata tables staged at once, each on its own PostgreSQL connection (COPY and "
+                             "index builds run on one server core each)"),
     "ABC_STAGE_WAIT_SECONDS": ("900", "how long a run waits for another run staging the same release before it "
                                "fails, naming it"),
     "ABC_STAGE_OWNER": ("", "who a stage belongs to (empty: the Airflow DAG run, else user@host pid, whose stage "

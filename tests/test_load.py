@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,6 +230,39 @@ def test_bad_row_fails_with_file_and_line_and_publishes_nothing(generated_bucket
     assert status == "failed" and f"{stem}.csv" in error
     staged = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'").fetchone()[0]
     assert staged == 0
+
+
+def test_tables_stage_side_by_side_and_the_first_failure_cancels_the_rest(generated_bucket, discovered, conn,
+                                                                          tmp_path, monkeypatch):
+    """While abc.cell is locked, the cells' staging waits on one connection and the other tables stage on
+    the other; the bad membership row fails the load at once, cancelling the waiting statement."""
+    monkeypatch.setenv("ABC_LOAD_CONNECTIONS", "2")
+    files = copied_files(generated_bucket, OLD_RELEASE, tmp_path)
+    _damage(files[f"metadata/{TAXONOMY}/{OLD_RELEASE}/cell_to_cluster_membership.csv"], 7, "cluster_alias", "twelve")
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            load_release_metadata(discovered, OLD_RELEASE, files)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    with db.copy_connection(discovered) as blocker:
+        blocker.execute("LOCK TABLE abc.cell IN ACCESS EXCLUSIVE MODE")
+        loader = threading.Thread(target=load)
+        loader.start()
+        loader.join(timeout=60)
+        finished_while_locked = not loader.is_alive()
+        blocker.rollback()
+    loader.join()
+    assert finished_while_locked, "the load waited for abc.cell instead of cancelling its staging"
+    assert isinstance(outcome[0], LoadError)
+    assert "cell_to_cluster_membership.csv: line 7, column cluster_alias" in str(outcome[0])
+    assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query LIKE 'CREATE TABLE%%' AND state <> 'idle'").fetchone()[0] == 0
+    assert current(conn) is None
 
 
 def test_killed_load_leaves_nothing_and_rerun_publishes_once(generated_bucket, discovered, conn):
