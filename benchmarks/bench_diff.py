@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psycopg
 
-from etl import db, diff, monitor
+from etl import db, diff, quality
 from etl.config import Settings
 from etl.fixtures import NEW_RELEASE, OLD_RELEASE, UNCHANGED_RELEASE
 from etl.publish import create_staging_table, index_staging_table, publish, staged_or_published
@@ -40,7 +40,7 @@ from etl.s3server import start_s3_server
 REPO = Path(__file__).resolve().parent.parent
 SERVER = "postgresql+psycopg2://postgres@127.0.0.1:55432"
 CLI = [sys.executable, "-c", "import sys; from etl.cli import main; sys.exit(main(sys.argv[1:]))"]
-CHECK = [sys.executable, "-c", "import sys; from etl import monitor; r = monitor.run_quality_checks(*sys.argv[1:]); "
+CHECK = [sys.executable, "-c", "import sys; from etl import monitor; r = quality.run_quality_checks(*sys.argv[1:]); "
          "print([(x.name, x.passed) for x in r]); sys.exit(0 if all(x.passed for x in r) else 1)"]
 
 
@@ -170,7 +170,7 @@ def main() -> None:
                   f"of {NEW_RELEASE}")
     timed(f"checks {NEW_RELEASE}", [*CHECK, url, NEW_RELEASE], env, log, args.workdir)
     with db.copy_connection(url) as conn:
-        checks = monitor.check_queries(conn, NEW_RELEASE)
+        checks = quality.check_queries(conn, NEW_RELEASE)
         for name, query in checks.items():
             started, cpu = time.perf_counter(), backend_cpu(conn)
             conn.execute(query, {"r": NEW_RELEASE}).fetchone()

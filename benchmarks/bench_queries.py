@@ -51,9 +51,9 @@ sys.path.insert(0, str(REPO))
 
 from etl import aggregate, db, pipeline  # noqa: E402
 from etl import fixtures as fx  # noqa: E402
+from etl.catalog import cell_assignments  # noqa: E402
 from etl.config import Settings  # noqa: E402
 from etl.discovery import discover  # noqa: E402
-from etl.load import cell_assignments  # noqa: E402
 from etl.s3server import serve_s3  # noqa: E402
 from etl.source import make_client  # noqa: E402
 

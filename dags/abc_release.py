@@ -121,7 +121,7 @@ def abc_release():
     @task
     def verify(release: str, params=None) -> int:
         from etl import db
-        from etl.mirror import release_files_on_disk
+        from etl.catalog import release_files_on_disk
 
         settings = _settings(params)
         engine = db.make_engine(settings.database_url)

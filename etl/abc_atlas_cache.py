@@ -48,9 +48,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from etl.catalog import LocalRoot
 from etl.config import Settings
 from etl.manifest import UnsafeKeyError
-from etl.mirror import LocalRoot
 from etl.transfer import PARTIAL_SUFFIX, write_file_nofollow
 
 DOWNLOADED_DATA = "_downloaded_data.json"

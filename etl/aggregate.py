@@ -59,9 +59,8 @@ from numba.extending import intrinsic
 from psycopg import sql
 
 from etl import db
+from etl.catalog import cell_assignments, release_files_on_disk
 from etl.config import Settings
-from etl.load import cell_assignments
-from etl.mirror import release_files_on_disk
 from etl.publish import (
     EXPRESSION_TABLES,
     analyze_published,

@@ -52,10 +52,10 @@ def cmd_discover(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     from etl import pipeline
+    from etl.catalog import NotMirroredError
     from etl.load import LoadError
-    from etl.mirror import NotMirroredError
-    from etl.monitor import QualityCheckFailed
     from etl.publish import StageBusy
+    from etl.quality import QualityCheckFailed
     from etl.scope import ScopeError
 
     try:
@@ -111,20 +111,20 @@ def cmd_mirror(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from etl import db
-    from etl.mirror import status_lines, target_name
-    from etl.monitor import status_lines as release_table
+    from etl.config import target_name
+    from etl.monitor import mirror_status_lines, release_status_lines
 
     settings = settings.with_overrides(mirror_root=args.target)
     engine = db.make_engine(settings.database_url)
     target = target_name(settings.mirror_root)
-    print("\n".join(release_table(engine, target, settings.run_scope)))
-    print("\n".join(status_lines(engine, target, args.release)))
+    print("\n".join(release_status_lines(engine, target, settings.run_scope)))
+    print("\n".join(mirror_status_lines(engine, target, args.release)))
     return EXIT_OK
 
 
 def cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
     from etl import db, lineage
-    from etl.mirror import target_name
+    from etl.config import target_name
 
     engine = db.make_engine(settings.database_url)
     print("\n".join(lineage.tree_lines(engine, args.release, target_name(settings.mirror_root))))
@@ -171,9 +171,9 @@ def cmd_fixture_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_aggregate(args: argparse.Namespace, settings: Settings) -> int:
     from etl import pipeline
     from etl.aggregate import AggregationError
-    from etl.mirror import NotMirroredError
-    from etl.monitor import QualityCheckFailed
+    from etl.catalog import NotMirroredError
     from etl.publish import StageBusy
+    from etl.quality import QualityCheckFailed
 
     try:
         shared = pipeline.share_if_unchanged(settings, args.release)

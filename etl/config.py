@@ -139,6 +139,11 @@ class Settings:
         return Path(self.mirror_root).resolve()
 
 
+def target_name(mirror_root: str) -> str:
+    """How a target is named in the records: a resolved directory, or ``s3://bucket/prefix``."""
+    return mirror_root.rstrip("/") if mirror_root.startswith("s3://") else str(Path(mirror_root).resolve())
+
+
 def settings_for_airflow_task() -> Settings:
     """Settings inside an Airflow task: the environment, overridden by Airflow connections.
 

@@ -34,7 +34,7 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy.engine import Engine
 
 from etl import db
-from etl.mirror import LocalRoot
+from etl.catalog import LocalRoot
 from etl.publish import staged_or_published
 from etl.scope import Scope
 from etl.transfer import open_nofollow, write_file_nofollow

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-import pandas as pd
 import psycopg
 from psycopg import sql
 
@@ -45,7 +44,6 @@ from etl.publish import (
     publish,
     set_stage,
     stage_lock,
-    staged_or_published,
     staged_table,
 )
 
@@ -648,36 +646,3 @@ def publish_staged_metadata(conn: psycopg.Connection, release: str) -> None:
     publish(conn, release, PUBLISHED_TABLES)
     conn.execute("UPDATE abc.release SET status = 'published', published_at = now(), last_error = NULL "
                  "WHERE version = %s", (release,))
-
-
-def cell_assignments(conn: psycopg.Connection, release: str, dataset: str,
-                     feature_matrix_label: str | None = None) -> pd.DataFrame:
-    """Cells of one dataset of a release (of one matrix file, with ``feature_matrix_label``) with their
-    cluster, region and matrix, staged or published.
-
-    The staged tables are read while the release's stage is live (a load not yet published, or,
-    in the run staging it, a reload of a published release), else the partitions. A
-    cell's cluster is its own ``cluster_alias`` or the taxonomy's cell_to_cluster_membership row,
-    its region its own or its library's, as the consensus release keeps them there.
-    """
-    def source(table: str) -> sql.Identifier:
-        return staged_or_published(conn, table, release)
-
-    query = sql.SQL(
-        "COPY (SELECT c.cell_label, coalesce(c.cluster_alias, m.cluster_alias) AS cluster_alias, "
-        "coalesce(c.region_of_interest_acronym, l.region_of_interest_acronym) AS region_of_interest_acronym, "
-        "c.feature_matrix_label FROM {} c "
-        "LEFT JOIN {} m ON m.release = c.release AND m.cell_label = c.cell_label "
-        "LEFT JOIN {} l ON l.release = c.release AND l.dataset = c.dataset AND l.library_label = c.library_label "
-        "WHERE c.release = {} AND c.dataset = {}{} ORDER BY c.cell_label) TO STDOUT (FORMAT csv, HEADER true)").format(
-        source("cell"), source("cell_cluster_membership"), source("library"), sql.Literal(release),
-        sql.Literal(dataset), sql.SQL(" AND c.feature_matrix_label = {}").format(sql.Literal(feature_matrix_label))
-        if feature_matrix_label is not None else sql.SQL(""))
-    buffer = io.BytesIO()
-    with conn.cursor().copy(query) as copy:
-        for data in copy:
-            buffer.write(data)
-    buffer.seek(0)
-    return pd.read_csv(buffer, dtype={"cell_label": str, "cluster_alias": "Int64",
-                                      "region_of_interest_acronym": str, "feature_matrix_label": str},
-                       keep_default_na=False, na_values=[""])

@@ -5,7 +5,7 @@ after its bytes matched the manifest (see :mod:`etl.transfer`); what was placed 
 ``abc.mirror_object`` so later runs trust it while its size and mtime hold, instead of
 re-hashing terabytes, and a key shared by several releases is fetched once. Files found on disk
 without a record (copied by other means) are hashed once and adopted when they match. Loading
-and aggregation read mirrored files only through :func:`release_files_on_disk`.
+and aggregation read mirrored files only through :func:`etl.catalog.release_files_on_disk`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from botocore.exceptions import ClientError
 from sqlalchemy.engine import Engine
 
 from etl import source
-from etl.config import Settings
+from etl.catalog import MAX_LISTED, LocalRoot, selected_release_files
+from etl.config import Settings, target_name
 from etl.discovery import ensure_release_recorded, load_manifest
 from etl.manifest import ManifestFile, UnsafeKeyError, check_relative_key
-from etl.scope import FileRow, Scope
+from etl.scope import Scope
 from etl.transfer import (
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
@@ -51,112 +52,6 @@ from etl.transfer import (
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED = 10
-
-
-class NotMirroredError(RuntimeError):
-    """Files of a release are not (or no longer) mirrored and verified; the message names them."""
-
-
-def _name_some(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED])
-    return shown + (f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
-
-
-class LocalRoot:
-    """A local mirror directory that no key can escape: checked keys, and no symlink on the way."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).resolve()
-        self._safe_dirs: set[Path] = {self.root}
-
-    @property
-    def target(self) -> str:
-        return str(self.root)
-
-    def path(self, key: str) -> Path:
-        """The final path of ``key``; refuses unsafe keys and existing symlinks under the root."""
-        check_relative_key(key)
-        path = self.root.joinpath(*key.split("/"))
-        self._check_no_symlink(path.parent)
-        if path.is_symlink():
-            raise UnsafeKeyError(f"{path} is a symlink; refusing to write through it")
-        return path
-
-    def _check_no_symlink(self, directory: Path) -> None:
-        if directory in self._safe_dirs:
-            return
-        self._check_no_symlink(directory.parent)
-        if directory.is_symlink():
-            raise UnsafeKeyError(f"{directory} is a symlink inside the mirror root; refusing to write through it")
-        if directory.exists() and not directory.is_dir():
-            raise UnsafeKeyError(f"{directory} exists and is not a directory")
-        if directory.is_dir():
-            self._safe_dirs.add(directory)
-
-
-def selected_release_files(conn: sa.Connection, release: str, datasets: list[str] | None = None,
-                           kinds: list[str] | None = None, normalizations: list[str] | None = None,
-                           keep: Callable[[FileRow], bool] | None = None) -> list[sa.Row]:
-    """Rows of ``abc.release_file`` filtered as :meth:`Manifest.select` filters files, then by ``keep``
-    (a scope's :meth:`~etl.scope.Scope.mirrors` or :meth:`~etl.scope.Scope.feeds_warehouse`)."""
-    query = "SELECT relative_path, size, md5, dataset, kind, tag FROM abc.release_file WHERE release = :r"
-    params: dict[str, object] = {"r": release}
-    if datasets:
-        query += " AND dataset = ANY(:datasets)"
-        params["datasets"] = list(datasets)
-    if kinds:
-        query += " AND kind = ANY(:kinds)"
-        params["kinds"] = list(kinds)
-    if normalizations:
-        query += " AND (normalization = '' OR normalization = ANY(:norms))"
-        params["norms"] = list(normalizations)
-    rows = conn.execute(sa.text(query + " ORDER BY relative_path"), params).all()
-    return [row for row in rows if keep is None or keep(row)]
-
-
-def release_files_on_disk(settings: Settings, engine: Engine, release: str, datasets: list[str] | None = None,
-                          kinds: list[str] | None = None, normalizations: list[str] | None = None,
-                          keep: Callable[[FileRow], bool] | None = None) -> dict[str, Path]:
-    """relative_path -> local path of every selected file of ``release``, each verified in the mirror.
-
-    Files are selected as :func:`selected_release_files` does, ``keep`` defaulting to what the
-    configured scope mirrors. A file counts only if the mirror records it with the manifest's size
-    and MD5 and its size on disk still matches; otherwise :class:`NotMirroredError` names the
-    release and the files.
-    """
-    if not settings.mirror_is_local:
-        raise NotMirroredError(f"release {release}: the mirror {settings.mirror_root} is not a local directory")
-    root = LocalRoot(settings.mirror_path)
-    with engine.connect() as conn:
-        if conn.execute(sa.text("SELECT 1 FROM abc.release WHERE version = :r"), {"r": release}).scalar() is None:
-            raise NotMirroredError(f"release {release} is not recorded: run discovery and mirror it first")
-        wanted = selected_release_files(conn, release, datasets, kinds, normalizations,
-                                        keep or settings.run_scope.mirrors)
-        recorded = {row.relative_path: row for row in conn.execute(
-            sa.text("SELECT o.relative_path, o.size, o.md5 FROM abc.mirror_object o "
-                    "JOIN abc.release_file rf ON rf.relative_path = o.relative_path "
-                    "WHERE rf.release = :r AND o.target = :t"),
-            {"r": release, "t": root.target})}
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for row in wanted:
-        record = recorded.get(row.relative_path)
-        try:
-            path = root.path(row.relative_path)
-            on_disk = os.stat(path).st_size if path.is_file() else None
-        except (UnsafeKeyError, OSError):
-            on_disk = None
-        if record is None or record.md5 != row.md5 or record.size != row.size or on_disk != row.size:
-            missing.append(row.relative_path)
-        else:
-            found[row.relative_path] = path
-    if missing:
-        raise NotMirroredError(f"release {release}: {len(missing)} of {len(wanted)} selected files are not "
-                               f"mirrored and verified in {root.target}: {_name_some(missing)}")
-    return found
-
-
 class InsufficientSpaceError(RuntimeError):
     """The pre-flight check found less free space than the files still to fetch need."""
 
@@ -165,11 +60,6 @@ FILE_ATTEMPTS = 3  # whole-file attempts after a checksum mismatch or a changed 
 RECORD_BATCH = 500
 RECORD_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
-
-
-def target_name(mirror_root: str) -> str:
-    """How a target is named in the records: a resolved directory, or ``s3://bucket/prefix``."""
-    return mirror_root.rstrip("/") if mirror_root.startswith("s3://") else str(Path(mirror_root).resolve())
 
 
 @dataclass
@@ -615,39 +505,3 @@ def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Tra
     except Exception as exc:
         log.exception("%s: unexpected error", work.file.relative_path)
         return _Outcome(work.file.relative_path, "failed", f"{type(exc).__name__}: {exc}")
-
-
-def status_lines(engine: Engine, target: str, release: str | None = None) -> list[str]:
-    """``abc-mirror status``: each release's mirror status in ``target`` and its last run's integrity report."""
-    query = """
-        SELECT r.version, r.status, r.mirrored_at, r.last_error, r.n_files, r.total_bytes,
-               count(o.relative_path) AS verified, coalesce(sum(o.size), 0) AS verified_bytes
-        FROM abc.release r
-        LEFT JOIN abc.release_file rf ON rf.release = r.version
-        LEFT JOIN abc.mirror_object o ON o.target = :t AND o.relative_path = rf.relative_path
-            AND o.md5 = rf.md5 AND o.size = rf.size
-        WHERE (CAST(:r AS text) IS NULL OR r.version = :r)
-        GROUP BY r.version ORDER BY r.version"""
-    last_run = """
-        SELECT started_at, finished_at, status, files_selected, files_ok, files_fetched, files_skipped,
-               files_failed, bytes_fetched, failures
-        FROM abc.mirror_run WHERE release = :r AND target = :t ORDER BY started_at DESC, id DESC LIMIT 1"""
-    out = [f"mirror target {target}"]
-    with engine.connect() as conn:
-        releases = conn.execute(sa.text(query), {"t": target, "r": release}).all()
-        for rel in releases:
-            out.append(f"release {rel.version}: {rel.status}"
-                       + (f" (mirrored at {rel.mirrored_at:%Y-%m-%d %H:%M:%S %Z})" if rel.mirrored_at else "")
-                       + f"; {rel.verified} of the manifest's {rel.n_files} files verified here "
-                       f"({rel.verified_bytes} of {rel.total_bytes} bytes; the table above counts the scope)")
-            run = conn.execute(sa.text(last_run), {"r": rel.version, "t": target}).first()
-            if run is not None:
-                out.append(f"  last run {run.started_at:%Y-%m-%d %H:%M:%S}: {run.status}; {run.files_selected} "
-                           f"selected, ok {run.files_ok}, fetched {run.files_fetched}, skipped {run.files_skipped}, "
-                           f"failed {run.files_failed}, {run.bytes_fetched} bytes fetched")
-                out += [f"  FAILED {key}: {why}" for key, why in sorted(run.failures.items())[:MAX_LISTED]]
-            if rel.last_error:
-                out.append(f"  last error: {rel.last_error}")
-    if not releases:
-        out.append(f"no release {release} recorded" if release else "no release recorded: run discover first")
-    return out

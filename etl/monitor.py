@@ -1,12 +1,11 @@
-"""Release monitoring: status of every release, lag behind upstream, data-quality checks, and the alerts.
+"""Release monitoring: status of every release and of the mirror, lag behind upstream, and the alerts.
 
-- :func:`status_lines`: one table of every release (upstream seen, mirrored files ok/failed and
-  bytes, loaded, published, checks, last error) and the lag: newest upstream vs newest published.
-- :func:`run_quality_checks`: checks of a loaded release (staged or published), stored per
-  release in ``abc.quality_check``; :func:`require_passing` is what a publish step calls to refuse
-  a release whose checks failed.
+- :func:`release_status_lines`: one table of every release (upstream seen, mirrored files ok/failed
+  and bytes, loaded, published, checks, last error) and the lag: newest upstream vs newest published;
+  :func:`mirror_status_lines`: each release's files verified in a mirror target and its last run.
 - :func:`check_release`, :func:`check_lag`, :func:`announce_new_releases`, :func:`record_diff`:
   the monitoring DAG's (and the load step's) units of work, each alerting through ``etl.alerts``.
+  The checks themselves, and the gate that refuses to publish, are :mod:`etl.quality`'s.
 """
 
 from __future__ import annotations
@@ -16,114 +15,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import sqlalchemy as sa
-from psycopg import sql
 from sqlalchemy.engine import Engine
 
 from etl import db
 from etl.alerts import Alert, already_sent, send, send_once
+from etl.catalog import MAX_LISTED
 from etl.config import Settings
-from etl.publish import read_state, staged_or_published
+from etl.publish import read_state
+from etl.quality import CheckResult, run_quality_checks
 from etl.scope import Scope
 
 log = logging.getLogger(__name__)
-
-
-class QualityCheckFailed(RuntimeError):
-    """A release failed data-quality checks and must not be published."""
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    passed: bool
-    failing: int = 0
-    details: str = ""
-
-
-# name -> (what it guards, SQL giving (failing count, details) over {cell}, {cluster}, ... of the release).
-# Keys are not re-checked here: each staged table has its primary key (no cell_label twice in a release),
-# the load checks every foreign key with errors naming file and line (etl.load), and PostgreSQL enforces
-# them on the published partitions. A check repeating them could not fail, and read every cell twice:
-# 3.1 s at 7.65 M cells on a quiet machine, 55 s at load 11.
-CHECKS: dict[str, tuple[str, str]] = {
-    "row_counts_match_files": (
-        "each loaded table holds, per dataset, exactly the rows of the files loaded into it",
-        """SELECT count(*), string_agg(format('abc.%%s %%s: %%s rows, files hold %%s', f.table_name, f.dataset,
-                                              coalesce(t.n, 0), f.rows), '; ') FROM (
-               SELECT table_name, dataset, sum(row_count) AS rows FROM abc.metadata_file
-               WHERE release = %(r)s AND table_name IS NOT NULL GROUP BY table_name, dataset) f
-           LEFT JOIN (SELECT 'cell' AS table_name, dataset, count(*) AS n FROM {cell} WHERE release = %(r)s
-                      GROUP BY dataset
-                      UNION ALL SELECT 'gene', dataset, count(*) FROM {gene} WHERE release = %(r)s GROUP BY dataset
-                      UNION ALL SELECT 'cluster', dataset, count(*) FROM {cluster} WHERE release = %(r)s
-                      GROUP BY dataset) t
-             ON t.table_name = f.table_name AND t.dataset = f.dataset
-           WHERE f.table_name IN ('cell', 'gene', 'cluster') AND coalesce(t.n, 0) <> f.rows"""),
-    "gene_symbol_present": (
-        "every gene has a symbol",
-        """SELECT count(*), string_agg(gene_identifier, ', ') FROM (
-               SELECT gene_identifier FROM {gene} WHERE release = %(r)s AND coalesce(btrim(gene_symbol), '') = ''
-               ORDER BY gene_identifier LIMIT 1000) g"""),
-    "expression_cells_match_metadata": (
-        "aggregated expression counts, per dataset and cluster, the cells the metadata assigns to it",
-        """SELECT count(*), string_agg(format('%%s %%s: %%s aggregated, %%s in metadata',
-                                              coalesce(e.dataset, m.dataset), coalesce(e.group_label, m.label),
-                                              coalesce(e.n_cells, 0), coalesce(m.n, 0)), '; ') FROM
-               (SELECT dataset, group_label, n_cells FROM {expression_group}
-                WHERE release = %(r)s AND grouping = 'cluster') e
-           FULL JOIN (SELECT x.dataset, t.cluster_annotation_term_label AS label, sum(x.n)::bigint AS n
-                      FROM (SELECT c.dataset, coalesce(c.cluster_alias, a.cluster_alias) AS cluster_alias,
-                                   count(*) AS n
-                            FROM {cell} c LEFT JOIN {cell_cluster_membership} a
-                                 ON a.release = c.release AND a.cell_label = c.cell_label
-                            WHERE c.release = %(r)s
-                              AND c.dataset IN (SELECT dataset FROM {expression_group} WHERE release = %(r)s)
-                            GROUP BY 1, 2) x
-                      JOIN {cluster_membership} t ON t.release = %(r)s AND t.cluster_alias = x.cluster_alias
-                           AND t.cluster_annotation_term_set_name = 'cluster'
-                      GROUP BY 1, 2) m
-             ON m.dataset = e.dataset AND m.label = e.group_label
-           WHERE coalesce(e.n_cells, 0) <> coalesce(m.n, 0)"""),
-}
-
-
-CHECKED_TABLES = ["cell", "cell_cluster_membership", "gene", "cluster", "cluster_membership", "expression_group"]
-
-
-def check_queries(conn: psycopg.Connection, release: str) -> dict[str, sql.Composed]:
-    """Each check's query over ``release``'s staged or published tables; their parameter ``r`` is the release."""
-    relations = {t: staged_or_published(conn, t, release) for t in CHECKED_TABLES}
-    return {name: sql.SQL(query).format(**relations) for name, (_, query) in CHECKS.items()}
-
-
-def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
-    """Run every check on ``release`` (its staged load when not yet published) and store the results."""
-    results = []
-    with db.copy_connection(database_url) as conn:
-        for name, query in check_queries(conn, release).items():
-            failing, details = conn.execute(query, {"r": release}).fetchone()
-            results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))
-        with conn.transaction():
-            conn.execute("DELETE FROM abc.quality_check WHERE release = %s", (release,))
-            with conn.cursor() as cursor:
-                cursor.executemany("INSERT INTO abc.quality_check (release, name, passed, failing, details) "
-                                   "VALUES (%s, %s, %s, %s, %s)",
-                                   [(release, r.name, r.passed, r.failing, r.details) for r in results])
-    for r in results:
-        (log.info if r.passed else log.error)("release %s check %s: %s%s", release, r.name,
-                                              "passed" if r.passed else f"FAILED ({r.failing})",
-                                              f": {r.details}" if r.details else "")
-    return results
-
-
-def require_passing(results: list[CheckResult], release: str) -> None:
-    """Raise :class:`QualityCheckFailed` naming the failed checks; publish steps call this first."""
-    failed = [r for r in results if not r.passed]
-    if failed:
-        raise QualityCheckFailed(f"release {release}: " + "; ".join(
-            f"{r.name} failed ({r.failing}): {r.details}" for r in failed))
 
 
 def check_release(settings: Settings, engine: Engine, release: str) -> list[CheckResult]:
@@ -309,7 +212,7 @@ def dataset_states(files: list[sa.Row], scope: Scope) -> dict[str, dict[str, lis
     return states
 
 
-def status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None = None) -> list[str]:
+def release_status_lines(engine: Engine, target: str, scope: Scope, now: datetime | None = None) -> list[str]:
     """``abc-mirror status``: every release in one table (its files in ``scope``), the lag behind upstream,
     then each dataset's state."""
     releases = release_statuses(engine, target, scope)
@@ -372,3 +275,39 @@ def releases_without_diff(engine: Engine) -> list[tuple[str, str]]:
               AND NOT EXISTS (SELECT 1 FROM abc.release_diff d WHERE d.old_release = prev.version
                               AND d.new_release = r.version)
             ORDER BY r.version""")).all()]
+
+
+def mirror_status_lines(engine: Engine, target: str, release: str | None = None) -> list[str]:
+    """``abc-mirror status``: each release's mirror status in ``target`` and its last run's integrity report."""
+    query = """
+        SELECT r.version, r.status, r.mirrored_at, r.last_error, r.n_files, r.total_bytes,
+               count(o.relative_path) AS verified, coalesce(sum(o.size), 0) AS verified_bytes
+        FROM abc.release r
+        LEFT JOIN abc.release_file rf ON rf.release = r.version
+        LEFT JOIN abc.mirror_object o ON o.target = :t AND o.relative_path = rf.relative_path
+            AND o.md5 = rf.md5 AND o.size = rf.size
+        WHERE (CAST(:r AS text) IS NULL OR r.version = :r)
+        GROUP BY r.version ORDER BY r.version"""
+    last_run = """
+        SELECT started_at, finished_at, status, files_selected, files_ok, files_fetched, files_skipped,
+               files_failed, bytes_fetched, failures
+        FROM abc.mirror_run WHERE release = :r AND target = :t ORDER BY started_at DESC, id DESC LIMIT 1"""
+    out = [f"mirror target {target}"]
+    with engine.connect() as conn:
+        releases = conn.execute(sa.text(query), {"t": target, "r": release}).all()
+        for rel in releases:
+            out.append(f"release {rel.version}: {rel.status}"
+                       + (f" (mirrored at {rel.mirrored_at:%Y-%m-%d %H:%M:%S %Z})" if rel.mirrored_at else "")
+                       + f"; {rel.verified} of the manifest's {rel.n_files} files verified here "
+                       f"({rel.verified_bytes} of {rel.total_bytes} bytes; the table above counts the scope)")
+            run = conn.execute(sa.text(last_run), {"r": rel.version, "t": target}).first()
+            if run is not None:
+                out.append(f"  last run {run.started_at:%Y-%m-%d %H:%M:%S}: {run.status}; {run.files_selected} "
+                           f"selected, ok {run.files_ok}, fetched {run.files_fetched}, skipped {run.files_skipped}, "
+                           f"failed {run.files_failed}, {run.bytes_fetched} bytes fetched")
+                out += [f"  FAILED {key}: {why}" for key, why in sorted(run.failures.items())[:MAX_LISTED]]
+            if rel.last_error:
+                out.append(f"  last error: {rel.last_error}")
+    if not releases:
+        out.append(f"no release {release} recorded" if release else "no release recorded: run discover first")
+    return out

@@ -21,19 +21,12 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
-from etl import abc_atlas_cache, alerts, db, lineage, monitor, reuse, source
-from etl.config import Settings
+from etl import abc_atlas_cache, alerts, db, lineage, monitor, quality, reuse, source
+from etl.catalog import name_some, release_files_on_disk, selected_release_files
+from etl.config import Settings, target_name
 from etl.discovery import ensure_release_recorded, load_manifest
 from etl.load import METADATA_TABLES, PUBLISHED_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
-from etl.mirror import (
-    MirrorFailedError,
-    MirrorReport,
-    _name_some,
-    mirror_release,
-    release_files_on_disk,
-    selected_release_files,
-    target_name,
-)
+from etl.mirror import MirrorFailedError, MirrorReport, mirror_release
 from etl.publish import (
     EXPRESSION_TABLES,
     analyze_published,
@@ -160,7 +153,7 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
             s.wrote("abc.mirror_object", partition=release, rows=report.ok)
             if report.failed:
                 error = MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files "
-                                          f"failed: {_name_some(sorted(report.failed))}")
+                                          f"failed: {name_some(sorted(report.failed))}")
                 error.report = report
                 raise error
         written = abc_atlas_cache.write_client_cache(settings, engine)
@@ -298,7 +291,7 @@ def end_failed_run(settings: Settings, dag_id: str, run_id: str) -> list[str]:
     return ended
 
 
-def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
+def validate(settings: Settings, release: str) -> list[quality.CheckResult]:
     """Run and store the data-quality checks of the staged release; raise (after alerting) when one fails.
 
     A failed check fails the stage: its staging tables are dropped (the release keeps what is
@@ -313,14 +306,14 @@ def validate(settings: Settings, release: str) -> list[monitor.CheckResult]:
             stage = conn.execute("SELECT owner, state, error FROM abc.stage WHERE release = %s",
                                  (release,)).fetchone()
         if stage is not None and stage[1] == "failed" and stage[0] == stage_owner():
-            raise monitor.QualityCheckFailed(f"release {release}: this run's stage failed and was dropped "
+            raise quality.QualityCheckFailed(f"release {release}: this run's stage failed and was dropped "
                                              f"({stage[2]}); load the release again")
         results = monitor.check_release(settings, engine, release)
     finally:
         engine.dispose()
     try:
-        monitor.require_passing(results, release)
-    except monitor.QualityCheckFailed as exc:
+        quality.require_passing(results, release)
+    except quality.QualityCheckFailed as exc:
         with db.copy_connection(settings.database_url) as conn:
             fail_stage(conn, release, str(exc))
         raise

@@ -23,9 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from etl import lineage
+from etl.catalog import selected_release_files
 from etl.config import Settings
 from etl.load import PUBLISHED_TABLES
-from etl.mirror import selected_release_files
 from etl.publish import EXPRESSION_TABLES
 from etl.scope import Scope
 

@@ -59,7 +59,7 @@ def _warehouse() -> Iterator[tuple[Engine, Settings]]:
 
 def _overview() -> Overview:
     from etl import overview
-    from etl.mirror import target_name
+    from etl.config import target_name
 
     with _warehouse() as (engine, settings):
         return overview.overview(engine, target_name(settings.mirror_root), settings.run_scope,

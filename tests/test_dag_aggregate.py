@@ -6,11 +6,12 @@ import pytest
 import sqlalchemy as sa
 
 from etl import source
+from etl.catalog import release_files_on_disk
 from etl.cli import EXIT_FAILED, EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE
 from etl.load import load_release_metadata
-from etl.mirror import mirror_release, release_files_on_disk
+from etl.mirror import mirror_release
 from tests.test_dag_watch import load_dag
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from etl.catalog import release_files_on_disk
 from etl.fixtures import OLD_RELEASE, md5_of_file
-from etl.mirror import release_files_on_disk
 from tests.conftest import scoped_keys
 from tests.test_dag_watch import load_dag
 

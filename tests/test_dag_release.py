@@ -55,7 +55,7 @@ def _counts(engine: sa.Engine, release: str) -> dict[str, int]:
 
 
 def _cells_in_mirrored_csvs(settings, engine: sa.Engine, release: str) -> int:
-    from etl.mirror import release_files_on_disk
+    from etl.catalog import release_files_on_disk
 
     files = release_files_on_disk(settings, engine, release, kinds=["metadata"])
     return sum(sum(1 for _ in path.open()) - 1 for key, path in files.items() if key.endswith("/cell_metadata.csv"))
@@ -132,9 +132,9 @@ def test_each_release_from_the_floor_publishes_through_the_dag(release_env, engi
 
 
 def test_failed_quality_check_blocks_publication(release_env, engine, monkeypatch):
-    from etl import monitor
+    from etl import quality
 
-    monkeypatch.setitem(monitor.CHECKS, "injected_failure",
+    monkeypatch.setitem(quality.CHECKS, "injected_failure",
                         ("fails on purpose", "SELECT count(*), 'injected' FROM {cell} WHERE release = %(r)s"))
     run = _release_dag().test(run_conf={"release": OLD_RELEASE, "batch_bytes": 1 << 20})
     assert run.state == "failed"

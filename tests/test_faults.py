@@ -32,12 +32,13 @@ from psycopg import sql
 
 from etl import db, diff, source
 from etl.abc_atlas_cache import DOWNLOADED_DATA, MANIFEST_LAST_USED
+from etl.catalog import NotMirroredError, release_files_on_disk
 from etl.cli import EXIT_OK, EXIT_UNUSABLE, main
-from etl.config import Settings
+from etl.config import Settings, target_name
 from etl.discovery import discover
 from etl.fixtures import BUCKET, CONSENSUS_WMB, OLD_RELEASE, md5_of_file
 from etl.load import METADATA_TABLES, LoadError, load_release_metadata
-from etl.mirror import NotMirroredError, mirror_release, release_files_on_disk, target_name
+from etl.mirror import mirror_release
 from etl.publish import EXPRESSION_TABLES, staged_or_published
 from etl.s3server import free_port, start_s3_server
 from tests.conftest import REPO, SERVER_URL, scoped_keys

@@ -19,9 +19,10 @@ import psycopg
 import pytest
 
 from etl import db, source
+from etl.catalog import cell_assignments
 from etl.discovery import discover
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
-from etl.load import LoadError, cell_assignments, load_release_metadata, publish_staged_metadata
+from etl.load import LoadError, load_release_metadata, publish_staged_metadata
 from tests.conftest import REPO, scoped_keys
 
 CSV_OF_TABLE = {"cell": "cell_metadata", "gene": "gene", "donor": "donor", "library": "library",

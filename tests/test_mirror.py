@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from botocore.client import BaseClient
 
 from etl import cli, source
+from etl.catalog import LocalRoot, NotMirroredError, release_files_on_disk
 from etl.config import Settings
 from etl.discovery import discover
 from etl.fixtures import (
@@ -36,7 +37,7 @@ from etl.fixtures import (
     write_manifest,
 )
 from etl.manifest import ManifestError, UnsafeKeyError
-from etl.mirror import InsufficientSpaceError, LocalRoot, NotMirroredError, mirror_release, release_files_on_disk
+from etl.mirror import InsufficientSpaceError, mirror_release
 from etl.s3server import S3Server, start_s3_server
 from etl.transfer import FileJob, Transfer, TransferError
 from tests.conftest import REPO

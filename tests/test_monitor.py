@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from etl import aggregate, alerts, db, diff, monitor, source
+from etl import aggregate, alerts, db, diff, monitor, quality, source
+from etl.catalog import cell_assignments
 from etl.cli import main
 from etl.discovery import discover
 from etl.fixtures import (
@@ -25,7 +26,7 @@ from etl.fixtures import (
     OLD_RELEASE,
     TAXONOMY,
 )
-from etl.load import cell_assignments, load_release_metadata
+from etl.load import load_release_metadata
 from tests.conftest import scoped_keys
 
 
@@ -213,10 +214,10 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
 
 def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, webhook):
     settings = both_loaded
-    results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
-    assert [r.name for r in results] == list(monitor.CHECKS)
+    results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
+    assert [r.name for r in results] == list(quality.CHECKS)
     assert all(r.passed for r in results), results
-    monitor.require_passing(results, OLD_RELEASE)
+    quality.require_passing(results, OLD_RELEASE)
 
     with engine.begin() as conn:
         broken = conn.execute(sa.text("UPDATE abc.gene SET gene_symbol = '' WHERE release = :r AND gene_identifier IN "
@@ -228,8 +229,8 @@ def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, w
     failed = [r for r in results if not r.passed]
     assert [(r.name, r.failing) for r in failed] == [("gene_symbol_present", len(broken))]
     assert set(failed[0].details.split(", ")) == set(broken)
-    with pytest.raises(monitor.QualityCheckFailed, match="gene_symbol_present failed"):
-        monitor.require_passing(results, OLD_RELEASE)
+    with pytest.raises(quality.QualityCheckFailed, match="gene_symbol_present failed"):
+        quality.require_passing(results, OLD_RELEASE)
     (body,) = webhook.received
     assert body["kind"] == "failed_check" and body["release"] == OLD_RELEASE
     assert body["details"]["checks"][0]["name"] == "gene_symbol_present"
@@ -247,7 +248,7 @@ def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, w
     monitor.check_release(settings, engine, OLD_RELEASE)
     assert webhook.kinds() == ["failed_check", "failed_check"]
     assert webhook.received[-1]["details"]["checks"][0]["failing"] == len(broken) + len(more)
-    results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
+    results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE kind = 'failed_check'")).scalar() == 2
         stored = dict(conn.execute(sa.text("SELECT name, passed FROM abc.quality_check WHERE release = :r"),
@@ -266,11 +267,11 @@ def test_expression_check_fails_when_aggregated_and_metadata_counts_differ(setti
         partials = [aggregate.aggregate_file(p, cells, taxonomy, tmp_path / f"{p.stem}.npz") for p in matrices]
         aggregate.merge_and_publish(conn, OLD_RELEASE, {MACOSKO: partials}, taxonomy)
 
-    def expression_check() -> monitor.CheckResult:
-        results = monitor.run_quality_checks(settings.database_url, OLD_RELEASE)
+    def expression_check() -> quality.CheckResult:
+        results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
         return {r.name: r for r in results}["expression_cells_match_metadata"]
 
-    assert expression_check() == monitor.CheckResult("expression_cells_match_metadata", True, 0, "")
+    assert expression_check() == quality.CheckResult("expression_cells_match_metadata", True, 0, "")
     with engine.connect() as conn:
         groups = dict(conn.execute(sa.text(
             "SELECT t.cluster_alias, e.group_label || '|' || e.n_cells FROM abc.expression_group e "

@@ -6,7 +6,7 @@ import sys
 
 import sqlalchemy as sa
 
-from etl import monitor, source
+from etl import quality, source
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, PRE_CONSENSUS_RELEASE, UNCHANGED_RELEASE
@@ -58,7 +58,7 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
     assert {(step, ref) for step, ref, _ in sources} == {
         ("aggregate", f"cli abc-mirror aggregate --release {NEW_RELEASE} --database-url {masked}"),
         ("load_metadata", f"cli abc-mirror load --release {NEW_RELEASE} --database-url {masked}")}
-    assert checks == {name: True for name in monitor.CHECKS}  # every check stored, and passed
+    assert checks == {name: True for name in quality.CHECKS}  # every check stored, and passed
     changes = generated_bucket.changes[CONSENSUS_WMB]
     assert diffs[NEW_RELEASE][CONSENSUS_WMB]["cell"] == {"added": len(changes.added), "removed": len(changes.removed),
                                                          "reassigned": len(changes.reassigned)}

@@ -35,7 +35,8 @@ from etl.fixtures import (
     UNCHANGED_RELEASE,
 )
 from etl.manifest import ManifestFile, parse_manifest
-from etl.monitor import CHECKS, human_size
+from etl.monitor import human_size
+from etl.quality import CHECKS
 from tests.conftest import REPO, scoped_keys
 
 CHROMIUM = os.environ.get("ABC_TEST_CHROMIUM") or shutil.which("chromium")

@@ -14,11 +14,11 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 
-from etl import aggregate, db, diff, monitor, pipeline, source
+from etl import aggregate, db, diff, monitor, pipeline, quality, source
+from etl.catalog import cell_assignments
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import OLD_RELEASE
-from etl.load import cell_assignments
 from etl.publish import (
     StageBusy,
     hold_owner_lock,
@@ -74,12 +74,12 @@ def test_failed_reload_of_a_published_release_is_dropped_and_never_read(settings
 
     pipeline.load_metadata(settings, OLD_RELEASE)  # a reload, staged
     _break_staged_cells(settings, OLD_RELEASE)
-    monkeypatch.setitem(monitor.CHECKS, "injected_failure",
+    monkeypatch.setitem(quality.CHECKS, "injected_failure",
                         ("fails on purpose", "SELECT count(*), 'injected' FROM {cell} WHERE release = %(r)s"))
-    with pytest.raises(monitor.QualityCheckFailed):
+    with pytest.raises(quality.QualityCheckFailed):
         pipeline.validate_and_publish(settings, OLD_RELEASE)
     # A retry fails again instead of checking the published rows.
-    with pytest.raises(monitor.QualityCheckFailed, match="stage failed"):
+    with pytest.raises(quality.QualityCheckFailed, match="stage failed"):
         pipeline.validate(settings, OLD_RELEASE)
 
     with db.copy_connection(settings.database_url) as conn:
@@ -88,9 +88,9 @@ def test_failed_reload_of_a_published_release_is_dropped_and_never_read(settings
         status = conn.execute(sa.text("SELECT status FROM abc.release WHERE version = :r"), {"r": OLD_RELEASE}).scalar()
         stage = conn.execute(sa.text("SELECT state FROM abc.stage WHERE release = :r"), {"r": OLD_RELEASE}).scalar()
     assert (status, stage) == ("published", "failed")
-    monkeypatch.delitem(monitor.CHECKS, "injected_failure")
+    monkeypatch.delitem(quality.CHECKS, "injected_failure")
     assert _readers(settings, OLD_RELEASE) == before
-    lines = "\n".join(monitor.status_lines(engine, "mirror", settings.run_scope))
+    lines = "\n".join(monitor.release_status_lines(engine, "mirror", settings.run_scope))
     assert f"{OLD_RELEASE}" in lines and "published" in lines
 
 
