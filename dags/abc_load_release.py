@@ -7,9 +7,8 @@ atomically when the task succeeds, and a failed or retried run leaves the previo
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
+from abc_dags import DEFAULT_ARGS, end_stages_of_failed_run, task_settings
 from abc_lineage import lineage_task
 from airflow.sdk import Param, dag
 
@@ -24,16 +23,16 @@ from airflow.sdk import Param, dag
         "release": Param(type="string", pattern="^[0-9]{8}$", description="release version YYYYMMDD"),
         "datasets": Param(None, type=["null", "array"], description="only these datasets; others are kept"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args=DEFAULT_ARGS,
+    on_failure_callback=end_stages_of_failed_run,
     doc_md=__doc__,
 )
 def abc_load_release():
     @lineage_task
     def load_metadata(params=None) -> dict:
         from etl import pipeline
-        from etl.config import settings_for_airflow_task
 
-        settings = settings_for_airflow_task()
+        settings = task_settings()
         report = pipeline.load_metadata(settings, params["release"], params["datasets"] or None)
         for line in report.lines():
             print(line)

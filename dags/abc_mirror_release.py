@@ -7,9 +7,8 @@ re-run: files already mirrored are skipped and an interrupted download resumes f
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
+from abc_dags import DEFAULT_ARGS, task_settings
 from abc_lineage import lineage_task
 from airflow.sdk import Param, dag
 
@@ -26,18 +25,16 @@ from airflow.sdk import Param, dag
         "max_bandwidth": Param("", type="string", pattern="^([0-9.]+[kKmMgG]?)?$",
                                description="bytes/s cap, e.g. 50M (empty: unlimited)"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
 )
 def abc_mirror_release():
     @lineage_task
     def mirror(params=None) -> dict:
-        from etl.config import settings_for_airflow_task
-        from etl.pipeline import mirror_task
-        from etl.transfer import parse_rate
+        from etl import pipeline
 
-        return mirror_task(settings_for_airflow_task(), params["release"], datasets=params["datasets"] or None,
-                           kinds=params["kinds"] or None, max_bandwidth=parse_rate(params["max_bandwidth"]))
+        return pipeline.mirror_task(task_settings(), params["release"], datasets=params["datasets"] or None,
+                                    kinds=params["kinds"] or None, max_bandwidth=params["max_bandwidth"])
 
     mirror()
 

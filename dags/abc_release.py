@@ -28,25 +28,12 @@ the diff and its notes are rewritten.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
+from abc_dags import DEFAULT_ARGS, RELEASES_ASSET, end_stages_of_failed_run, task_settings
 from abc_lineage import lineage_task
-from abc_notifiers import AbcWebhookNotifier
-from airflow.sdk import Asset, Param, PartitionedAssetTimetable, dag, task
+from airflow.sdk import Param, PartitionedAssetTimetable, dag, task
 
-# The asset abc_watch announces releases on (DAG files do not import each other; same definition).
-RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
 TRANSFER_POOL = "abc_transfers"
-
-
-def _end_stages_of_failed_run(context) -> None:
-    """DAG failure callback: the stage a failed run leaves is dropped, never read as the release."""
-    from etl import pipeline
-    from etl.config import settings_for_airflow_task
-
-    dag_run = context["dag_run"]
-    pipeline.end_failed_run(settings_for_airflow_task(), dag_run.dag_id, dag_run.run_id)
 
 
 @dag(
@@ -69,130 +56,78 @@ def _end_stages_of_failed_run(context) -> None:
         "max_bandwidth": Param("", type="string", pattern="^([0-9.]+[kKmMgG]?)?$",
                                description="bytes/s cap per mirror task, e.g. 50M (empty: unlimited)"),
     },
-    default_args={
-        "retries": 3,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=30),
-        "on_failure_callback": AbcWebhookNotifier(kind="failed_run"),
-    },
-    on_failure_callback=_end_stages_of_failed_run,
+    default_args=DEFAULT_ARGS,
+    on_failure_callback=end_stages_of_failed_run,
     doc_md=__doc__,
 )
 def abc_release():
     @task
     def resolve(params=None, dag_run=None) -> str:
-        from etl import db, pipeline
+        from etl import pipeline
 
-        pipeline.require_local_mirror(_settings(params))  # before anything is mirrored: loading reads local files
-        engine = db.make_engine(_settings(params).database_url)
-        try:
-            return pipeline.resolve_release(engine, params["release"] or dag_run.partition_key)
-        finally:
-            engine.dispose()
+        return pipeline.resolve(task_settings(params), params["release"] or dag_run.partition_key)
 
     @task
     def plan(release: str, params=None) -> list[list[str]]:
-        from etl import db, pipeline
-        from etl.mirror import check_free_space
+        from etl import pipeline
 
-        settings = _settings(params)
-        engine = db.make_engine(settings.database_url)
-        try:
-            files = pipeline.release_files(engine, release, settings.run_scope, params["datasets"],
-                                           params["kinds"])
-            # Once for the whole release: the mirror batches run side by side and share the disk.
-            to_fetch = check_free_space(settings, engine, release, [f.key for f in files])
-        finally:
-            engine.dispose()
-        batches = pipeline.plan_batches(files, params["batch_bytes"] or pipeline.DEFAULT_BATCH_BYTES)
-        print(f"release {release}: {len(files)} files, {sum(f.size for f in files)} bytes ({to_fetch} still to "
-              f"fetch), {len(batches)} batches")
-        return batches
+        return pipeline.plan_mirror(task_settings(params), release, params["datasets"], params["kinds"],
+                                    params["batch_bytes"])
 
     @lineage_task(pool=TRANSFER_POOL, max_active_tis_per_dagrun=16)
     def mirror(keys: list[str], release: str, params=None) -> dict:
         from etl import pipeline
-        from etl.transfer import parse_rate
 
-        return pipeline.mirror_task(_settings(params), release, keys=keys,
-                                    max_bandwidth=parse_rate(params["max_bandwidth"]))
+        return pipeline.mirror_task(task_settings(params), release, keys=keys, max_bandwidth=params["max_bandwidth"])
 
     @task
     def verify(release: str, params=None) -> int:
-        from etl import db
-        from etl.catalog import release_files_on_disk
+        from etl import pipeline
 
-        settings = _settings(params)
-        engine = db.make_engine(settings.database_url)
-        try:
-            files = release_files_on_disk(settings, engine, release, params["datasets"], params["kinds"])
-        finally:
-            engine.dispose()
-        print(f"release {release}: {len(files)} files mirrored and verified in {settings.mirror_root}")
-        return len(files)
+        return pipeline.verify(task_settings(params), release, params["datasets"], params["kinds"])
 
     @lineage_task
     def load_metadata(release: str, params=None) -> list[dict]:
-        from etl import aggregate, db, pipeline
+        from etl import pipeline
 
-        settings = _settings(params)
-        if params["kinds"] and "metadata" not in params["kinds"]:
-            return []
-        shared = pipeline.share_if_unchanged(settings, release)
-        if shared:
-            print(f"release {release}: scoped files unchanged since {shared.release}; published by reference")
-            return []
-        report = pipeline.load_metadata(settings, release, params["datasets"] or None)
-        for line in report.lines():
-            print(line)
-        if params["kinds"] and "expression_matrices" not in params["kinds"]:
-            return []
-        with db.copy_connection(settings.database_url) as conn:
-            return aggregate.plan_release(settings, conn, release, params["datasets"] or None)
+        return pipeline.load_and_plan(task_settings(params), release, params["datasets"] or None, params["kinds"])
 
     @task(max_active_tis_per_dagrun=4)
     def aggregate(item: dict, release: str, params=None) -> dict:
         from etl import pipeline
-        from etl.aggregate import default_work_dir
 
-        settings = _settings(params)
-        return pipeline.aggregate_item(settings, release, item, default_work_dir(settings, release))
+        return pipeline.aggregate_item(task_settings(params), release, item)
 
     @lineage_task(trigger_rule="none_failed")  # runs, with nothing to merge, when no file was planned (metadata only)
     def merge(done: list[dict], release: str, params=None) -> dict:
         from etl import pipeline
 
         done = list(done)
-        return pipeline.stage_expression(_settings(params), release, done) if done else {}
+        return pipeline.stage_expression(task_settings(params), release, done) if done else {}
 
     @task
     def validate(release: str, params=None) -> dict:
         from etl import pipeline
 
-        return {r.name: r.passed for r in pipeline.validate(_settings(params), release)}
+        return {r.name: r.passed for r in pipeline.validate(task_settings(params), release)}
 
     @task
     def publish(release: str, params=None) -> bool:
-        from etl import db, pipeline
+        from etl import pipeline
 
-        settings = _settings(params)
-        with db.copy_connection(settings.database_url) as conn:
-            published_now = pipeline.publish_release(conn, release)
-        print(f"release {release}: {'published' if published_now else 'already published'}")
-        return published_now
+        return pipeline.publish_staged_release(task_settings(params), release)
 
     @task
     def lineage(release: str, params=None) -> dict:
         from etl import pipeline
 
-        return pipeline.check_lineage(_settings(params), release)
+        return pipeline.check_lineage(task_settings(params), release)
 
     @task
     def notify(release: str, params=None) -> dict:
         from etl import pipeline
 
-        return pipeline.announce_published(_settings(params), release)
+        return pipeline.announce_published(task_settings(params), release)
 
     release = resolve()
     mirrored = mirror.partial(release=release).expand(keys=plan(release))
@@ -200,14 +135,6 @@ def abc_release():
     partials = aggregate.partial(release=release).expand(item=work)
     mirrored >> verify(release) >> work
     merge(partials, release) >> validate(release) >> publish(release) >> lineage(release) >> notify(release)
-
-
-def _settings(params: dict):
-    """Settings of a task: the environment and connections, with the run's ``target`` mirror root and ``scope``."""
-    from etl.config import settings_for_airflow_task
-
-    return settings_for_airflow_task().with_overrides(mirror_root=params["target"] or None,
-                                                      scope=params["scope"] or None)
 
 
 release_dag = abc_release()

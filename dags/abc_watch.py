@@ -10,14 +10,10 @@ no partition: a backfill is an explicit ``abc_release`` trigger with its ``relea
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
+from abc_dags import DEFAULT_ARGS, RELEASES_ASSET
 from abc_lineage import lineage_task
-from abc_notifiers import AbcWebhookNotifier
-from airflow.sdk import Asset, dag
-
-RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas release manifests"})
+from airflow.sdk import dag
 
 
 @dag(
@@ -26,23 +22,18 @@ RELEASES_ASSET = Asset("abc://releases", extra={"description": "new ABC Atlas re
     catchup=False,
     max_active_runs=1,
     tags=["abc-mirror"],
-    default_args={"retries": 3, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
-                  "on_failure_callback": AbcWebhookNotifier(kind="failed_run")},
+    default_args=DEFAULT_ARGS,
     doc_md=__doc__,
 )
 def abc_watch():
     @lineage_task(outlets=[RELEASES_ASSET])
     def discover_releases(*, outlet_events=None) -> dict:
-        from etl import db, monitor, source
+        from etl import pipeline
         from etl.config import settings_for_airflow_task
-        from etl.discovery import discover
 
-        settings = settings_for_airflow_task()
-        engine = db.make_engine(settings.database_url)
-        report = discover(source.make_client(settings), settings, engine)
+        report = pipeline.discover_releases(settings_for_airflow_task())
         for line in report.lines():
             print(line)
-        monitor.announce_new_releases(settings, engine)
         if report.releases_to_process:
             outlet_events[RELEASES_ASSET].extra = {"new_releases": report.releases_to_process}
             outlet_events[RELEASES_ASSET].add_partitions(report.releases_to_process)

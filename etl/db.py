@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,16 @@ class Migration:
 
 def make_engine(database_url: str) -> Engine:
     return sa.create_engine(database_url, pool_pre_ping=True, future=True)
+
+
+@contextmanager
+def disposing_engine(database_url: str) -> Iterator[Engine]:
+    """An engine for one step, its pool closed after it: a task process must not keep idle connections."""
+    engine = make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def psycopg_dsn(database_url: str) -> str:

@@ -495,7 +495,12 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
 
 
 class MirrorFailedError(RuntimeError):
-    """Files of a release could not be placed; the message names them (a failed Airflow task)."""
+    """Files of a release could not be placed; the message names them (a failed Airflow task), ``report``
+    is the run's whole report."""
+
+    def __init__(self, message: str, report: MirrorReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Transfer) -> _Outcome:

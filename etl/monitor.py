@@ -55,6 +55,10 @@ class Lag:
             return 0.0
         return ((now or datetime.now(UTC)) - self.behind_since).total_seconds() / 3600
 
+    def summary(self, max_lag_hours: float) -> dict:
+        return {"newest_upstream": self.newest_upstream, "newest_published": self.newest_published,
+                "lag_hours": round(self.hours(), 2), "max_lag_hours": max_lag_hours}
+
 
 def lag(engine: Engine) -> Lag:
     with engine.connect() as conn:
@@ -311,3 +315,34 @@ def mirror_status_lines(engine: Engine, target: str, release: str | None = None)
     if not releases:
         out.append(f"no release {release} recorded" if release else "no release recorded: run discover first")
     return out
+
+
+# The monitoring DAG's tasks: settings in, a summary out.
+
+def announce(settings: Settings) -> list[str]:
+    """:func:`announce_new_releases`, on an engine of its own."""
+    with db.disposing_engine(settings.database_url) as engine:
+        return announce_new_releases(settings, engine)
+
+
+def check_loaded_releases(settings: Settings) -> dict[str, list[str]]:
+    """:func:`check_release` for every release to check: release -> the checks that failed."""
+    with db.disposing_engine(settings.database_url) as engine:
+        return {release: [r.name for r in check_release(settings, engine, release) if not r.passed]
+                for release in releases_to_check(engine)}
+
+
+def diff_releases(settings: Settings) -> dict[str, str | None]:
+    """:func:`record_diff` for every published release without one: release -> its notes' path."""
+    written = {}
+    with db.disposing_engine(settings.database_url) as engine:
+        for old, new in releases_without_diff(engine):
+            notes = record_diff(settings, engine, new, old)
+            written[new] = str(notes[0]) if notes else None
+    return written
+
+
+def lag_report(settings: Settings) -> dict:
+    """:func:`check_lag` (alerting when due), as a summary."""
+    with db.disposing_engine(settings.database_url) as engine:
+        return check_lag(settings, engine).summary(settings.max_lag_hours)

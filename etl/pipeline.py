@@ -24,9 +24,9 @@ from sqlalchemy.engine import Engine
 from etl import abc_atlas_cache, alerts, db, lineage, monitor, quality, reuse, source
 from etl.catalog import name_some, release_files_on_disk, selected_release_files
 from etl.config import Settings, target_name
-from etl.discovery import ensure_release_recorded, load_manifest
+from etl.discovery import DiscoveryReport, discover, ensure_release_recorded, load_manifest
 from etl.load import METADATA_TABLES, PUBLISHED_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
-from etl.mirror import MirrorFailedError, MirrorReport, mirror_release
+from etl.mirror import MirrorFailedError, MirrorReport, check_free_space, mirror_release
 from etl.publish import (
     EXPRESSION_TABLES,
     analyze_published,
@@ -42,6 +42,7 @@ from etl.publish import (
     staged_table,
 )
 from etl.scope import Scope
+from etl.transfer import parse_rate
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,77 @@ def resolve_release(engine: Engine, requested: str | None) -> str:
     if newest is None:
         raise PlanError("no release recorded in abc.release: run discovery (abc_watch) first")
     return newest
+
+
+def discover_releases(settings: Settings) -> DiscoveryReport:
+    """The watch step: record new releases and dated directories upstream, then announce the new releases."""
+    with db.disposing_engine(settings.database_url) as engine:
+        report = discover(source.make_client(settings), settings, engine)
+        monitor.announce_new_releases(settings, engine)
+    return report
+
+
+def resolve(settings: Settings, requested: str | None) -> str:
+    """A release run's first step: refuse an S3 mirror root (:func:`require_local_mirror`), then
+    :func:`resolve_release`."""
+    require_local_mirror(settings)
+    with db.disposing_engine(settings.database_url) as engine:
+        return resolve_release(engine, requested)
+
+
+def plan_mirror(settings: Settings, release: str, datasets: list[str] | None = None, kinds: list[str] | None = None,
+                batch_bytes: int | None = None) -> list[list[str]]:
+    """The files of ``release`` to mirror in batches (:func:`plan_batches`), after checking once for the whole
+    release that the disk holds what is still to fetch: the batches run side by side and share it."""
+    with db.disposing_engine(settings.database_url) as engine:
+        files = release_files(engine, release, settings.run_scope, datasets, kinds)
+        to_fetch = check_free_space(settings, engine, release, [f.key for f in files])
+    batches = plan_batches(files, batch_bytes or DEFAULT_BATCH_BYTES)
+    log.info("release %s: %d files, %d bytes (%d still to fetch), %d batches", release, len(files),
+             sum(f.size for f in files), to_fetch, len(batches))
+    return batches
+
+
+def verify(settings: Settings, release: str, datasets: list[str] | None = None,
+           kinds: list[str] | None = None) -> int:
+    """How many selected files of ``release`` are mirrored and verified; raises
+    :class:`~etl.catalog.NotMirroredError` naming those that are not."""
+    with db.disposing_engine(settings.database_url) as engine:
+        files = release_files_on_disk(settings, engine, release, datasets, kinds)
+    log.info("release %s: %d files mirrored and verified in %s", release, len(files), settings.mirror_root)
+    return len(files)
+
+
+def load_and_plan(settings: Settings, release: str, datasets: list[str] | None = None,
+                  kinds: list[str] | None = None) -> list[dict[str, str]]:
+    """A release run's load step: publish by reference when nothing in scope changed, else load the
+    metadata (kinds permitting) and return the expression files to aggregate, one item each."""
+    if kinds and "metadata" not in kinds:
+        return []
+    shared = share_if_unchanged(settings, release)
+    if shared:
+        log.info("release %s: scoped files unchanged since %s; published by reference", release, shared.release)
+        return []
+    load_metadata(settings, release, datasets)
+    if kinds and "expression_matrices" not in kinds:
+        return []
+    return plan_aggregation(settings, release, datasets)
+
+
+def plan_aggregation(settings: Settings, release: str, datasets: list[str] | None = None) -> list[dict[str, str]]:
+    """The expression files of a loaded ``release`` to aggregate, one item each."""
+    from etl import aggregate
+
+    with db.copy_connection(settings.database_url) as conn:
+        return aggregate.plan_release(settings, conn, release, datasets)
+
+
+def publish_staged_release(settings: Settings, release: str) -> bool:
+    """:func:`publish_release` on a connection of its own; returns whether it published now."""
+    with db.copy_connection(settings.database_url) as conn:
+        published_now = publish_release(conn, release)
+    log.info("release %s: %s", release, "published" if published_now else "already published")
+    return published_now
 
 
 def release_files(engine: Engine, release: str, scope: Scope, datasets: list[str] | None = None,
@@ -152,10 +224,8 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
                                     normalizations=normalizations, **options)
             s.wrote("abc.mirror_object", partition=release, rows=report.ok)
             if report.failed:
-                error = MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files "
-                                          f"failed: {name_some(sorted(report.failed))}")
-                error.report = report
-                raise error
+                raise MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files "
+                                        f"failed: {name_some(sorted(report.failed))}", report)
         written = abc_atlas_cache.write_client_cache(settings, engine)
         if written is not None:
             log.info("%s", written.line())
@@ -179,10 +249,11 @@ def _manifest_key(settings: Settings, engine: Engine, release: str) -> str:
     return key
 
 
-def mirror_task(settings: Settings, release: str, **options: object) -> dict:
-    """An orchestrator's mirror step: run, print the report, return a summary (raise naming failed files)."""
+def mirror_task(settings: Settings, release: str, max_bandwidth: str = "", **options: object) -> dict:
+    """An orchestrator's mirror step: run (``max_bandwidth`` as the DAG param gives it, e.g. ``50M``), print the
+    report, return a summary (raise naming failed files)."""
     try:
-        report = mirror(settings, release, progress=False, **options)
+        report = mirror(settings, release, progress=False, max_bandwidth=parse_rate(max_bandwidth), **options)
     except MirrorFailedError as exc:
         print("\n".join(exc.report.lines()))
         raise
@@ -194,11 +265,8 @@ def mirror_task(settings: Settings, release: str, **options: object) -> dict:
 
 def share_if_unchanged(settings: Settings, release: str) -> reuse.Shared | None:
     """Publish ``release`` by reference when its scoped files are a published release's (:mod:`etl.reuse`)."""
-    engine = db.make_engine(settings.database_url)
-    try:
+    with db.disposing_engine(settings.database_url) as engine:
         return reuse.publish_by_reference(settings, engine, release)
-    finally:
-        engine.dispose()
 
 
 def load_metadata(settings: Settings, release: str, datasets: list[str] | None = None) -> LoadReport:
@@ -256,12 +324,13 @@ def aggregate_release(settings: Settings, release: str, datasets: Sequence[str] 
                                                 for item in items])
 
 
-def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
+def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path | None = None,
                    chunk_cells: int | None = None) -> dict[str, str]:
     """One planned file aggregated into its partial (or an earlier release's partial of the same inputs
-    reused); the result keeps the file's bucket key for lineage."""
+    reused) in ``work_dir`` (default: beside the mirror); the result keeps the file's bucket key for lineage."""
     from etl import aggregate
 
+    work_dir = work_dir or aggregate.default_work_dir(settings, release)
     engine = db.make_engine(settings.database_url)
     try:
         earlier = [aggregate.partial_path(aggregate.default_work_dir(settings, other), item)
