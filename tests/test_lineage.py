@@ -153,6 +153,24 @@ def lineage_graph(settings, engine, generated_bucket, tmp_path):
     return release, metadata, matrices, events, emitter
 
 
+def _listed_files(manifest: dict) -> dict[str, tuple[str, int]]:
+    """relative_path -> (MD5, size) of every file a release manifest lists, however deep."""
+    found = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "relative_path" in node and "file_hash" in node:
+                found[node["relative_path"]] = (node["file_hash"], node["size"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(manifest)
+    return found
+
+
 def test_one_sql_statement_names_the_source_files_and_code_version(lineage_graph, engine, settings, generated_bucket):
     release, metadata, matrices, _, _ = lineage_graph
     rows = lineage.sources_of(engine, "abc.expression_by_cluster", release)
@@ -162,11 +180,12 @@ def test_one_sql_statement_names_the_source_files_and_code_version(lineage_graph
     # the matrices the aggregation read, and the metadata files behind abc.cell and the taxonomy
     assert by_step == {"aggregate": set(matrices), "load_metadata": set(metadata)}
     assert {row.code_version for row in rows} == {lineage.code_version()}
-    manifest = json.loads((generated_bucket.bucket_dir / "releases" / release / "manifest.json").read_text())
+    manifest = generated_bucket.bucket_dir / "releases" / release / "manifest.json"
+    listed = _listed_files(json.loads(manifest.read_text()))
     for row in rows:
         assert row.manifest_key == f"releases/{release}/manifest.json"
-        assert row.md5 and row.size > 0 and row.etag and row.last_modified
-        assert manifest["version"] == release
+        assert (row.md5, row.size) == listed[row.source_key]  # what the release's manifest says of the file
+        assert row.etag and row.last_modified
         if row.step == "load_metadata":
             assert row.mirror_path == str(Path(settings.mirror_root).resolve() / row.source_key)
             assert row.verified_at is not None
