@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import boto3
@@ -97,10 +98,28 @@ class MirrorReport:
         return out + [f"FAILED {key}: {why}" for key, why in sorted(self.failed.items())]
 
 
+class Action(StrEnum):
+    """What a selected file needs, decided before any transfer."""
+
+    SKIP = "skip"  # recorded and trusted: nothing to do
+    CHECK = "check"  # something is there: hash it, adopt it when it matches, fetch it otherwise
+    COPY = "copy"  # another key with identical content is in the mirror: copy it locally
+    FETCH = "fetch"
+
+
+class Result(StrEnum):
+    """What became of a file that needed work."""
+
+    FETCHED = "fetched"
+    COPIED = "copied"
+    ADOPTED = "adopted"  # what was there matched the manifest
+    FAILED = "failed"
+
+
 @dataclass
 class _Work:
     file: ManifestFile
-    action: str  # skip | check (hash what is there, fetch if wrong) | copy (identical content) | fetch
+    action: Action
     path: Path | None = None
     copy_from: Path | None = None
 
@@ -108,7 +127,7 @@ class _Work:
 @dataclass
 class _Outcome:
     key: str
-    result: str  # fetched | copied | adopted | failed
+    result: Result
     reason: str = ""
     record: dict | None = None
 
@@ -175,20 +194,20 @@ class _LocalTarget:
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == f.size:
             trusted = record is not None and (record.md5, record.size, record.mtime_ns) == (f.md5, f.size,
                                                                                             st.st_mtime_ns)
-            return _Work(f, "skip" if trusted and not verify else "check", path)
+            return _Work(f, Action.SKIP if trusted and not verify else Action.CHECK, path)
         for twin in by_content.get((f.md5, f.size), []):
             try:
                 twin_path = self.root.path(twin.relative_path)
                 if twin.relative_path != f.relative_path and (twin_path.stat().st_size, twin_path.stat().st_mtime_ns) \
                         == (twin.size, twin.mtime_ns):
-                    return _Work(f, "copy", path, twin_path)
+                    return _Work(f, Action.COPY, path, twin_path)
             except (OSError, UnsafeKeyError):
                 continue
-        return _Work(f, "fetch", path)
+        return _Work(f, Action.FETCH, path)
 
     def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
         """Bytes ``work`` still needs on disk; raises :class:`InsufficientSpaceError` when they are not free."""
-        needed = sum(w.file.size - _resumable_bytes(w.path) for w in work if w.action in ("fetch", "copy"))
+        needed = sum(w.file.size - _resumable_bytes(w.path) for w in work if w.action in (Action.FETCH, Action.COPY))
         free = free_space(self.root.root)
         if needed > free:
             raise InsufficientSpaceError(
@@ -211,15 +230,15 @@ class _LocalTarget:
 
     def process(self, work: _Work, transfer: Transfer) -> _Outcome:
         f, job = work.file, FileJob(work.file.relative_path, work.file.size, work.file.md5)
-        if work.action == "check":
+        if work.action == Action.CHECK:
             md5, st = file_md5(work.path)
             if md5 == f.md5 and st.st_size == f.size and os.stat(work.path).st_mtime_ns == st.st_mtime_ns:
-                return _Outcome(f.relative_path, "adopted", record=self._record(work, None))
+                return _Outcome(f.relative_path, Result.ADOPTED, record=self._record(work, None))
             log.info("%s: on disk with MD5 %s, the manifest says %s: fetching again", f.relative_path, md5, f.md5)
-        if work.action == "copy":
+        if work.action == Action.COPY:
             try:
                 copy_verified(work.copy_from, job, work.path, transfer.durable)
-                return _Outcome(f.relative_path, "copied", record=self._record(work, None))
+                return _Outcome(f.relative_path, Result.COPIED, record=self._record(work, None))
             except (OSError, TransferError) as exc:
                 log.info("%s: local copy from %s failed (%s): fetching", f.relative_path, work.copy_from, exc)
         return _with_file_retries(f, lambda: transfer.download(job, work.path),
@@ -243,7 +262,7 @@ class _S3Target:
     def plan(self, f: ManifestFile, record: sa.Row | None, by_content: dict, verify: bool) -> _Work:
         self.key(f.relative_path)
         trusted = record is not None and (record.md5, record.size) == (f.md5, f.size)
-        return _Work(f, "skip" if trusted and not verify else "check")
+        return _Work(f, Action.SKIP if trusted and not verify else Action.CHECK)
 
     def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
         """Object stores have no free-space figure to check."""
@@ -276,8 +295,8 @@ class _S3Target:
 
     def process(self, work: _Work, transfer: Transfer) -> _Outcome:
         f = work.file
-        if work.action == "check" and self._holds(f, self.verify):
-            return _Outcome(f.relative_path, "adopted", record=self._record(f, None))
+        if work.action == Action.CHECK and self._holds(f, self.verify):
+            return _Outcome(f.relative_path, Result.ADOPTED, record=self._record(f, None))
         job = FileJob(f.relative_path, f.size, f.md5)
         return _with_file_retries(f, lambda: transfer.upload(job, self.client, self.bucket, self.key(f.relative_path)),
                                   lambda etag: self._record(f, etag))
@@ -289,15 +308,15 @@ def _with_file_retries(f: ManifestFile, attempt: Callable[[], str], record: Call
     while True:
         try:
             etag = attempt()
-            return _Outcome(f.relative_path, "fetched", record=record(etag))
+            return _Outcome(f.relative_path, Result.FETCHED, record=record(etag))
         except TransferError as exc:
             if not exc.retry_file or n == FILE_ATTEMPTS:
-                return _Outcome(f.relative_path, "failed", f"{exc} (attempt {n} of {FILE_ATTEMPTS})")
+                return _Outcome(f.relative_path, Result.FAILED, f"{exc} (attempt {n} of {FILE_ATTEMPTS})")
             log.warning("%s: %s; retrying the whole file", f.relative_path, exc)
             time.sleep(backoff_delay(n))
             n += 1
         except (OSError, ClientError) as exc:
-            return _Outcome(f.relative_path, "failed", f"{type(exc).__name__}: {exc}")
+            return _Outcome(f.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 _UPSERT = sa.text("""
@@ -400,7 +419,7 @@ def check_free_space(settings: Settings, engine: Engine, release: str, keys: lis
         except UnsafeKeyError:
             continue  # refused by name when its batch runs
     try:
-        return target.preflight([w for w in work if w.action != "skip"], free_space)
+        return target.preflight([w for w in work if w.action != Action.SKIP], free_space)
     except InsufficientSpaceError as exc:
         raise InsufficientSpaceError(f"release {release} ({len(files)} files) does not fit: {exc}") from None
 
@@ -440,13 +459,13 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
             work.append(target.plan(f, by_key.get(f.relative_path), by_content, verify))
         except UnsafeKeyError as exc:
             report.failed[f.relative_path] = f"refused: {exc}"
-    todo = [w for w in work if w.action != "skip"]
+    todo = [w for w in work if w.action != Action.SKIP]
     report.skipped = len(work) - len(todo)
-    report.bytes_to_fetch = sum(w.file.size for w in todo if w.action == "fetch")
+    report.bytes_to_fetch = sum(w.file.size for w in todo if w.action == Action.FETCH)
     if dry_run:
-        report.fetched = sum(w.action == "fetch" for w in todo)
-        report.copied = sum(w.action == "copy" for w in todo)
-        report.adopted = sum(w.action == "check" for w in todo)
+        report.fetched = sum(w.action == Action.FETCH for w in todo)
+        report.copied = sum(w.action == Action.COPY for w in todo)
+        report.adopted = sum(w.action == Action.CHECK for w in todo)
         return report
     target.preflight(todo, free_space)
 
@@ -467,14 +486,14 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
             try:
                 for future in as_completed(futures):
                     outcome = future.result()
-                    if outcome.result == "failed":
+                    if outcome.result == Result.FAILED:
                         report.failed[outcome.key] = outcome.reason
                         log.error("%s: %s", outcome.key, outcome.reason)
                         continue
-                    report.fetched += outcome.result == "fetched"
-                    report.copied += outcome.result == "copied"
-                    report.adopted += outcome.result == "adopted"
-                    report.skipped += outcome.result == "adopted"
+                    report.fetched += outcome.result == Result.FETCHED
+                    report.copied += outcome.result == Result.COPIED
+                    report.adopted += outcome.result == Result.ADOPTED
+                    report.skipped += outcome.result == Result.ADOPTED
                     records.append(outcome.record)
                     if len(records) >= RECORD_BATCH or time.monotonic() - saved_at >= RECORD_EVERY_S:
                         _save_records(engine, target.name, records)
@@ -509,4 +528,4 @@ def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Tra
         return target.process(work, transfer)
     except Exception as exc:
         log.exception("%s: unexpected error", work.file.relative_path)
-        return _Outcome(work.file.relative_path, "failed", f"{type(exc).__name__}: {exc}")
+        return _Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
