@@ -43,19 +43,30 @@ def generate(cells: int) -> Path:
     if (out / "cell_to_cluster_membership.csv").exists():
         return out
     spec = fx.FixtureSpec(seed=7, cells=cells, genes=32000, clusters=6756, regions=12, umis_per_cell=4000)
-    genes, taxonomy = fx.make_genes(spec), fx.make_taxonomy(spec)
-    dataset_cells = fx.make_dataset_cells(spec, DATASET, taxonomy, cells)
-    dataset_cells.frame["feature_matrix_label"] = LABEL
+    genes, taxonomy, dataset_cells = metadata_of(spec)
     fx.write_matrices(spec, out, dataset_cells, genes, taxonomy, LABEL, block_cells=10_000)
     (out / f"{LABEL}-raw.h5ad").unlink()  # the benchmark reads the -log2 file
-    # The consensus layout: cell_metadata.csv, library.csv (region) and cell_to_cluster_membership.csv.
+    write_metadata(out, spec, dataset_cells, taxonomy)
+    return out
+
+
+def metadata_of(spec: fx.FixtureSpec) -> tuple[fx.Genes, fx.Taxonomy, fx.DatasetCells]:
+    """The genes, taxonomy and cells (all in one matrix file, ``LABEL``) of a benchmark dataset."""
+    genes, taxonomy = fx.make_genes(spec), fx.make_taxonomy(spec)
+    dataset_cells = fx.make_dataset_cells(spec, DATASET, taxonomy, spec.cells)
+    dataset_cells.frame["feature_matrix_label"] = LABEL
+    return genes, taxonomy, dataset_cells
+
+
+def write_metadata(out: Path, spec: fx.FixtureSpec, dataset_cells: fx.DatasetCells, taxonomy: fx.Taxonomy) -> None:
+    """The consensus layout: cell_metadata.csv, library.csv (region) and cell_to_cluster_membership.csv
+    (written last: its presence says the data is complete), and the taxonomy as membership.csv."""
     fx.write_metadata_dir(out, dataset_cells, None)
     listed = fx.metadata_cells(dataset_cells)
     listed[["cell_label", "cluster_alias"]].to_csv(out / "cell_to_cluster_membership.csv.tmp", index=False)
-    tables = fx.taxonomy_tables(taxonomy, np.bincount(dataset_cells.cluster, minlength=6756))
+    tables = fx.taxonomy_tables(taxonomy, np.bincount(dataset_cells.cluster, minlength=spec.clusters))
     tables["cluster_to_cluster_annotation_membership"].to_csv(out / "membership.csv", index=False)
-    (out / "cell_to_cluster_membership.csv.tmp").rename(out / "cell_to_cluster_membership.csv")  # written last
-    return out
+    (out / "cell_to_cluster_membership.csv.tmp").rename(out / "cell_to_cluster_membership.csv")
 
 
 def assignments_of(data: Path) -> pd.DataFrame:
