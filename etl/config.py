@@ -16,9 +16,10 @@ from etl.scope import AUTO_FLOOR, DEFAULT_DATASET_PATTERNS, Scope
 
 DEFAULT_BUCKET = "allen-brain-cell-atlas"
 DEFAULT_REGION = "us-west-2"
-DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/abc"
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/abc"
 
-# name -> (default, meaning); the README's configuration table is generated from this.
+# name -> (default, meaning); the README's configuration table lists the same names and defaults
+# (tests/test_config.py holds them together).
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ABC_DATABASE_URL": (DEFAULT_DATABASE_URL, "SQLAlchemy URL of the atlas warehouse"),
     "ABC_BUCKET": (DEFAULT_BUCKET, "source bucket"),
@@ -157,8 +158,8 @@ def settings_for_airflow_task() -> Settings:
     settings = Settings.from_env()
     try:
         warehouse = Connection.get("abc_postgres")
-        uri = warehouse.get_uri().replace("postgres://", "postgresql+psycopg2://", 1)
-        settings = settings.with_overrides(database_url=uri.replace("postgresql://", "postgresql+psycopg2://", 1))
+        # etl.db runs any PostgreSQL URL on psycopg 3; SQLAlchemy only needs the dialect's name spelt out.
+        settings = settings.with_overrides(database_url=warehouse.get_uri().replace("postgres://", "postgresql://", 1))
     except AirflowNotFoundException:
         pass
     try:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+DRIVER = "postgresql+psycopg"  # SQLAlchemy's dialect for psycopg 3
 MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Serialises concurrent `db upgrade` runs (several Airflow workers starting at once).
 MIGRATION_LOCK_ID = 0x61626301
@@ -40,7 +41,9 @@ class Migration:
 
 
 def make_engine(database_url: str) -> Engine:
-    return sa.create_engine(database_url, pool_pre_ping=True, future=True)
+    """The warehouse engine, on psycopg 3 whatever driver the URL names (``postgresql://``,
+    ``postgresql+psycopg2://`` ...): one driver for SQL and COPY alike."""
+    return sa.create_engine(make_url(database_url).set(drivername=DRIVER), pool_pre_ping=True)
 
 
 @contextmanager

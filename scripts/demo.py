@@ -26,7 +26,7 @@ from etl.s3server import start_s3_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "demo"
-DATABASE_URL = os.environ.get("ABC_DEMO_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/abc_demo")
+DATABASE_URL = os.environ.get("ABC_DEMO_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/abc_demo")
 
 
 CURRENT = "(SELECT data_release FROM abc.current_release)"

@@ -109,7 +109,7 @@ if ! as_user "$BINDIR/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
 fi
 for _ in $(seq 1 30); do
   if "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$PORT"; then
-    echo "postgresql+psycopg2://postgres@127.0.0.1:$PORT/$DATABASE"
+    echo "postgresql+psycopg://postgres@127.0.0.1:$PORT/$DATABASE"
     exit 0
   fi
   sleep 1

@@ -17,7 +17,7 @@ from etl.fixtures import FixtureSpec, GeneratedBucket, make_bucket
 from etl.s3server import S3Server, start_s3_server
 from etl.scope import Scope
 
-SERVER_URL = os.environ.get("ABC_TEST_SERVER_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+SERVER_URL = os.environ.get("ABC_TEST_SERVER_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parent.parent
 
 

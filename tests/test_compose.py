@@ -140,13 +140,13 @@ def test_logins_are_fab_users(airflow_home):
 def test_the_etl_is_no_superuser_and_the_page_reads_only():
     services = resolved(TEST_ENV)["services"]
     common = resolved(TEST_ENV)["x-airflow-common"]["environment"]
-    assert common["ABC_DATABASE_URL"] == "postgresql+psycopg2://abc_etl:test-abc_etl_password@postgres:5432/abc"
+    assert common["ABC_DATABASE_URL"] == "postgresql+psycopg://abc_etl:test-abc_etl_password@postgres:5432/abc"
     init = "\n".join(services["airflow-init"]["command"])
     assert "postgresql://abc_etl:${ABC_ETL_PASSWORD}@postgres:5432/abc" in init
     api = services["airflow-apiserver"]["environment"]
-    assert api["ABC_DATABASE_URL"] == "postgresql+psycopg2://abc_web:test-abc_web_password@postgres:5432/abc"
+    assert api["ABC_DATABASE_URL"] == "postgresql+psycopg://abc_web:test-abc_web_password@postgres:5432/abc"
     for name in AIRFLOW_SERVICES[1:]:
-        assert services[name]["environment"]["ABC_DATABASE_URL"].startswith("postgresql+psycopg2://abc_etl:"), name
+        assert services[name]["environment"]["ABC_DATABASE_URL"].startswith("postgresql+psycopg://abc_etl:"), name
 
     roles = {m.group(1): m.group(2) for m in re.finditer(r"CREATE ROLE (\w+) ([^;]*);", INIT_SCRIPT.read_text())}
     assert set(roles) == {"abc_etl", "abc_reader", "abc_web"}

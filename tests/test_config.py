@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
-from etl.config import Settings, settings_for_airflow_task
+from etl import db
+from etl.config import ENVIRONMENT, Settings, settings_for_airflow_task
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_airflow_connections_override_the_environment(airflow_home, monkeypatch):
-    monkeypatch.setenv("ABC_DATABASE_URL", "postgresql+psycopg2://env@127.0.0.1/env")
+    monkeypatch.setenv("ABC_DATABASE_URL", "postgresql+psycopg://env@127.0.0.1/env")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
     monkeypatch.delenv("AIRFLOW_CONN_ABC_POSTGRES", raising=False)
     monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
@@ -19,16 +24,17 @@ def test_airflow_connections_override_the_environment(airflow_home, monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
         {"conn_type": "aws", "extra": {"endpoint_url": "http://s3.example:9000"}}))
     configured = settings_for_airflow_task()
-    assert configured.database_url == "postgresql+psycopg2://atlas:secret@db.example:5432/atlas"
+    assert configured.database_url == "postgresql://atlas:secret@db.example:5432/atlas"
+    assert db.make_engine(configured.database_url).dialect.driver == "psycopg"  # one driver, whatever the URL says
     assert configured.endpoint_url == "http://s3.example:9000"
 
 
 def test_settings_repr_masks_the_database_password_and_the_webhook():
-    settings = Settings(database_url="postgresql+psycopg2://atlas:s3cr3t@db.example:5432/abc",
+    settings = Settings(database_url="postgresql+psycopg://atlas:s3cr3t@db.example:5432/abc",
                         webhook_url="https://hooks.slack.com/services/T000/B000/XXXXSECRET")
     shown = repr(settings)
     assert "s3cr3t" not in shown and "XXXXSECRET" not in shown and "T000" not in shown
-    assert "postgresql+psycopg2://atlas:***@db.example:5432/abc" in shown
+    assert "postgresql+psycopg://atlas:***@db.example:5432/abc" in shown
     assert "'https://hooks.slack.com/***'" in shown
     assert "bucket='allen-brain-cell-atlas'" in shown
     assert settings.database_url.endswith("s3cr3t@db.example:5432/abc")  # only the repr is masked
@@ -94,3 +100,11 @@ def test_source_from_the_aws_connection_lists_the_served_bucket(airflow_home, s3
                                        "config_kwargs": {"signature_version": "unsigned"}}}))
     settings = settings_for_airflow_task()
     assert source.list_release_versions(source.make_client(settings), settings)
+
+
+def test_readme_configuration_table_lists_every_variable_with_its_default():
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", README.read_text(), re.M))
+    for name, (default, _) in ENVIRONMENT.items():
+        assert name in rows, f"{name} is missing from the README's configuration table"
+        shown = rows[name].strip()
+        assert shown == f"`{default}`" if default else not shown.startswith("`"), (name, shown, default)

@@ -144,7 +144,7 @@ def test_cli_unreachable_bucket_fails_clearly(database_url):
 def test_cli_unreachable_database_fails_clearly(s3_server):
     port = free_port()
     result = _cli("discover", "--endpoint-url", s3_server.endpoint_url,
-                  "--database-url", f"postgresql+psycopg2://postgres@127.0.0.1:{port}/abc")
+                  "--database-url", f"postgresql+psycopg://postgres@127.0.0.1:{port}/abc")
     assert result.returncode == 2 and "database unreachable" in result.stderr
 
 

@@ -54,7 +54,7 @@ def test_the_throwaway_cluster_is_local_and_reused():
     first = subprocess.run([str(REPO / "scripts" / "ensure-postgres.sh")], capture_output=True, text=True, check=True)
     again = subprocess.run([str(REPO / "scripts" / "ensure-postgres.sh"), "abc_demo"], capture_output=True,
                            text=True, check=True)
-    assert first.stdout.strip() == f"postgresql+psycopg2://postgres@127.0.0.1:{setting['port']}/postgres"
+    assert first.stdout.strip() == f"postgresql+psycopg://postgres@127.0.0.1:{setting['port']}/postgres"
     assert again.stdout.strip().endswith(f":{setting['port']}/abc_demo")
     assert "initdb" not in first.stderr + again.stderr
 
