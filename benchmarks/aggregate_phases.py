@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,10 +65,18 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=300_000)
     parser.add_argument("--matrix", default=f"{bench.LABEL}-log2.h5ad",
                         help="a file beside the benchmark's, such as its row prefixes (fixed costs: prefix2000)")
+    parser.add_argument("--data", type=Path, help="the benchmark's directory (default: bench_aggregate.py's for "
+                        "--cells; bench_aggregate_full.py's work directory holds another)")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache first (root) instead of reading "
+                        "the file once")
     args = parser.parse_args()
-    data = bench.WORK / f"cells{args.cells}"
+    data = args.data or bench.WORK / f"cells{args.cells}"
     matrix = data / args.matrix
-    bench.warm(matrix)
+    if args.cold:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    else:
+        bench.warm(matrix)
     assignments, taxonomy = bench.assignments_of(data), pd.read_csv(data / "membership.csv")
     spent: collections.Counter = collections.Counter()
     for name in STEPS[args.order]:

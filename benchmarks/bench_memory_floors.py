@@ -10,9 +10,9 @@ generates it) served by ``rclone serve s3``; ``discover``. Then each stage is ru
 (:func:`memory_floor.run_limited`, a cgroup v1 memory limit; root) until one fails: mirroring the first
 release (a fresh target each attempt), loading it (later attempts reload it: the same COPY, indexes,
 checks and publication), loading the next release (20260331: AIBS re-versioned, with its diff), the diff
-of the two, ``status``, and the aggregation of the ``--matrix-data`` prefixes bench_aggregate_full.py
-leaves (100 k and 200 k cells). The PostgreSQL server is outside the cgroup: its memory is its settings',
-printed at the start.
+of the two, ``status``, and the aggregation of ``--matrix`` (a file bench_aggregate_full.py generates,
+beside its metadata), whose memory grows with the (group, gene) pairs it holds, so its limits are its
+own. The PostgreSQL server is outside the cgroup: its memory is its settings', printed at the start.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bucket", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--matrix-data", type=Path)
-    parser.add_argument("--limits", default="384,256,192,160,128")
+    parser.add_argument("--matrix", type=Path)
+    parser.add_argument("--limits", default="384,192,128,96")
+    parser.add_argument("--aggregation-limits", default="4608,4096,3584,3072")
     parser.add_argument("--database", default="memfloor")
     args = parser.parse_args()
     limits = [int(x) for x in args.limits.split(",")]
@@ -74,7 +75,7 @@ def main() -> None:
     db.create_database(url)
     db.upgrade(db.make_engine(url))
     with db.copy_connection(url) as conn:
-        settings = conn.execute("SELECT string_agg(name || ' = ' || setting || coalesce(unit, ''), ', ') FROM "
+        settings = conn.execute("SELECT string_agg(name || ' = ' || current_setting(name), ', ') FROM "
                                 "pg_settings WHERE name IN ('shared_buffers', 'work_mem', 'maintenance_work_mem', "
                                 "'max_parallel_maintenance_workers', 'max_wal_size')").fetchone()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; PostgreSQL (outside the cgroup): {settings}; the load sets "
@@ -91,26 +92,21 @@ def main() -> None:
         unlimited([*CLI, "mirror", "--release", OLD_RELEASE, "--no-progress"])
         floor(f"load {OLD_RELEASE} (7,651,713 cells; later attempts reload it)",
               [*CLI, "load", "--release", OLD_RELEASE], limits)
-        unlimited([*CLI, "load", "--release", OLD_RELEASE])
         for release in (UNCHANGED_RELEASE, NEW_RELEASE):
             unlimited([*CLI, "mirror", "--release", release, "--no-progress"])
         unlimited([*CLI, "load", "--release", UNCHANGED_RELEASE])
         floor(f"load {NEW_RELEASE} (AIBS re-versioned; checks, publication and the stored diff)",
               [*CLI, "load", "--release", NEW_RELEASE], limits)
-        unlimited([*CLI, "load", "--release", NEW_RELEASE])
         floor(f"diff {OLD_RELEASE} {NEW_RELEASE}", [*CLI, "diff", OLD_RELEASE, NEW_RELEASE], limits)
         floor("status", [*CLI, "status"], limits)
     finally:
         server.stop()
-    if args.matrix_data:
-        for rows in (100_000, 200_000):
-            matrix = args.matrix_data / f"prefix{rows}-log2.h5ad"
-            floor(f"aggregation of {matrix.name} ({matrix.stat().st_size / 1e9:.2f} GB; taxonomy levels, "
-                  f"chunks of {aggregate.DEFAULT_CHUNK_CELLS} cells)",
-                  [sys.executable, str(REPO / "benchmarks" / "bench_aggregate.py"), "_measure", "ours", str(matrix),
-                   str(args.matrix_data), ",".join(aggregate.TAXONOMY_LEVELS), str(aggregate.DEFAULT_CHUNK_CELLS)],
-                  limits)
-
+    if args.matrix:
+        floor(f"aggregation of {args.matrix.name} ({args.matrix.stat().st_size / 1e9:.2f} GB; taxonomy levels, "
+              f"chunks of {aggregate.DEFAULT_CHUNK_CELLS} cells)",
+              [sys.executable, str(REPO / "benchmarks" / "bench_aggregate.py"), "_measure", "ours", str(args.matrix),
+               str(args.matrix.parent), ",".join(aggregate.TAXONOMY_LEVELS), str(aggregate.DEFAULT_CHUNK_CELLS)],
+              [int(x) for x in args.aggregation_limits.split(",")])
 
 if __name__ == "__main__":
     main()

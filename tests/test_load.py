@@ -20,6 +20,7 @@ import pytest
 
 from etl import db, source
 from etl.catalog import cell_assignments
+from etl.csv_stream import CsvFormatError
 from etl.discovery import discover
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, NEW_RELEASE, OLD_RELEASE, TAXONOMY
 from etl.load import LoadError, load_release_metadata, publish_staged_metadata
@@ -491,13 +492,12 @@ def test_cli_loads_from_the_mirror_only(generated_bucket, settings, engine, disc
 
 def _transform(path: Path, unknown: set[str]) -> tuple[list[list[str]], list[str]]:
     """Rows the COPY of a file with ``unknown`` columns receives (parsed back), and its header."""
-    from etl.load import MetadataFile, _read_header, _transformed_chunks
+    from etl.csv_stream import read_header, transformed_chunks
 
-    header = _read_header(path)
+    header = read_header(path)
     keep = [i for i, c in enumerate(header) if c not in unknown]
     extra = [(i, c) for i, c in enumerate(header) if c in unknown]
-    file = MetadataFile(f"metadata/x/1/{path.name}", path, "x", "cell_metadata", "cell")
-    text = b"".join(_transformed_chunks(file, keep, extra)).decode()
+    text = b"".join(transformed_chunks(path, f"metadata/x/1/{path.name}", keep, extra)).decode()
     rows = list(csv.reader(io.StringIO(text)))
     return rows[1:], header
 
@@ -516,7 +516,7 @@ def _expected(path: Path, unknown: set[str]) -> list[list[str]]:
 @pytest.mark.parametrize("chunk_bytes", [7, 64, 1 << 20])
 def test_transform_of_plain_and_quoted_lines_is_the_csv_modules(tmp_path, monkeypatch, unknown, chunk_bytes):
     """Plain lines are split as bytes, the rest of the file from the first quoted one by the csv module."""
-    monkeypatch.setattr("etl.load.CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("etl.csv_stream.CHUNK_BYTES", chunk_bytes)
     lines = ["a,b,u,w"] + [f"x{i},{i % 7 or ''},{'' if i % 5 == 0 else f'é{i}'},{i}" for i in range(40)]
     lines += ['q,"1,5",u v,"say ""hi"""', 'r,2,"two\nlines",\\', "s,3,\ttab,x", "t,4,,"]
     path = tmp_path / "cell_metadata.csv"
@@ -530,12 +530,12 @@ def test_transform_of_plain_and_quoted_lines_is_the_csv_modules(tmp_path, monkey
 
 @pytest.mark.parametrize("bad_line", [3, 30, 45])
 def test_transform_names_the_line_with_a_wrong_field_count(tmp_path, monkeypatch, bad_line):
-    monkeypatch.setattr("etl.load.CHUNK_BYTES", 64)
+    monkeypatch.setattr("etl.csv_stream.CHUNK_BYTES", 64)
     lines = ["a,b,u"] + [f"x{i},{i},v{i}" for i in range(50)]
     lines[40] = 'q,"1,5",v'  # from here on, the csv module
     lines[bad_line - 1] = "x,1,2,3" if bad_line != 30 else ""
     path = tmp_path / "cell_metadata.csv"
     path.write_text("\n".join(lines) + "\n")
     found = 0 if bad_line == 30 else 4
-    with pytest.raises(LoadError, match=f"cell_metadata.csv: line {bad_line}: {found} fields, the header has 3"):
+    with pytest.raises(CsvFormatError, match=f"cell_metadata.csv: line {bad_line}: {found} fields, the header has 3"):
         _transform(path, {"u"})
