@@ -1,8 +1,9 @@
 """The atlas warehouse: engine, numbered SQL migrations from ``sql/`` and raw COPY connections.
 
-Migrations are plain ``sql/NNN_name.sql`` files applied in order, each in its own transaction,
-and recorded in ``abc.schema_migration`` with their checksum, so ``abc-mirror db upgrade`` is
-idempotent and an edited, already-applied migration is reported instead of silently skipped.
+Migrations are plain ``sql/NNN_name.sql`` files applied in order, all pending ones in one transaction
+(an upgrade applies all of them or none), and recorded in ``abc.schema_migration`` with their checksum,
+so ``abc-mirror db upgrade`` is idempotent and an edited, already-applied migration is reported instead
+of silently skipped.
 """
 
 from __future__ import annotations
@@ -110,15 +111,6 @@ def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[str]:
             )
             applied_now.append(migration.name)
     return applied_now
-
-
-def applied_migrations(engine: Engine) -> list[str]:
-    with engine.connect() as conn:
-        exists = conn.execute(sa.text("SELECT to_regclass('abc.schema_migration')")).scalar()
-        if exists is None:
-            return []
-        return list(conn.execute(
-            sa.text("SELECT name FROM abc.schema_migration ORDER BY number")).scalars())
 
 
 def create_database(database_url: str) -> bool:
