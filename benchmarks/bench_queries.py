@@ -132,7 +132,7 @@ def synthetic_stats(grouping: str, groups: pd.DataFrame, genes: pd.DataFrame, pr
                                 np.concatenate(sums), np.concatenate(nonzero))
 
 
-def synthetic_partial(dataset: str, assignments: pd.DataFrame, taxonomy: aggregate.Taxonomy, genes: pd.DataFrame,
+def synthetic_partial(dataset: str, assignments: pd.DataFrame, taxonomy: aggregate.ClusterTaxonomy, genes: pd.DataFrame,
                       rng: np.random.Generator) -> aggregate.Partial:
     """A dataset's base groupings (cluster, region x subclass) over its loaded cells, synthetic values."""
     alias = assignments["cluster_alias"].dropna().astype("int64").astype(str)
@@ -168,7 +168,7 @@ def publish_expression(url: str, release: str, work: Path, seed: int) -> dict:
     partials: dict[str, list[Path]] = {}
     with db.copy_connection(url) as conn:
         membership = aggregate.release_taxonomy(conn, release)
-        taxonomy = aggregate.Taxonomy(membership)
+        taxonomy = aggregate.ClusterTaxonomy(membership)
         for dataset in DATASETS:
             partial = synthetic_partial(dataset, cell_assignments(conn, release, dataset), taxonomy, genes, rng)
             print(f"# {dataset}: " + ", ".join(f"{g} {len(s.groups)} groups {s.n_pairs:,} pairs"

@@ -518,7 +518,7 @@ class _Accumulator:
 
 # --- inputs: taxonomy, assignments, h5ad -------------------------------------------------------
 
-class Taxonomy:
+class ClusterTaxonomy:
     """Cluster membership of the taxonomy, as labels and names per level, indexed by cluster_alias."""
 
     def __init__(self, membership: pd.DataFrame) -> None:
@@ -593,7 +593,7 @@ def _open_matrix(path: Path, store: h5py.File) -> _Matrix:
     return _Matrix(path, normalization_of(path), np.asarray(obs_index, dtype=str), genes, n_cells, indptr)
 
 
-def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: Taxonomy,
+def _row_codes(matrix: _Matrix, assignments: pd.DataFrame, taxonomy: ClusterTaxonomy,
                groupings: Sequence[str]) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
     """For each base grouping: the group code of every matrix row (-1: not aggregated) and the groups."""
     needed = {"cell_label", "cluster_alias", "region_of_interest_acronym"}
@@ -859,7 +859,7 @@ def _aggregate_in_file_order(store: h5py.File, matrix: _Matrix, codes: Mapping[s
     return {grouping: accumulator.finish() for grouping, accumulator in accumulators.items()}
 
 
-def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy, *,
+def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | ClusterTaxonomy, *,
                      chunk_cells: int = DEFAULT_CHUNK_CELLS, groupings: Sequence[str] = GROUPINGS,
                      group_order: bool | None = None) -> Partial:
     """Aggregate one h5ad file (streamed in row chunks) into base-grouping statistics, in memory.
@@ -871,7 +871,7 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
     disk serves many times slower than sequential ones.
     """
     path = Path(h5ad_path)
-    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+    tax = taxonomy if isinstance(taxonomy, ClusterTaxonomy) else ClusterTaxonomy(taxonomy)
     base = _base_groupings(groupings)
     try:
         # No chunk cache: each chunk of X is read once, straight into the buffers.
@@ -959,7 +959,7 @@ def load_partial(path: Path) -> Partial:
     return Partial(info["source"], info["normalization"], info["n_cells_in_file"], info["n_cells_aggregated"], stats)
 
 
-def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | Taxonomy,
+def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | ClusterTaxonomy,
                    out_path: Path, *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                    groupings: Sequence[str] = GROUPINGS, inputs: str | None = None) -> Path:
     """Aggregate one h5ad file and persist its partial result at ``out_path`` (.npz); return the path.
@@ -1016,7 +1016,7 @@ def merge_partials(partials: Sequence[Partial], grouping: str) -> GroupStats:
     return _merge(grouping, parts, rows, groups, _union_genes(parts))
 
 
-def roll_up(clusters: GroupStats, taxonomy: Taxonomy, level: str) -> GroupStats:
+def roll_up(clusters: GroupStats, taxonomy: ClusterTaxonomy, level: str) -> GroupStats:
     """Statistics of a coarser taxonomy level, summed from the cluster level."""
     parent = taxonomy.parent_of_cluster(level).reindex(clusters.groups["group_label"]).to_numpy()
     labels = pd.Index(sorted(set(parent[pd.notna(parent)])))
@@ -1025,10 +1025,10 @@ def roll_up(clusters: GroupStats, taxonomy: Taxonomy, level: str) -> GroupStats:
     return _merge(level, [clusters], [rows], groups, clusters.genes)
 
 
-def dataset_stats(partials: Sequence[Partial], taxonomy: pd.DataFrame | Taxonomy,
+def dataset_stats(partials: Sequence[Partial], taxonomy: pd.DataFrame | ClusterTaxonomy,
                   groupings: Sequence[str] = GROUPINGS) -> Iterator[GroupStats]:
     """Every requested grouping of one dataset, one at a time, so memory holds at most two levels."""
-    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+    tax = taxonomy if isinstance(taxonomy, ClusterTaxonomy) else ClusterTaxonomy(taxonomy)
     base = _base_groupings(groupings)
     if "cluster" in base:
         clusters = merge_partials(partials, "cluster")
@@ -1136,7 +1136,7 @@ def _stage_genes(conn: psycopg.Connection, release: str, dataset: str, genes: pd
 
 
 def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
-                      taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
+                      taxonomy: pd.DataFrame | ClusterTaxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
     """:func:`merge_and_stage`, then publish the staged expression tables in one transaction."""
     with stage_lock(conn, release):
         entries = merge_and_stage(conn, release, partials, taxonomy, groupings)
@@ -1148,7 +1148,7 @@ def merge_and_publish(conn: psycopg.Connection, release: str, partials: Mapping[
 
 
 def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
-                    taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
+                    taxonomy: pd.DataFrame | ClusterTaxonomy, groupings: Sequence[str] = GROUPINGS) -> dict[str, int]:
     """Merge each dataset's file partials, roll up, and stage (committed, indexed) the release's expression tables.
 
     ``partials`` maps a metadata dataset to its files' partial paths. Datasets of the release
@@ -1174,8 +1174,8 @@ def merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[st
 
 
 def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[str, Sequence[Path]],
-                     taxonomy: pd.DataFrame | Taxonomy, groupings: Sequence[str]) -> dict[str, int]:
-    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy(taxonomy)
+                     taxonomy: pd.DataFrame | ClusterTaxonomy, groupings: Sequence[str]) -> dict[str, int]:
+    tax = taxonomy if isinstance(taxonomy, ClusterTaxonomy) else ClusterTaxonomy(taxonomy)
     staged = {table: create_staging_table(conn, table, release) for table in EXPRESSION_TABLES}
     for table, index_column in (("expression_gene_major", "group_index"), ("expression_group_major", "gene_index")):
         for column in ("sum", "sum_sq"):  # float arrays do not compress: store them out of line, as is
@@ -1299,7 +1299,7 @@ def partial_inputs(path: Path) -> str | None:
         return json.loads(str(stored["info"])).get("inputs")
 
 
-def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
+def aggregate_planned_file(settings: Settings, release: str, item: Mapping[str, str], work_dir: Path,
                    chunk_cells: int = DEFAULT_CHUNK_CELLS, earlier: Sequence[Path] = ()) -> dict[str, str]:
     """Aggregate one planned file for one dataset into its partial; safe to re-run (rewritten whole).
 

@@ -290,7 +290,7 @@ def load_metadata(settings: Settings, release: str, datasets: list[str] | None =
 def stage_expression(settings: Settings, release: str, done: Sequence[Mapping[str, str]]) -> dict[str, int]:
     """Merge the aggregated files' partials and stage the expression tables, as the lineage step ``aggregate``.
 
-    ``done`` are :func:`etl.aggregate.aggregate_item` results, each with the bucket ``key`` of its
+    ``done`` are :func:`etl.aggregate.aggregate_planned_file` results, each with the bucket ``key`` of its
     matrix, so lineage leads from every expression table to the h5ad files and, through the cell
     and taxonomy tables the step read, to the metadata files.
     """
@@ -337,7 +337,7 @@ def aggregate_item(settings: Settings, release: str, item: Mapping[str, str], wo
                    for other in reuse.earlier_releases(engine, release)]
     finally:
         engine.dispose()
-    done = aggregate.aggregate_item(settings, release, item, work_dir,
+    done = aggregate.aggregate_planned_file(settings, release, item, work_dir,
                                     chunk_cells or aggregate.DEFAULT_CHUNK_CELLS, earlier)
     return {**done, "key": item["key"]}
 

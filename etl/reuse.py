@@ -93,7 +93,7 @@ def publish_by_reference(settings: Settings, engine: Engine, release: str) -> Sh
 
 def earlier_releases(engine: Engine, release: str) -> list[str]:
     """Published releases before ``release`` with rows of their own, newest first: where reusable
-    aggregation partials may be (:func:`etl.aggregate.aggregate_item` checks their inputs)."""
+    aggregation partials may be (:func:`etl.aggregate.aggregate_planned_file` checks their inputs)."""
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT release FROM abc.published_release WHERE release < :r AND "
                                     "shares_data_with IS NULL ORDER BY release DESC"), {"r": release}).scalars().all()

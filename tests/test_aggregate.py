@@ -15,7 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from etl import aggregate, db
-from etl.aggregate import AggregationError, Taxonomy
+from etl.aggregate import AggregationError, ClusterTaxonomy
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, OLD_RELEASE, TAXONOMY, WMB_MATRIX_VERSION, GeneratedBucket
 
 RTOL = 1e-6
@@ -65,7 +65,7 @@ def reference(generated_bucket) -> ad.AnnData:
     adata = ad.concat([ad.read_h5ad(p) for p in _matrices(generated_bucket, MACOSKO, "log2")], merge="same")
     cells = _assignments(generated_bucket, MACOSKO).set_index("cell_label")
     adata = adata[adata.obs_names.isin(cells.index)].copy()
-    taxonomy = Taxonomy(_membership(generated_bucket))
+    taxonomy = ClusterTaxonomy(_membership(generated_bucket))
     alias = cells.loc[adata.obs_names, "cluster_alias"].astype(str).to_numpy()
     for level in aggregate.TAXONOMY_LEVELS:
         adata.obs[level] = pd.Categorical(taxonomy.labels[level].loc[alias].to_numpy())
@@ -378,7 +378,7 @@ def test_published_views_answer_the_analyst_queries(generated_bucket, database_u
     expected = sc.get.aggregate(reference, by="cluster", func=["mean", "count_nonzero"])
     gad1 = list(expected.var_names[reference.var["gene_symbol"] == "Gad1"])[0]
     gad1_position = expected.var_names.get_loc(gad1)
-    names = Taxonomy(_membership(generated_bucket)).names
+    names = ClusterTaxonomy(_membership(generated_bucket)).names
     with db.copy_connection(database_url) as conn:
         rows = conn.execute(
             "SELECT group_label, group_name, mean, fraction, n_cells FROM abc.expression_by_cluster "
