@@ -1,9 +1,11 @@
-"""The atlas warehouse: engine, numbered SQL migrations from ``sql/`` and raw COPY connections.
+"""The atlas warehouse: engine, numbered SQL migrations and raw COPY connections.
 
-Migrations are plain ``sql/NNN_name.sql`` files applied in order, all pending ones in one transaction
-(an upgrade applies all of them or none), and recorded in ``abc.schema_migration`` with their checksum,
-so ``abc-mirror db upgrade`` is idempotent and an edited, already-applied migration is reported instead
-of silently skipped.
+Migrations are plain ``etl/sql/NNN_name.sql`` files, shipped inside the package (package data, read
+with ``importlib.resources``) so that an installed copy finds them as well as a checkout. The pending
+ones are applied in order in one transaction, under an advisory lock (concurrent ``db upgrade`` runs
+wait): a migration that fails leaves none of that run's migrations applied. Each is recorded in
+``abc.schema_migration`` with its checksum, so ``abc-mirror db upgrade`` is idempotent and an edited,
+already-applied migration is reported instead of silently skipped.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATIONS = files("etl") / "sql"
 DRIVER = "postgresql+psycopg"  # SQLAlchemy's dialect for psycopg 3
 MIGRATION_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Serialises concurrent `db upgrade` runs (several Airflow workers starting at once).
@@ -68,22 +71,24 @@ def copy_connection(database_url: str) -> psycopg.Connection:
     return psycopg.connect(psycopg_dsn(database_url))
 
 
-def discover_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+def discover_migrations(directory: Traversable = MIGRATIONS) -> list[Migration]:
+    """The ``*.sql`` files of ``directory`` in order; a misnamed file or a shared number is an error."""
     found: list[Migration] = []
-    for path in sorted(sql_dir.glob("*.sql")):
-        match = MIGRATION_RE.match(path.name)
+    for resource in sorted((r for r in directory.iterdir() if r.name.endswith(".sql")), key=lambda r: r.name):
+        match = MIGRATION_RE.match(resource.name)
         if not match:
-            raise MigrationError(f"{path}: migration files are named NNN_lowercase_name.sql")
-        found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+            raise MigrationError(f"{resource}: migration files are named NNN_lowercase_name.sql")
+        found.append(Migration(int(match.group(1)), resource.name.removesuffix(".sql"),
+                               resource.read_text(encoding="utf-8")))
     numbers = [m.number for m in found]
     if len(numbers) != len(set(numbers)):
-        raise MigrationError(f"{sql_dir}: two migrations share a number: {numbers}")
+        raise MigrationError(f"{directory}: two migrations share a number: {numbers}")
     return found
 
 
-def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply pending migrations; return the names applied (empty when up to date)."""
-    migrations = discover_migrations(sql_dir)
+def upgrade(engine: Engine, directory: Traversable = MIGRATIONS) -> list[str]:
+    """Apply pending migrations in one transaction; return the names applied (empty when up to date)."""
+    migrations = discover_migrations(directory)
     applied_now: list[str] = []
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
@@ -100,7 +105,7 @@ def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[str]:
             if previous is not None:
                 if previous.checksum != migration.checksum:
                     raise MigrationError(
-                        f"sql/{migration.name}.sql changed after it was applied; add a new "
+                        f"etl/sql/{migration.name}.sql changed after it was applied; add a new "
                         "migration instead of editing an applied one")
                 continue
             conn.exec_driver_sql(migration.sql)

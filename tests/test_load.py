@@ -341,8 +341,8 @@ def cells_counted(conn: psycopg.Connection, release: str) -> dict[tuple[str, int
 
 
 def expression_views_of_004() -> str:
-    """sql/004's two expression views (which 013 replaces), as CREATE OR REPLACE statements."""
-    statements = (REPO / "sql" / "004_expression.sql").read_text().split(";")
+    """Migration 004's two expression views (which 013 replaces), as CREATE OR REPLACE statements."""
+    statements = (db.MIGRATIONS / "004_expression.sql").read_text(encoding="utf-8").split(";")
     code = ["\n".join(line for line in s.splitlines() if not line.startswith("--")).strip() for s in statements]
     views = [c.replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1) for c in code
              if c.startswith(("CREATE VIEW abc.expression_by_gene AS", "CREATE VIEW abc.expression_profile AS"))]
