@@ -68,8 +68,6 @@ MACOSKO = "Consensus-WMB-Macosko-10X"
 CONSENSUS_WMB = "Consensus-WMB-AIBS-10X"
 TAXONOMY = "Consensus-WMB-integrated-taxonomy"
 MACOSKO_MATRIX_PREFIX = "Macosko-10X"
-WMB_V2 = "WMB-10Xv2"
-WMB_V3 = "WMB-10Xv3"
 CONSENSUS_DATASETS = [CONSENSUS_WMB, MACOSKO, TAXONOMY]
 
 # The rest of the atlas, tiny (bytes to a few KB a file: only mirrored, never loaded), with real

@@ -23,8 +23,6 @@ from etl.fixtures import (
     WMB_GENE_COLUMNS,
     WMB_GENE_KEY,
     WMB_TAXONOMY,
-    WMB_V2,
-    WMB_V3,
     FixtureSpec,
     make_bucket,
     make_taxonomy,
@@ -262,7 +260,7 @@ def test_release_history(generated_bucket):
     pre, old, unchanged = (_manifest(generated_bucket, r) for r in (PRE_CONSENSUS_RELEASE, OLD_RELEASE,
                                                                      UNCHANGED_RELEASE))
     assert not set(CONSENSUS_DATASETS) & set(pre["directory_listing"])
-    assert {WMB_V2, WMB_V3, WMB_TAXONOMY} <= set(pre["directory_listing"])
+    assert {"WMB-10Xv2", "WMB-10Xv3", WMB_TAXONOMY} <= set(pre["directory_listing"])
     assert WMB_GENE_KEY in generated_bucket.files[PRE_CONSENSUS_RELEASE]
     assert set(CONSENSUS_DATASETS) <= set(old["directory_listing"])
     # UNCHANGED_RELEASE adds one dataset directory, dated itself, and keeps every other one (same keys,
