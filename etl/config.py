@@ -18,8 +18,8 @@ DEFAULT_BUCKET = "allen-brain-cell-atlas"
 DEFAULT_REGION = "us-west-2"
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/abc"
 
-# name -> (default, meaning); the README's configuration table lists the same names and defaults
-# (tests/test_config.py holds them together).
+# name -> (default, meaning). The README's configuration table lists each with its default, and no other
+# ABC_ variable, beside the OpenLineage and Airflow ones it also documents (tests/test_config.py checks it).
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "ABC_DATABASE_URL": (DEFAULT_DATABASE_URL, "SQLAlchemy URL of the atlas warehouse"),
     "ABC_BUCKET": (DEFAULT_BUCKET, "source bucket"),

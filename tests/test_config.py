@@ -108,3 +108,4 @@ def test_readme_configuration_table_lists_every_variable_with_its_default():
         assert name in rows, f"{name} is missing from the README's configuration table"
         shown = rows[name].strip()
         assert shown == f"`{default}`" if default else not shown.startswith("`"), (name, shown, default)
+    assert {name for name in rows if name.startswith("ABC_")} <= set(ENVIRONMENT), "a variable etl.config does not read"
