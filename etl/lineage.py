@@ -18,7 +18,7 @@ failure is recorded (as a failed run, with its START and FAIL events). Otherwise
 (who ran it: Airflow dag_id/run_id/task_id or the command line, code version, start) with its inputs
 and emits an OpenLineage START event; leaving records the outputs with their row counts and emits
 COMPLETE, or, when the block raises, records the error and emits FAIL before the exception goes on.
-The database refuses a second succeeded run of one state (a unique index, sql/012_lineage_state.sql):
+The database refuses a second succeeded run of one state (a unique index, etl/sql/012_lineage_state.sql):
 an execution that finishes a state another one finished meanwhile is dropped and emits ABORT.
 
 A run's outputs are what readers read (``published_at``) at its end for a step writing in place, and,

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 METADATA_TABLES = ["cluster_annotation_term_set", "cluster_annotation_term", "cluster", "cluster_membership",
                    "gene", "donor", "library", "cell", "cell_cluster_membership", "cell_embedding", "value_set"]
 # Derived from the staged cells and published with the metadata: cells per dataset and cluster, so that
-# counts per class or cluster read thousands of rows, not millions of cells (sql/013).
+# counts per class or cluster read thousands of rows, not millions of cells (etl/sql/013).
 CELL_COUNT_TABLE = "cluster_cell_count"
 PUBLISHED_TABLES = [*METADATA_TABLES, CELL_COUNT_TABLE]
 # Manifest tag (file stem) -> table.
