@@ -333,17 +333,17 @@ def test_example_gene_expression(generated_bucket):
 
 
 def test_large_csv_tables_are_written_as_pandas_writes_them(tmp_path):
-    from etl.fixtures import _write_csv
+    from etl.fixtures.csv_writer import write_csv
 
     n = 20_000  # above the size where the direct writer takes over
     frame = pd.DataFrame({"cell_label": [f"c{i:06d}-x" for i in range(n)], "x": np.linspace(-1.5, 3.0, n),
                           "cluster_alias": np.arange(n) * 7, "empty": [None if i % 3 else "v" for i in range(n)]})
     frame.loc[5, "x"] = np.nan
-    _write_csv(frame, tmp_path / "direct.csv")
+    write_csv(frame, tmp_path / "direct.csv")
     frame.to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     quoted = frame.assign(cell_label=frame.cell_label.str.replace("-x", ",x"))  # needs quoting: pandas writes it
-    _write_csv(quoted, tmp_path / "quoted.csv")
+    write_csv(quoted, tmp_path / "quoted.csv")
     assert pd.read_csv(tmp_path / "quoted.csv").cell_label.tolist() == quoted.cell_label.tolist()
 
 
@@ -351,9 +351,9 @@ def test_direct_csv_writer_formats_every_kind_of_value_as_pandas(tmp_path, monke
     """Floats in every regime of Python's repr (the fixed-point fast path and the others), integers,
     booleans, categoricals and text with missing values, in several blocks; a field to quote in a late
     block hands the whole table to pandas."""
-    from etl import fixtures
+    from etl.fixtures import csv_writer
 
-    monkeypatch.setattr(fixtures, "CSV_BLOCK_ROWS", 4096)
+    monkeypatch.setattr(csv_writer, "CSV_BLOCK_ROWS", 4096)
     rng = np.random.default_rng(3)
     n = 30_000
     special = [0.0, -0.0, 1e-05, -5e-05, 0.0001, 9.9e-05, 3.0, -7.0, 123456789.123456, 999999999.999999, 1e9,
@@ -372,14 +372,14 @@ def test_direct_csv_writer_formats_every_kind_of_value_as_pandas(tmp_path, monke
         "text": text,
         "cell_label": np.array([f"AC{i:08d}-1" for i in range(n)], dtype="S"),  # bytes: how labels are kept
     }
-    fixtures._write_columns(tmp_path / "direct.csv", columns)  # raises if it would leave any of it to pandas
+    csv_writer.write_columns(tmp_path / "direct.csv", columns)  # raises if it would leave any of it to pandas
     frame = pd.DataFrame({**columns, "cell_label": columns["cell_label"].astype("U")})
     frame.to_csv(tmp_path / "pandas.csv", index=False, lineterminator="\n")
     assert (tmp_path / "direct.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     late = frame.assign(text=frame.text.where(frame.index != n - 2, 'say "hi", then\nleave'))
-    with pytest.raises(fixtures._LeftToPandas):
-        fixtures._write_columns(tmp_path / "partial.csv", {**columns, "text": late.text.to_numpy()})
-    fixtures._write_csv(late, tmp_path / "late.csv")
+    with pytest.raises(csv_writer.LeftToPandas):
+        csv_writer.write_columns(tmp_path / "partial.csv", {**columns, "text": late.text.to_numpy()})
+    csv_writer.write_csv(late, tmp_path / "late.csv")
     late.to_csv(tmp_path / "late-pandas.csv", index=False, lineterminator="\n")
     assert (tmp_path / "late.csv").read_bytes() == (tmp_path / "late-pandas.csv").read_bytes()
 
