@@ -129,11 +129,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
-    from etl import db, lineage
+    from etl import db, lineage_report
     from etl.config import target_name
 
     engine = db.make_engine(settings.database_url)
-    print("\n".join(lineage.tree_lines(engine, args.release, target_name(settings.mirror_root))))
+    print("\n".join(lineage_report.tree_lines(engine, args.release, target_name(settings.mirror_root))))
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
-from etl import abc_atlas_cache, alerts, db, lineage, monitor, quality, reuse, source
+from etl import abc_atlas_cache, alerts, db, lineage, lineage_report, monitor, quality, reuse, source
 from etl.catalog import name_some, release_files_on_disk, selected_release_files
 from etl.config import Settings, target_name
 from etl.discovery import DiscoveryReport, discover, ensure_release_recorded, load_manifest
@@ -458,9 +458,9 @@ def check_lineage(settings: Settings, release: str) -> dict[str, int]:
                 "SELECT EXISTS (SELECT 1 FROM abc.expression_group WHERE release = "
                 "(SELECT data_release FROM abc.published_release WHERE release = :r))"), {"r": release}).scalar_one()
         relations = ["abc.cell"] + (["abc.expression_by_cluster"] if has_expression else [])
-        found = {relation: len({row.source_key for row in lineage.sources_of(engine, relation, release)})
+        found = {relation: len({row.source_key for row in lineage_report.sources_of(engine, relation, release)})
                  for relation in relations}
-        print("\n".join(lineage.tree_lines(engine, release, target_name(settings.mirror_root))))
+        print("\n".join(lineage_report.tree_lines(engine, release, target_name(settings.mirror_root))))
     finally:
         engine.dispose()
     missing = [relation for relation, n in found.items() if n == 0]

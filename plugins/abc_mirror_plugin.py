@@ -115,10 +115,10 @@ def release_notes(release: Release) -> HTMLResponse:
 @app.get("/releases/{release}/lineage")
 def release_lineage(release: Release) -> list[dict]:
     """The release's lineage runs: each step, who ran it, its standing, what it read and wrote."""
-    from etl import lineage
+    from etl import lineage_report
 
     with _warehouse() as (engine, _):
-        runs = lineage.release_runs(engine, release)
+        runs = lineage_report.release_runs(engine, release)
     if runs is None:
         raise HTTPException(404, f"release {release} is not recorded")
     return runs

@@ -19,7 +19,7 @@ from openlineage.client import OpenLineageClient
 from openlineage.client.transport import Transport
 from openlineage.client.transport.file import FileConfig, FileTransport
 
-from etl import db, lineage, pipeline, source
+from etl import db, lineage, lineage_report, pipeline, source
 from etl.cli import EXIT_OK, main
 from etl.discovery import discover
 from etl.fixtures import MACOSKO, OLD_RELEASE, WMB_GENE_KEY
@@ -173,7 +173,7 @@ def _listed_files(manifest: dict) -> dict[str, tuple[str, int]]:
 
 def test_one_sql_statement_names_the_source_files_and_code_version(lineage_graph, engine, settings, generated_bucket):
     release, metadata, matrices, _, _ = lineage_graph
-    rows = lineage.sources_of(engine, "abc.expression_by_cluster", release)
+    rows = lineage_report.sources_of(engine, "abc.expression_by_cluster", release)
     by_step = {}
     for row in rows:
         by_step.setdefault(row.step, set()).add(row.source_key)
@@ -192,7 +192,7 @@ def test_one_sql_statement_names_the_source_files_and_code_version(lineage_graph
     assert {row.run_ref for row in rows if row.step == "aggregate"} == {"airflow abc_release/manual__1/merge try 1"}
     assert {row.run_ref for row in rows if row.step == "load_metadata"} == {f"cli abc-mirror load --release {release}"}
     # a table the aggregation did not feed: only the metadata load
-    assert {row.step for row in lineage.sources_of(engine, "abc.cell_annotated", release)} == {"load_metadata"}
+    assert {row.step for row in lineage_report.sources_of(engine, "abc.cell_annotated", release)} == {"load_metadata"}
 
 
 def test_events_are_valid_openlineage_with_inputs_outputs_and_row_counts(lineage_graph, generated_bucket):
@@ -244,8 +244,8 @@ def test_failed_step_is_recorded_and_emits_fail(lineage_graph, engine, tmp_path)
         row = conn.exec_driver_sql("SELECT status, error FROM abc.lineage_run ORDER BY id DESC LIMIT 1").one()
     assert tuple(row) == ("failed", "ValueError: bad row")
     # the failed run's output is not what abc.cell holds: the earlier load still answers
-    assert {r.step for r in lineage.sources_of(engine, "abc.cell", release)} == {"load_metadata"}
-    assert "metadata/x.csv" not in {r.source_key for r in lineage.sources_of(engine, "abc.cell", release)}
+    assert {r.step for r in lineage_report.sources_of(engine, "abc.cell", release)} == {"load_metadata"}
+    assert "metadata/x.csv" not in {r.source_key for r in lineage_report.sources_of(engine, "abc.cell", release)}
 
 
 def test_steps_of_an_airflow_task_emit_nothing_and_hand_their_datasets_to_the_task(lineage_graph, engine, tmp_path):
@@ -326,7 +326,7 @@ def test_a_step_executed_again_on_its_state_is_not_recorded_nor_emitted_again(li
     assert [r.id for r in lineage_runs(engine, release, "load_metadata")] == [load.id]
     assert len(read_events(events_path)) == 6  # the fixture's three steps, START and COMPLETE each
     assert f"lineage run {load.run_uuid} already describes this state" in caplog.text
-    assert {r.run_ref for r in lineage.sources_of(engine, "abc.cell", release)} == \
+    assert {r.run_ref for r in lineage_report.sources_of(engine, "abc.cell", release)} == \
         {f"cli abc-mirror load --release {release}"}
 
 
@@ -356,9 +356,9 @@ def test_a_failed_attempt_then_a_succeeded_one_only_the_succeeded_one_is_the_sou
                                 ("load_metadata", "START", succeeded.run_uuid),
                                 ("load_metadata", "COMPLETE", succeeded.run_uuid)]
     assert current_writer(engine, "abc.cell", release) == succeeded.id
-    assert {r.run_ref for r in lineage.sources_of(engine, "abc.cell", release) if r.step == "load_metadata"} == \
+    assert {r.run_ref for r in lineage_report.sources_of(engine, "abc.cell", release) if r.step == "load_metadata"} == \
         {"airflow abc_release/manual__2/load_metadata try 2"}
-    tree = lineage.tree_lines(engine, release)
+    tree = lineage_report.tree_lines(engine, release)
     others = tree.index("   └─ 2 other runs, not behind what readers read:")
     assert any(line.startswith("   ├─ load_metadata [succeeded] airflow abc_release/manual__2/load_metadata try 2")
                for line in tree[:others])
@@ -378,13 +378,14 @@ def test_a_staged_run_is_the_source_once_its_stage_is_published(lineage_graph, e
     reload = lineage_runs(engine, release, "load_metadata")[-1]
     assert reload.status == "succeeded" and reload.published_at is None
     assert current_writer(engine, "abc.cell", release) == fixture_load.id  # readers read the published load
-    assert any(line.startswith("      └─ load_metadata [staged] cli ") for line in lineage.tree_lines(engine, release))
+    assert any(line.startswith("      └─ load_metadata [staged] cli ")
+               for line in lineage_report.tree_lines(engine, release))
 
     with db.copy_connection(settings.database_url) as conn:
         fail_stage(conn, release, "a check failed")
     assert current_writer(engine, "abc.cell", release) == fixture_load.id
     assert any(line.startswith("      └─ load_metadata [not published] cli ")
-               for line in lineage.tree_lines(engine, release))
+               for line in lineage_report.tree_lines(engine, release))
 
     pipeline.load_metadata(settings, release)  # the same state staged again: its run describes it
     assert lineage_runs(engine, release, "load_metadata")[-1].id == reload.id
@@ -393,7 +394,7 @@ def test_a_staged_run_is_the_source_once_its_stage_is_published(lineage_graph, e
     assert current_writer(engine, "abc.cell", release) == reload.id
     assert recording.runs() == [("load_metadata", "START", reload.run_uuid),
                                 ("load_metadata", "COMPLETE", reload.run_uuid)]
-    tree = lineage.tree_lines(engine, release)
+    tree = lineage_report.tree_lines(engine, release)
     assert tree[-2] == "   └─ 1 other run, not behind what readers read:"
     assert tree[-1].startswith("      └─ load_metadata [superseded] cli abc-mirror load")
 
@@ -453,6 +454,6 @@ def test_the_cli_run_twice_records_and_emits_each_step_once(settings, engine, ge
     assert [r.id for r in lineage_runs(engine, OLD_RELEASE)] == [r.id for r in runs]
     assert recording.runs() == events
     assert all(r.published_at is not None for r in lineage_runs(engine, OLD_RELEASE))
-    tree = lineage.tree_lines(engine, OLD_RELEASE)
+    tree = lineage_report.tree_lines(engine, OLD_RELEASE)
     assert not any("other run" in line for line in tree)
     assert pipeline.check_lineage(settings, OLD_RELEASE)["abc.expression_by_cluster"] > 0
