@@ -40,7 +40,8 @@ from etl.s3server import start_s3_server
 REPO = Path(__file__).resolve().parent.parent
 SERVER = "postgresql+psycopg2://postgres@127.0.0.1:55432"
 CLI = [sys.executable, "-c", "import sys; from etl.cli import main; sys.exit(main(sys.argv[1:]))"]
-CHECK = [sys.executable, "-c", "import sys; from etl import quality; r = quality.run_quality_checks(*sys.argv[1:]); "
+CHECK = [sys.executable, "-c", "import sys; from etl import db, quality; "
+         "r = quality.run_quality_checks(db.make_engine(sys.argv[1]), sys.argv[2]); "
          "print([(x.name, x.passed) for x in r]); sys.exit(0 if all(x.passed for x in r) else 1)"]
 
 

@@ -54,10 +54,11 @@ def peak_kib():
 OURS = PEAK + """
 import json, sys, time
 from pathlib import Path
+from etl.db import make_engine
 from etl.load import load_release_metadata
 files = {k: Path(v) for k, v in json.loads(sys.argv[3]).items()}
 started = time.perf_counter()
-report = load_release_metadata(sys.argv[1], sys.argv[2], files)
+report = load_release_metadata(make_engine(sys.argv[1]), sys.argv[2], files)
 total = time.perf_counter() - started
 (cells,) = [x for x in report.loaded if x.file.table == "cell"]
 print(json.dumps({"seconds": total, "rows": cells.rows, "copy_seconds": cells.seconds,

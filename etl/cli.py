@@ -138,10 +138,11 @@ def cmd_lineage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
-    from etl import diff
+    from etl import db, diff
 
     settings = settings.with_overrides(mirror_root=args.target)
-    result = diff.record(settings.database_url, args.old, args.new, settings.run_scope, keep=not args.no_store)
+    with db.disposing_engine(settings.database_url) as engine:
+        result = diff.record(engine, args.old, args.new, settings.run_scope, keep=not args.no_store)
     print(diff.release_notes_markdown(result), end="")
     if not args.no_store and settings.mirror_is_local:
         for path in diff.write_release_notes(result, settings.mirror_path):

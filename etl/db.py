@@ -20,7 +20,7 @@ from importlib.resources.abc import Traversable
 
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 MIGRATIONS = files("etl") / "sql"
 DRIVER = "postgresql+psycopg"  # SQLAlchemy's dialect for psycopg 3
@@ -60,14 +60,15 @@ def disposing_engine(database_url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-def psycopg_dsn(database_url: str) -> str:
+def psycopg_dsn(database_url: str | URL) -> str:
     """libpq connection string for psycopg 3 (COPY) from the SQLAlchemy URL."""
     url = make_url(database_url)
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def copy_connection(database_url: str) -> psycopg.Connection:
-    """A psycopg 3 connection, for COPY ... FROM STDIN at full speed."""
+def copy_connection(database_url: str | URL) -> psycopg.Connection:
+    """A psycopg 3 connection of its own (an engine's ``url`` or a URL), for COPY ... FROM STDIN at full speed
+    and for session state (advisory locks, a stage's transaction) that must not go back to a pool."""
     return psycopg.connect(psycopg_dsn(database_url))
 
 

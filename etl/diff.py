@@ -255,9 +255,9 @@ def compute(conn: psycopg.Connection, old: str, new: str, scope: Scope) -> Relea
     return ReleaseDiff(old, new, summary, listed, per_class)
 
 
-def record(database_url: str, old: str, new: str, scope: Scope, keep: bool = True) -> ReleaseDiff:
+def record(engine: Engine, old: str, new: str, scope: Scope, keep: bool = True) -> ReleaseDiff:
     """Compute and store the diff of (old, new); with ``keep`` False nothing stays stored (rolled back)."""
-    with db.copy_connection(database_url) as conn, conn.transaction(force_rollback=not keep):
+    with db.copy_connection(engine.url) as conn, conn.transaction(force_rollback=not keep):
         return compute(conn, old, new, scope)
 
 

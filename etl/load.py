@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import Engine
 
 from etl import csv_stream, db
 from etl.config import env
@@ -315,9 +316,9 @@ def _release_status(conn: psycopg.Connection, release: str) -> str:
     return row[0]
 
 
-def _mark_failed(database_url: str, release: str, error: str) -> None:
+def _mark_failed(engine: Engine, release: str, error: str) -> None:
     """Record the failure; a release that is already published stays published (its old state is intact)."""
-    with db.copy_connection(database_url) as conn:
+    with db.copy_connection(engine.url) as conn:
         conn.execute("UPDATE abc.release SET last_error = %s, "
                      "status = CASE WHEN status = 'published' THEN status ELSE 'failed' END "
                      "WHERE version = %s", (error, release))
@@ -335,7 +336,7 @@ def _record_files(conn: psycopg.Connection, release: str, report: LoadReport) ->
 
 
 def load_release_metadata(
-    database_url: str,
+    engine: Engine,
     release: str,
     files: dict[str, Path],
     datasets: list[str] | None = None,
@@ -357,19 +358,19 @@ def load_release_metadata(
     for f in to_load:
         by_table[f.table].append(f)
 
-    with db.copy_connection(database_url) as conn, stage_lock(conn, release):
+    with db.copy_connection(engine.url) as conn, stage_lock(conn, release):
         claim_stage(conn, release, new=True)
         if _release_status(conn, release) != "published":
             conn.execute("UPDATE abc.release SET status = 'loading', last_error = NULL WHERE version = %s", (release,))
         conn.commit()
         try:
-            _stage_and_publish(database_url, conn, release, datasets, by_table, report, publish_now)
+            _stage_and_publish(engine, conn, release, datasets, by_table, report, publish_now)
         except (LoadError, psycopg.Error) as exc:
             if conn.broken:  # the server ended the session (a restart): the transaction and the stage lock with it
                 raise
             conn.rollback()
             fail_stage(conn, release, str(exc))
-            _mark_failed(database_url, release, str(exc))
+            _mark_failed(engine, release, str(exc))
             raise
         if report.published:
             analyze_published(conn, PUBLISHED_TABLES)
@@ -378,11 +379,11 @@ def load_release_metadata(
     return report
 
 
-def _stage_and_publish(database_url: str, conn: psycopg.Connection, release: str, datasets: list[str] | None,
+def _stage_and_publish(engine: Engine, conn: psycopg.Connection, release: str, datasets: list[str] | None,
                        by_table: dict[str, list[MetadataFile]], report: LoadReport, publish_now: bool) -> None:
     """Stage every table (:func:`_stage_tables`), then in one transaction check the references across
     them and publish (or commit the staged release)."""
-    loads = _stage_tables(database_url, conn, release, datasets, by_table, report)
+    loads = _stage_tables(engine, conn, release, datasets, by_table, report)
     for table in METADATA_TABLES:
         _check_references(conn, table, release, by_table)
     report.table_rows[CELL_COUNT_TABLE] = _stage_cell_counts(conn, release)
@@ -402,7 +403,7 @@ def _stage_and_publish(database_url: str, conn: psycopg.Connection, release: str
     report.published = publish_now
 
 
-def _stage_tables(database_url: str, conn: psycopg.Connection, release: str, datasets: list[str] | None,
+def _stage_tables(engine: Engine, conn: psycopg.Connection, release: str, datasets: list[str] | None,
                   by_table: dict[str, list[MetadataFile]], report: LoadReport) -> dict[str, list[FileLoad]]:
     """Stage the tables ``ABC_LOAD_CONNECTIONS`` at a time, the largest inputs first, each table in its own
     transaction on its own connection: one COPY or index build keeps one server core busy, and staging
@@ -423,7 +424,7 @@ def _stage_tables(database_url: str, conn: psycopg.Connection, release: str, dat
         if failed.is_set():
             raise _Cancelled()
         if not hasattr(claimed, "conn"):
-            claimed.conn = db.copy_connection(database_url)
+            claimed.conn = db.copy_connection(engine.url)
             connections.append(claimed.conn)
         with claimed.conn.transaction():
             return (table, *_stage_table(claimed.conn, release, table, by_table.get(table, []), datasets))

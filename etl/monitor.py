@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def check_release(settings: Settings, engine: Engine, release: str) -> list[CheckResult]:
     """Run and store the checks of ``release``; alert when any failed, once per state checked (a run's
     stage or the publication) and failures found, however often the check runs again."""
-    results = run_quality_checks(settings.database_url, release)
+    results = run_quality_checks(engine, release)
     failed = [r for r in results if not r.passed]
     if failed:
         with db.copy_connection(settings.database_url) as conn:
@@ -117,7 +117,7 @@ def record_diff(settings: Settings, engine: Engine, release: str, old: str | Non
     if old is None:
         log.info("release %s: no earlier loaded release to diff against", release)
         return None
-    result = diff.record(settings.database_url, old, release, settings.run_scope)
+    result = diff.record(engine, old, release, settings.run_scope)
     if not settings.mirror_is_local:
         log.info("release notes of %s not written: mirror %s is not a local directory", release, settings.mirror_root)
         return None

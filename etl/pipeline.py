@@ -279,7 +279,7 @@ def load_metadata(settings: Settings, release: str, datasets: list[str] | None =
                                       keep=scope.feeds_warehouse)
         with lineage.step(engine, release=release, step="load_metadata", inputs=sorted(files),
                           bucket=settings.bucket, selection={"datasets": _sorted(datasets)}, staged=True) as s:
-            report = load_release_metadata(settings.database_url, release, files, datasets, publish_now=False)
+            report = load_release_metadata(engine, release, files, datasets, publish_now=False)
             for table, rows in report.table_rows.items():
                 s.wrote(f"abc.{table}", partition=release, rows=rows)
         return report

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import Engine
 
 from etl import db
 from etl.publish import staged_or_published
@@ -84,10 +85,10 @@ def check_queries(conn: psycopg.Connection, release: str) -> dict[str, sql.Compo
     return {name: sql.SQL(query).format(**relations) for name, (_, query) in CHECKS.items()}
 
 
-def run_quality_checks(database_url: str, release: str) -> list[CheckResult]:
+def run_quality_checks(engine: Engine, release: str) -> list[CheckResult]:
     """Run every check on ``release`` (its staged load when not yet published) and store the results."""
     results = []
-    with db.copy_connection(database_url) as conn:
+    with db.copy_connection(engine.url) as conn:
         for name, query in check_queries(conn, release).items():
             failing, details = conn.execute(query, {"r": release}).fetchone()
             results.append(CheckResult(name, failing == 0, failing, (details or "")[:2000]))

@@ -22,7 +22,7 @@ def loaded(settings, engine, generated_bucket, monkeypatch):
     monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
     discover(source.make_client(settings), settings, engine)
     assert not mirror_release(settings, engine, OLD_RELEASE).failed
-    load_release_metadata(settings.database_url, OLD_RELEASE,
+    load_release_metadata(engine, OLD_RELEASE,
                           release_files_on_disk(settings, engine, OLD_RELEASE, kinds=["metadata"]))
     return settings
 

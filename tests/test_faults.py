@@ -124,8 +124,9 @@ def reader_view(settings: Settings, staged: bool = True) -> dict[str, int]:
                 view[f"read {table}"] = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE release = %s").format(
                     staged_or_published(conn, table, RELEASE)), (RELEASE,)).fetchone()[0]
     if staged:
-        view["diff cells"] = sum(c.new for c in diff.record(settings.database_url, RELEASE, RELEASE, settings.run_scope,
-                                                             keep=False).cells_per_class)
+        with db.disposing_engine(settings.database_url) as engine:
+            view["diff cells"] = sum(c.new for c in diff.record(engine, RELEASE, RELEASE, settings.run_scope,
+                                                                 keep=False).cells_per_class)
     return view
 
 
@@ -269,9 +270,10 @@ def mirrored(discovered: Settings) -> Settings:
 
 # -- kill -9 ----------------------------------------------------------------------------------------------
 
-FEED_LOAD = ("import json, sys; from pathlib import Path; from etl.load import load_release_metadata; "
+FEED_LOAD = ("import json, sys; from pathlib import Path; from etl.db import make_engine; "
+             "from etl.load import load_release_metadata; "
              "files = {k: Path(v) for k, v in json.loads(sys.argv[3]).items()}; "
-             "load_release_metadata(sys.argv[1], sys.argv[2], files)")
+             "load_release_metadata(make_engine(sys.argv[1]), sys.argv[2], files)")
 
 
 def _feed_fifo(fifo: Path, data: bytes, fed: threading.Event, stop: threading.Event) -> None:
@@ -594,13 +596,13 @@ def test_bad_row_at_the_end_of_a_csv(request, discovered, engine, undisturbed, g
     files[cells].write_bytes(b"".join(lines))
 
     with pytest.raises(LoadError, match=rf"cell_metadata.csv: line {len(lines)}: null value in column \"cell_label\""):
-        load_release_metadata(settings.database_url, RELEASE, files)
+        load_release_metadata(engine, RELEASE, files)
     during = reader_view(settings)
     with db.copy_connection(settings.database_url) as conn:
         staged = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'abc_staging'").fetchone()[0]
     assert during == NOTHING_READ and staged == 0
 
-    load_release_metadata(settings.database_url, RELEASE, {k: generated_bucket.bucket_dir / k for k in keys})
+    load_release_metadata(engine, RELEASE, {k: generated_bucket.bucket_dir / k for k in keys})
     again = published(settings, engine, METADATA_TABLES)
     assert again.tables == {t: undisturbed.tables[t] for t in METADATA_TABLES}
     record(request, "a bad row at the end of a CSV",

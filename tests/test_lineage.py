@@ -140,7 +140,7 @@ def lineage_graph(settings, engine, generated_bucket, tmp_path):
         s.wrote("abc.mirror_object", rows=report.ok)
     with lineage.step(engine, release=release, step="load_metadata", inputs=metadata, run=cli,
                       emitter=emitter) as s:
-        loaded = load_release_metadata(settings.database_url, release,
+        loaded = load_release_metadata(engine, release,
                                        {k: generated_bucket.bucket_dir / k for k in metadata})
         for table, rows in loaded.table_rows.items():
             s.wrote(f"abc.{table}", partition=release, rows=rows)
@@ -318,7 +318,7 @@ def test_a_step_executed_again_on_its_state_is_not_recorded_nor_emitted_again(li
     caplog.set_level(logging.INFO, logger=lineage.log.name)
     with lineage.step(engine, release=release, step="load_metadata", inputs=reversed(metadata), run=cleared,
                       emitter=emitter) as s:
-        loaded = load_release_metadata(settings.database_url, release,
+        loaded = load_release_metadata(engine, release,
                                        {k: generated_bucket.bucket_dir / k for k in metadata})
         for table, rows in loaded.table_rows.items():
             s.wrote(f"abc.{table}", partition=release, rows=rows)

@@ -77,12 +77,12 @@ def expected_rows(files: dict[str, Path]) -> dict[str, int]:
 def discovered(settings, engine):
     """Releases recorded in abc.release through discovery against the rclone-served bucket."""
     discover(source.make_client(settings), settings, engine)
-    return settings.database_url
+    return engine
 
 
 @pytest.fixture
 def conn(discovered):
-    with db.copy_connection(discovered) as connection:
+    with db.copy_connection(discovered.url) as connection:
         connection.autocommit = True
         yield connection
 
@@ -250,7 +250,7 @@ def test_tables_stage_side_by_side_and_the_first_failure_cancels_the_rest(genera
         except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
             outcome.append(exc)
 
-    with db.copy_connection(discovered) as blocker:
+    with db.copy_connection(discovered.url) as blocker:
         blocker.execute("LOCK TABLE abc.cell IN ACCESS EXCLUSIVE MODE")
         loader = threading.Thread(target=load)
         loader.start()
@@ -269,13 +269,15 @@ def test_tables_stage_side_by_side_and_the_first_failure_cancels_the_rest(genera
 
 def test_killed_load_leaves_nothing_and_rerun_publishes_once(generated_bucket, discovered, conn):
     files = metadata_files(generated_bucket, OLD_RELEASE)
-    script = ("import json, sys; from pathlib import Path; from etl.load import load_release_metadata; "
+    script = ("import json, sys; from pathlib import Path; from etl.db import make_engine; "
+              "from etl.load import load_release_metadata; "
               "files = {k: Path(v) for k, v in json.loads(sys.argv[3]).items()}; "
-              "load_release_metadata(sys.argv[1], sys.argv[2], files)")
-    with db.copy_connection(discovered) as blocker:
+              "load_release_metadata(make_engine(sys.argv[1]), sys.argv[2], files)")
+    with db.copy_connection(discovered.url) as blocker:
         # Hold abc.cell: the load stages the taxonomy, genes, donors and libraries, then waits here.
         blocker.execute("LOCK TABLE abc.cell IN ACCESS EXCLUSIVE MODE")
-        loader = subprocess.Popen([sys.executable, "-c", script, discovered, OLD_RELEASE,
+        url = discovered.url.render_as_string(hide_password=False)
+        loader = subprocess.Popen([sys.executable, "-c", script, url, OLD_RELEASE,
                                    json.dumps({k: str(v) for k, v in files.items()})], cwd=REPO)
         deadline = time.monotonic() + 60
         while not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -366,7 +368,7 @@ def test_migration_013_counts_the_releases_loaded_before_it(generated_bucket, di
     conn.execute("DROP FUNCTION abc.unnest_statistics")
     conn.execute("DELETE FROM abc.schema_migration WHERE number = 13")
 
-    assert db.upgrade(db.make_engine(discovered)) == ["013_analyst_queries_at_size"]
+    assert db.upgrade(discovered) == ["013_analyst_queries_at_size"]
     assert cells_counted(conn, OLD_RELEASE) == published
     with conn.transaction():
         publish_staged_metadata(conn, NEW_RELEASE)
@@ -480,7 +482,7 @@ def test_cli_loads_from_the_mirror_only(generated_bucket, settings, engine, disc
     from etl.mirror import mirror_release
 
     monkeypatch.setenv("ABC_MIRROR_ROOT", settings.mirror_root)
-    args = ["load", "--release", OLD_RELEASE, "--database-url", discovered]
+    args = ["load", "--release", OLD_RELEASE, "--database-url", settings.database_url]
     assert main(args) == EXIT_UNUSABLE  # nothing mirrored yet: never read around the mirror
     assert "are not mirrored and verified" in capsys.readouterr().err and current(conn) is None
 

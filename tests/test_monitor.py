@@ -75,7 +75,8 @@ def load(settings, generated_bucket, release: str) -> None:
     # What the consensus scope loads (the other datasets are not loaded).
     files = {k: generated_bucket.bucket_dir / k for k in scoped_keys(generated_bucket, release)
              if k.startswith("metadata/")}
-    load_release_metadata(settings.database_url, release, files)
+    with db.disposing_engine(settings.database_url) as engine:
+        load_release_metadata(engine, release, files)
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ def expected_cells_per_class(generated_bucket, release: str) -> dict[str, int]:
 
 
 def test_cell_diff_matches_the_generator(both_loaded, engine, generated_bucket):
-    diff.record(both_loaded.database_url, OLD_RELEASE, NEW_RELEASE, both_loaded.run_scope)
+    diff.record(engine, OLD_RELEASE, NEW_RELEASE, both_loaded.run_scope)
     with engine.connect() as conn:
         items = pd.DataFrame(conn.execute(sa.text(
             "SELECT change, item, old_value, new_value FROM abc.release_diff_item WHERE old_release = :o "
@@ -170,7 +171,7 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
                                        "AND new_release = :n"), {"o": OLD_RELEASE, "n": NEW_RELEASE}).scalar_one()
         stored = conn.execute(sa.text("SELECT subject, change, count(*) FROM abc.release_diff_item "
                                       "GROUP BY 1, 2")).all()
-    result = diff.record(settings.database_url, OLD_RELEASE, NEW_RELEASE, settings.run_scope)
+    result = diff.record(engine, OLD_RELEASE, NEW_RELEASE, settings.run_scope)
     assert summary == result.summary
     assert {(s, c): n for s, c, n in stored} == {(s, c): result.count(s, c) for by_subject in summary.values()
                                                  for s, by_change in by_subject.items() for c in by_change}
@@ -203,7 +204,7 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
 
     # The notes list the first items of each change by (dataset, item), then how many more.
     monkeypatch.setattr(diff, "LISTED_PER_CHANGE", 2)
-    short = diff.release_notes_markdown(diff.record(settings.database_url, OLD_RELEASE, NEW_RELEASE,
+    short = diff.release_notes_markdown(diff.record(engine, OLD_RELEASE, NEW_RELEASE,
                                                     settings.run_scope, keep=False))
     moved = sorted((k[0], new[k][0], old[k][0]) for k in old.keys() & new.keys()
                    if old[k][1] == new[k][1] and old[k][0] != new[k][0])
@@ -214,7 +215,7 @@ def test_diff_between_loaded_releases_is_stored_and_rendered(both_loaded, engine
 
 def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, webhook):
     settings = both_loaded
-    results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
+    results = quality.run_quality_checks(engine, OLD_RELEASE)
     assert [r.name for r in results] == list(quality.CHECKS)
     assert all(r.passed for r in results), results
     quality.require_passing(results, OLD_RELEASE)
@@ -248,7 +249,7 @@ def test_quality_checks_pass_then_block_publish_and_alert(both_loaded, engine, w
     monitor.check_release(settings, engine, OLD_RELEASE)
     assert webhook.kinds() == ["failed_check", "failed_check"]
     assert webhook.received[-1]["details"]["checks"][0]["failing"] == len(broken) + len(more)
-    results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
+    results = quality.run_quality_checks(engine, OLD_RELEASE)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM abc.alert WHERE kind = 'failed_check'")).scalar() == 2
         stored = dict(conn.execute(sa.text("SELECT name, passed FROM abc.quality_check WHERE release = :r"),
@@ -268,7 +269,7 @@ def test_expression_check_fails_when_aggregated_and_metadata_counts_differ(setti
         aggregate.merge_and_publish(conn, OLD_RELEASE, {MACOSKO: partials}, taxonomy)
 
     def expression_check() -> quality.CheckResult:
-        results = quality.run_quality_checks(settings.database_url, OLD_RELEASE)
+        results = quality.run_quality_checks(engine, OLD_RELEASE)
         return {r.name: r for r in results}["expression_cells_match_metadata"]
 
     assert expression_check() == quality.CheckResult("expression_cells_match_metadata", True, 0, "")

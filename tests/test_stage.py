@@ -48,8 +48,9 @@ def _published_release(settings, engine, monkeypatch) -> None:
 
 
 def _readers(settings, release: str) -> dict:
-    per_class = {c.class_name: c.new for c in diff.record(settings.database_url, release, release,
-                                                             settings.run_scope, keep=False).cells_per_class}
+    with db.disposing_engine(settings.database_url) as engine:
+        per_class = {c.class_name: c.new for c in diff.record(engine, release, release,
+                                                                 settings.run_scope, keep=False).cells_per_class}
     with db.copy_connection(settings.database_url) as conn:
         datasets = [r[0] for r in conn.execute("SELECT DISTINCT dataset FROM abc.cell WHERE release = %s",
                                                (release,)).fetchall()]
@@ -155,8 +156,9 @@ STAGE_THEN_SLEEP = ("import sys, time; from etl import pipeline; from etl.config
 
 def _cells_read(settings, release: str) -> tuple[int, int]:
     """Cells a reader sees of ``release``: through the diff, and where staged_or_published points."""
-    through_diff = sum(c.new for c in diff.record(settings.database_url, release, release, settings.run_scope,
-                                                  keep=False).cells_per_class)
+    with db.disposing_engine(settings.database_url) as engine:
+        through_diff = sum(c.new for c in diff.record(engine, release, release, settings.run_scope,
+                                                      keep=False).cells_per_class)
     with db.copy_connection(settings.database_url) as conn:
         table = staged_or_published(conn, "cell", release)
         read = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE release = %s").format(table),
