@@ -89,8 +89,8 @@ def _as_frame(stats: aggregate.GroupStats) -> dict[str, pd.DataFrame]:
 
 @pytest.mark.parametrize("level", aggregate.TAXONOMY_LEVELS)
 def test_taxonomy_levels_match_scanpy(macosko_partials, reference, generated_bucket, level):
-    partials = [aggregate.load_partial(p) for p in macosko_partials]
-    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket), groupings=[level])
+    files = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(files, _membership(generated_bucket), groupings=[level])
     ours = _as_frame(stats)
     expected = sc.get.aggregate(reference, by=level, func=["sum", "mean", "count_nonzero"])
     order = expected.obs_names
@@ -110,8 +110,8 @@ def test_taxonomy_levels_match_scanpy(macosko_partials, reference, generated_buc
 
 
 def test_region_subclass_matches_pandas_groupby(macosko_partials, reference, generated_bucket):
-    partials = [aggregate.load_partial(p) for p in macosko_partials]
-    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket),
+    files = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(files, _membership(generated_bucket),
                                        groupings=[aggregate.REGION_SUBCLASS])
     ours = _as_frame(stats)
     dense = pd.DataFrame(reference.X.toarray().astype(np.float64))
@@ -129,13 +129,13 @@ def test_region_subclass_matches_pandas_groupby(macosko_partials, reference, gen
 def test_qc_dropped_cells_are_excluded(macosko_partials, generated_bucket):
     listed = set(_assignments(generated_bucket, MACOSKO)["cell_label"])
     for partial_path, matrix in zip(macosko_partials, _matrices(generated_bucket, MACOSKO, "log2"), strict=True):
-        partial = aggregate.load_partial(partial_path)
+        file_stats = aggregate.load_partial(partial_path)
         labels = ad.read_h5ad(matrix, backed="r").obs_names
         in_metadata = int(labels.isin(listed).sum())
         assert 0 < in_metadata < len(labels)  # the fixture holds cells the metadata dropped
-        assert partial.n_cells_aggregated == in_metadata
-        assert partial.stats["cluster"].groups["n_cells"].sum() == in_metadata
-        assert partial.stats[aggregate.REGION_SUBCLASS].groups["n_cells"].sum() == in_metadata
+        assert file_stats.n_cells_aggregated == in_metadata
+        assert file_stats.stats["cluster"].groups["n_cells"].sum() == in_metadata
+        assert file_stats.stats[aggregate.REGION_SUBCLASS].groups["n_cells"].sum() == in_metadata
 
 
 @pytest.mark.parametrize("group_order", [True, False])

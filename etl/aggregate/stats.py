@@ -97,8 +97,9 @@ class GroupStats:
 
 
 @dataclass
-class Partial:
-    """Base-grouping statistics of one matrix file, before merging with the dataset's other files."""
+class FileStats:
+    """Base-grouping statistics of one matrix file, before merging with the dataset's other files
+    (saved to disk, it is the file's *partial*: :func:`save_partial`)."""
 
     source: str
     normalization: str
@@ -166,22 +167,23 @@ _STAT_ARRAYS = ("indptr", "indices", "sums", "nonzero")
 PARTIAL_FORMAT = 1
 
 
-def save_partial(partial: Partial, path: Path, inputs: str | None = None) -> Path:
-    """Write a partial as one uncompressed .npz, atomically (temporary name, then rename)."""
+def save_partial(file_stats: FileStats, path: Path, inputs: str | None = None) -> Path:
+    """Write one file's statistics as its partial, one uncompressed .npz, atomically (temporary name,
+    then rename)."""
     arrays: dict[str, np.ndarray] = {}
-    genes = next(iter(partial.stats.values())).genes if partial.stats else pd.DataFrame(
+    genes = next(iter(file_stats.stats.values())).genes if file_stats.stats else pd.DataFrame(
         {"gene_identifier": [], "gene_symbol": []})
     arrays["gene_identifier"] = genes["gene_identifier"].to_numpy(dtype=str)
     arrays["gene_symbol"] = genes["gene_symbol"].to_numpy(dtype=str)
-    for grouping, stats in partial.stats.items():
+    for grouping, stats in file_stats.stats.items():
         for column in ("group_label", "region_of_interest_acronym"):
             arrays[f"{grouping}.{column}"] = stats.groups[column].to_numpy(dtype=str)
         arrays[f"{grouping}.n_cells"] = stats.groups["n_cells"].to_numpy(np.int64)
         for name in _STAT_ARRAYS:
             arrays[f"{grouping}.{name}"] = getattr(stats, name)
-    info = {"source": partial.source, "normalization": partial.normalization,
-            "n_cells_in_file": partial.n_cells_in_file, "n_cells_aggregated": partial.n_cells_aggregated,
-            "groupings": list(partial.stats), "inputs": inputs}
+    info = {"source": file_stats.source, "normalization": file_stats.normalization,
+            "n_cells_in_file": file_stats.n_cells_in_file, "n_cells_aggregated": file_stats.n_cells_aggregated,
+            "groupings": list(file_stats.stats), "inputs": inputs}
     arrays["info"] = np.array(json.dumps(info))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -191,7 +193,8 @@ def save_partial(partial: Partial, path: Path, inputs: str | None = None) -> Pat
     return path
 
 
-def load_partial(path: Path) -> Partial:
+def load_partial(path: Path) -> FileStats:
+    """One file's statistics, read back from its partial."""
     with np.load(path) as stored:
         info = json.loads(str(stored["info"]))
         expected = {f"{grouping}.{name}" for grouping in info["groupings"] for name in _STAT_ARRAYS}
@@ -205,7 +208,8 @@ def load_partial(path: Path) -> Partial:
                                    for column in ("group_label", "region_of_interest_acronym", "n_cells")})
             stats[grouping] = GroupStats(grouping, groups, genes,
                                          *(stored[f"{grouping}.{name}"] for name in _STAT_ARRAYS))
-    return Partial(info["source"], info["normalization"], info["n_cells_in_file"], info["n_cells_aggregated"], stats)
+    return FileStats(info["source"], info["normalization"], info["n_cells_in_file"], info["n_cells_aggregated"],
+                     stats)
 
 
 def partial_inputs(path: Path) -> str | None:
@@ -243,9 +247,9 @@ def _union_genes(parts: Iterable[GroupStats]) -> pd.DataFrame:
     return genes.drop_duplicates("gene_identifier", ignore_index=True)
 
 
-def merge_partials(partials: Sequence[Partial], grouping: str) -> GroupStats:
+def merge_file_stats(files: Sequence[FileStats], grouping: str) -> GroupStats:
     """Sum one base grouping over a dataset's files; groups with no cells are left out."""
-    parts = [p.stats[grouping] for p in partials if grouping in p.stats]
+    parts = [f.stats[grouping] for f in files if grouping in f.stats]
     if not parts:
         raise AggregationError(f"no partial holds grouping {grouping!r}")
     keys = ["group_label", "region_of_interest_acronym"]
@@ -265,16 +269,16 @@ def roll_up(clusters: GroupStats, taxonomy: ClusterTaxonomy, level: str) -> Grou
     return _merge(level, [clusters], [rows], groups, clusters.genes)
 
 
-def dataset_stats(partials: Sequence[Partial], taxonomy: pd.DataFrame | ClusterTaxonomy,
+def dataset_stats(files: Sequence[FileStats], taxonomy: pd.DataFrame | ClusterTaxonomy,
                   groupings: Sequence[str] = GROUPINGS) -> Iterator[GroupStats]:
     """Every requested grouping of one dataset, one at a time, so memory holds at most two levels."""
     tax = taxonomy if isinstance(taxonomy, ClusterTaxonomy) else ClusterTaxonomy(taxonomy)
     base = base_groupings(groupings)
     if "cluster" in base:
-        clusters = merge_partials(partials, "cluster")
+        clusters = merge_file_stats(files, "cluster")
         for level in TAXONOMY_LEVELS:
             if level in groupings:
                 yield clusters if level == "cluster" else roll_up(clusters, tax, level)
         del clusters
     if REGION_SUBCLASS in base:
-        yield merge_partials(partials, REGION_SUBCLASS)
+        yield merge_file_stats(files, REGION_SUBCLASS)

@@ -43,8 +43,8 @@ from etl.aggregate.stats import (
     Accumulator,
     AggregationError,
     ClusterTaxonomy,
+    FileStats,
     GroupStats,
-    Partial,
     base_groupings,
     save_partial,
 )
@@ -204,7 +204,7 @@ def _aggregate_in_file_order(store: h5py.File, matrix: h5ad.Matrix,
 
 def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | ClusterTaxonomy, *,
                      chunk_cells: int = DEFAULT_CHUNK_CELLS, groupings: Sequence[str] = GROUPINGS,
-                     group_order: bool | None = None) -> Partial:
+                     group_order: bool | None = None) -> FileStats:
     """Aggregate one h5ad file (streamed in row chunks) into base-grouping statistics, in memory.
 
     ``assignments`` has ``cell_label, cluster_alias, region_of_interest_acronym``; matrix rows it does
@@ -242,7 +242,7 @@ def aggregate_matrix(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Da
         groups = groups.assign(n_cells=np.bincount(row_codes[row_codes >= 0], minlength=len(groups)))
         stats[grouping] = GroupStats(grouping, groups.reset_index(drop=True), matrix.genes, *arrays.pop(grouping))
     aggregated = int((next(iter(codes.values()))[0] >= 0).sum()) if codes else 0
-    return Partial(str(path), matrix.normalization, matrix.n_cells, aggregated, stats)
+    return FileStats(str(path), matrix.normalization, matrix.n_cells, aggregated, stats)
 
 
 def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.DataFrame | ClusterTaxonomy,
@@ -250,11 +250,12 @@ def aggregate_file(h5ad_path: Path, assignments: pd.DataFrame, taxonomy: pd.Data
                    groupings: Sequence[str] = GROUPINGS, inputs: str | None = None) -> Path:
     """Aggregate one h5ad file and persist its partial result at ``out_path`` (.npz); return the path.
 
-    ``inputs`` (:func:`inputs_digest`) is kept in the partial so that a later release can reuse it.
+    ``inputs`` (:func:`etl.aggregate.release.inputs_digest`) is kept in the partial so that a later
+    release can reuse it.
 
     This is the unit of parallel work: partials of a dataset's files are merged by
-    :func:`merge_partials`, in any order.
+    :func:`etl.aggregate.stats.merge_file_stats`, in any order.
     """
-    partial = aggregate_matrix(h5ad_path, assignments, taxonomy, chunk_cells=chunk_cells, groupings=groupings)
-    log.info("aggregated %s: %d of %d cells", h5ad_path, partial.n_cells_aggregated, partial.n_cells_in_file)
-    return save_partial(partial, Path(out_path), inputs)
+    file_stats = aggregate_matrix(h5ad_path, assignments, taxonomy, chunk_cells=chunk_cells, groupings=groupings)
+    log.info("aggregated %s: %d of %d cells", h5ad_path, file_stats.n_cells_aggregated, file_stats.n_cells_in_file)
+    return save_partial(file_stats, Path(out_path), inputs)

@@ -200,9 +200,9 @@ def _merge_and_stage(conn: psycopg.Connection, release: str, partials: Mapping[s
         with conn.cursor().copy(sql.SQL(
                 "COPY {} (release, dataset, source, normalization, n_cells_in_file, n_cells_aggregated) "
                 "FROM STDIN").format(staged["expression_file"])) as copy:
-            for partial in loaded:
-                copy.write_row((release, dataset, partial.source, partial.normalization,
-                                partial.n_cells_in_file, partial.n_cells_aggregated))
+            for file_stats in loaded:
+                copy.write_row((release, dataset, file_stats.source, file_stats.normalization,
+                                file_stats.n_cells_in_file, file_stats.n_cells_aggregated))
     _carry_over(conn, release, list(partials), staged)
     for table in EXPRESSION_TABLES:
         index_staging_table(conn, table, release)
