@@ -132,8 +132,8 @@ def synthetic_stats(grouping: str, groups: pd.DataFrame, genes: pd.DataFrame, pr
                                 np.concatenate(sums), np.concatenate(nonzero))
 
 
-def synthetic_partial(dataset: str, assignments: pd.DataFrame, taxonomy: aggregate.ClusterTaxonomy, genes: pd.DataFrame,
-                      rng: np.random.Generator) -> aggregate.Partial:
+def synthetic_file_stats(dataset: str, assignments: pd.DataFrame, taxonomy: aggregate.ClusterTaxonomy,
+                         genes: pd.DataFrame, rng: np.random.Generator) -> aggregate.FileStats:
     """A dataset's base groupings (cluster, region x subclass) over its loaded cells, synthetic values."""
     alias = assignments["cluster_alias"].dropna().astype("int64").astype(str)
     cluster_of_cell = taxonomy.labels["cluster"].reindex(alias.to_numpy()).to_numpy()
@@ -158,7 +158,7 @@ def synthetic_partial(dataset: str, assignments: pd.DataFrame, taxonomy: aggrega
     stats = {"cluster": synthetic_stats("cluster", clusters, genes, prevalence, rng),
              aggregate.REGION_SUBCLASS: synthetic_stats(aggregate.REGION_SUBCLASS, region_subclass, genes, pooled, rng)}
     n = int(clusters["n_cells"].sum())
-    return aggregate.Partial(f"synthetic:{dataset}", "log2", n, n, stats)
+    return aggregate.FileStats(f"synthetic:{dataset}", "log2", n, n, stats)
 
 
 def publish_expression(url: str, release: str, work: Path, seed: int) -> dict:
@@ -170,11 +170,11 @@ def publish_expression(url: str, release: str, work: Path, seed: int) -> dict:
         membership = aggregate.release_taxonomy(conn, release)
         taxonomy = aggregate.ClusterTaxonomy(membership)
         for dataset in DATASETS:
-            partial = synthetic_partial(dataset, cell_assignments(conn, release, dataset), taxonomy, genes, rng)
+            file_stats = synthetic_file_stats(dataset, cell_assignments(conn, release, dataset), taxonomy, genes, rng)
             print(f"# {dataset}: " + ", ".join(f"{g} {len(s.groups)} groups {s.n_pairs:,} pairs"
-                                              for g, s in partial.stats.items()), flush=True)
-            partials[dataset] = [aggregate.save_partial(partial, work / f"{dataset}.npz")]
-            del partial
+                                              for g, s in file_stats.stats.items()), flush=True)
+            partials[dataset] = [aggregate.save_partial(file_stats, work / f"{dataset}.npz")]
+            del file_stats
         started = time.perf_counter()
         entries = aggregate.merge_and_publish(conn, release, partials, membership)
     return {"merge_and_publish_seconds": time.perf_counter() - started, "entries": entries}

@@ -15,7 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from etl import aggregate, db
-from etl.aggregate import AggregationError, ClusterTaxonomy
+from etl.aggregate import AggregationError, ClusterTaxonomy, h5ad, kernels
 from etl.fixtures import CONSENSUS_WMB, MACOSKO, OLD_RELEASE, TAXONOMY, WMB_MATRIX_VERSION, GeneratedBucket
 
 RTOL = 1e-6
@@ -89,8 +89,8 @@ def _as_frame(stats: aggregate.GroupStats) -> dict[str, pd.DataFrame]:
 
 @pytest.mark.parametrize("level", aggregate.TAXONOMY_LEVELS)
 def test_taxonomy_levels_match_scanpy(macosko_partials, reference, generated_bucket, level):
-    partials = [aggregate.load_partial(p) for p in macosko_partials]
-    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket), groupings=[level])
+    files = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(files, _membership(generated_bucket), groupings=[level])
     ours = _as_frame(stats)
     expected = sc.get.aggregate(reference, by=level, func=["sum", "mean", "count_nonzero"])
     order = expected.obs_names
@@ -110,8 +110,8 @@ def test_taxonomy_levels_match_scanpy(macosko_partials, reference, generated_buc
 
 
 def test_region_subclass_matches_pandas_groupby(macosko_partials, reference, generated_bucket):
-    partials = [aggregate.load_partial(p) for p in macosko_partials]
-    (stats,) = aggregate.dataset_stats(partials, _membership(generated_bucket),
+    files = [aggregate.load_partial(p) for p in macosko_partials]
+    (stats,) = aggregate.dataset_stats(files, _membership(generated_bucket),
                                        groupings=[aggregate.REGION_SUBCLASS])
     ours = _as_frame(stats)
     dense = pd.DataFrame(reference.X.toarray().astype(np.float64))
@@ -129,13 +129,13 @@ def test_region_subclass_matches_pandas_groupby(macosko_partials, reference, gen
 def test_qc_dropped_cells_are_excluded(macosko_partials, generated_bucket):
     listed = set(_assignments(generated_bucket, MACOSKO)["cell_label"])
     for partial_path, matrix in zip(macosko_partials, _matrices(generated_bucket, MACOSKO, "log2"), strict=True):
-        partial = aggregate.load_partial(partial_path)
+        file_stats = aggregate.load_partial(partial_path)
         labels = ad.read_h5ad(matrix, backed="r").obs_names
         in_metadata = int(labels.isin(listed).sum())
         assert 0 < in_metadata < len(labels)  # the fixture holds cells the metadata dropped
-        assert partial.n_cells_aggregated == in_metadata
-        assert partial.stats["cluster"].groups["n_cells"].sum() == in_metadata
-        assert partial.stats[aggregate.REGION_SUBCLASS].groups["n_cells"].sum() == in_metadata
+        assert file_stats.n_cells_aggregated == in_metadata
+        assert file_stats.stats["cluster"].groups["n_cells"].sum() == in_metadata
+        assert file_stats.stats[aggregate.REGION_SUBCLASS].groups["n_cells"].sum() == in_metadata
 
 
 @pytest.mark.parametrize("group_order", [True, False])
@@ -202,14 +202,14 @@ def test_chunks_are_the_rows_of_x(generated_bucket, tmp_path, layout):
                     del store["X"][name]
                     store["X"].create_dataset(name, data=values)
     with h5py.File(path, "r") as store:
-        direct = aggregate._FileRanges.of(store["X"]["data"], -1)
+        direct = h5ad.FileRanges.of(store["X"]["data"], -1)
     assert (direct is None) == (layout == "gzip")
     buffers = {}
     for with_data in (False, True):  # the second pass reuses the first one's buffers
         with h5py.File(path, "r", rdcc_nbytes=0) as store:
             rows = [sp.csr_matrix((data.copy() if with_data else np.ones(len(indices)), indices.copy(),
                                    indptr.copy()), shape=(len(indptr) - 1, expected.shape[1]))
-                    for _, indptr, indices, data in aggregate._chunks(
+                    for _, indptr, indices, data in h5ad.chunks(
                         store, store["X"]["indptr"][:].astype(np.int64), 37, with_data, buffers)]
         reference = expected if with_data else expected.astype(bool).astype(float)
         assert (sp.vstack(rows) != reference).nnz == 0
@@ -218,14 +218,14 @@ def test_chunks_are_the_rows_of_x(generated_bucket, tmp_path, layout):
         with h5py.File(path, "r") as store:
             fd = os.open(path, os.O_RDONLY)
             try:
-                ranges = {name: aggregate._FileRanges.of(store["X"][name], fd) for name in ("indices", "data")}
+                ranges = {name: h5ad.FileRanges.of(store["X"][name], fd) for name in ("indices", "data")}
                 indptr = store["X"]["indptr"][:].astype(np.int64)
                 lengths = np.diff(indptr)[shuffled]
                 out = {name: [] for name in ranges}
                 for name, r in ranges.items():
                     buffer = np.empty(lengths.max(), r.dtype)
                     for row in shuffled:
-                        assert aggregate._read_row(r.reader, indptr, row, buffer) == -1
+                        assert kernels.read_row(r.reader, indptr, row, buffer) == -1
                         out[name].append(buffer[:indptr[row + 1] - indptr[row]].copy())
             finally:
                 os.close(fd)
@@ -301,7 +301,7 @@ def test_values_past_the_end_of_the_file_are_reported_by_file(generated_bucket, 
     error names the file and the byte, whichever way the rows are read."""
     path = _matrices(generated_bucket, MACOSKO, "log2")[0]
     size = path.stat().st_size
-    ranges_of = aggregate._FileRanges.of.__func__
+    ranges_of = h5ad.FileRanges.of.__func__
 
     def data_past_the_end(cls, dataset, fd):
         ranges = ranges_of(cls, dataset, fd)
@@ -309,7 +309,7 @@ def test_values_past_the_end_of_the_file_are_reported_by_file(generated_bucket, 
             ranges.offsets = ranges.offsets + size
         return ranges
 
-    monkeypatch.setattr(aggregate._FileRanges, "of", classmethod(data_past_the_end))
+    monkeypatch.setattr(h5ad.FileRanges, "of", classmethod(data_past_the_end))
     with pytest.raises(AggregationError, match=rf"{path.name}: unreadable h5ad: file ends at byte \d+, inside X"):
         aggregate.aggregate_matrix(path, _assignments(generated_bucket, MACOSKO), _membership(generated_bucket),
                                    group_order=group_order)
@@ -320,7 +320,7 @@ def test_group_runs_cover_every_grouped_row_once(parts):
     rng = np.random.default_rng(parts)
     row_group = rng.integers(-1, 12, 500).astype(np.int32)
     indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 40, 500))]).astype(np.int64)
-    order, bounds = aggregate._group_order(row_group, indptr, parts)
+    order, bounds = kernels.group_order(row_group, indptr, parts)
     assert bounds[0] == (row_group < 0).sum() and bounds[-1] == len(row_group)
     assert np.all(np.diff(bounds) >= 0)
     covered = np.concatenate([order[bounds[p]:bounds[p + 1]] for p in range(parts)])

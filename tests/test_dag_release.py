@@ -158,17 +158,18 @@ def _lineage_runs(engine: sa.Engine, release: str) -> list[tuple[str, str, str]]
 
 
 def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine, monkeypatch):
-    from etl import aggregate, lineage
+    from etl import lineage
+    from etl.aggregate import warehouse
     from tests.test_lineage import recording_emitter
 
     emitter, recording = recording_emitter()
     monkeypatch.setattr(lineage, "default_emitter", lambda: emitter)
-    real_merge = aggregate.merge_and_stage
+    real_merge = warehouse.merge_and_stage
 
     def broken_merge(*args, **kwargs):
         raise RuntimeError("injected: the warehouse went away during merge")
 
-    monkeypatch.setattr(aggregate, "merge_and_stage", broken_merge)
+    monkeypatch.setattr(warehouse, "merge_and_stage", broken_merge)
     dag = _release_dag()
     logical_date = pendulum.datetime(2026, 4, 1, tz="UTC")
     conf = {"release": OLD_RELEASE, "batch_bytes": 1 << 20}
@@ -185,7 +186,7 @@ def test_failed_task_cleared_and_rerun_leaves_no_duplicates(release_env, engine,
     assert {(step, status) for step, status, _ in after_failure} == {
         ("mirror", "succeeded"), ("load_metadata", "succeeded"), ("aggregate", "failed")}
 
-    monkeypatch.setattr(aggregate, "merge_and_stage", real_merge)
+    monkeypatch.setattr(warehouse, "merge_and_stage", real_merge)
     # The same run: dag.test() clears its task instances (the failed one included) and runs them again.
     rerun = dag.test(logical_date=logical_date, run_after=logical_date, run_conf=conf)
     assert rerun.state == "success"
