@@ -44,6 +44,7 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import io
 import json
 import logging
 import mmap
@@ -79,6 +80,8 @@ S3_MIN_PART_SIZE = 8 * MiB  # S3 refuses multipart parts under 5 MiB; 8 MiB keep
 MAX_PARTS = 9000  # below S3's 10,000-part limit; also keeps the resume sidecar small
 PART_MEMORY = 256 * MiB  # parts held in memory until hashed (and uploaded), at most about this much
 READ_CHUNK = 1 * MiB
+MAX_HEADER_LINE = 65536  # http.client's limits on a response's header lines
+MAX_HEADERS = 100
 HASH_CHUNK = 4 * MiB
 DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size; 4 KiB covers all
 LEGACY_MAX_ATTEMPTS = 5  # botocore's attempts in its legacy retry mode when none are configured
@@ -233,8 +236,9 @@ class _HttpError(Exception):
         return self.code in RETRYABLE_CODES or self.status in RETRYABLE_STATUSES
 
 
-class _Redirected(Exception):
-    """The source redirected a GET (a bucket in another region): botocore follows those, the plain path does not.
+class _HandOver(Exception):
+    """The source answered a GET as the plain path does not follow: a redirect (a bucket in another region),
+    which botocore follows, or a body of unknown length. botocore makes the GETs from then on.
 
     ``pos`` is the byte the range had reached, where botocore takes over.
     """
@@ -291,17 +295,95 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
 
 class _Tuned:
     """Connects within the client's connect timeout (TCP, proxy tunnel, TLS handshake), then reads with its
-    read timeout, as botocore's urllib3 connections do; TCP keepalive if the client's config asks for it."""
+    read timeout, as botocore's urllib3 connections do; TCP keepalive if the client's config asks for it.
+
+    http.client only connects (proxy tunnel and TLS included): requests are written and responses read
+    on ``sock`` by :class:`_Response`, through ``reader``, one buffered reader for the connection's life.
+    """
 
     read_timeout: float
     keepalive: bool
-    sock: socket.socket
+    sock: socket.socket | None
+    reader: io.BufferedReader | None = None
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self.sock.settimeout(self.read_timeout)
         if self.keepalive:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        if self.reader is not None:  # the socket stays open while a file made from it is
+            self.reader.close()
+            self.reader = None
+        super().close()  # type: ignore[misc]
+
+
+class _Response:
+    """A GET's response, read off the connection by hand: status, headers, then a body of known length.
+
+    http.client parses each response's headers into an ``email`` message, which costs more CPU than a
+    small object's bytes; this reads what the GET path needs and no more. Informational (1xx) answers
+    are skipped; a body without ``Content-Length`` is read to its end only for errors (chunked, or up to
+    the connection's close), as :meth:`error_body`.
+    """
+
+    def __init__(self, reader: io.BufferedReader) -> None:
+        self.reader = reader
+        while True:
+            line = reader.readline(MAX_HEADER_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("the connection closed without a response")
+            version, _, rest = line.partition(b" ")
+            if not version.startswith(b"HTTP/") or not rest[:3].isdigit() or len(line) > MAX_HEADER_LINE:
+                raise http.client.BadStatusLine(repr(line[:100]))
+            self.status = int(rest[:3])
+            self.headers: dict[str, str] = {}
+            for _ in range(MAX_HEADERS):
+                line = reader.readline(MAX_HEADER_LINE + 1)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                if len(line) > MAX_HEADER_LINE:
+                    raise http.client.LineTooLong("header line")
+                name, _, value = line.decode("latin-1").partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            else:
+                raise http.client.HTTPException(f"more than {MAX_HEADERS} headers")
+            if not 100 <= self.status < 200:
+                break
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length", "")
+        self.length = int(length) if length.isdigit() and not self.chunked else None
+        self.reusable = version != b"HTTP/1.0" and self.headers.get("connection", "").lower() != "close"
+
+    def getheader(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def readinto(self, view: memoryview) -> int:
+        """Body bytes into ``view``, at most what is left of the body; 0 at its end."""
+        n = self.reader.readinto(view[:self.length]) if self.length else 0
+        self.length -= n
+        return n
+
+    def complete(self) -> bool:
+        """The whole body was read and the server keeps the connection: ready for the next request."""
+        return self.length == 0 and self.reusable
+
+    def error_body(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of an error's body (the connection is dropped after it)."""
+        if self.length is not None:
+            return self.reader.read(min(self.length, limit))
+        if not self.chunked:
+            return self.reader.read(limit)  # delimited by the connection's close
+        body = b""
+        while len(body) < limit:
+            size = int(self.reader.readline(MAX_HEADER_LINE).split(b";")[0].strip() or b"0", 16)
+            if not size:
+                break
+            body += self.reader.read(size)
+            self.reader.readline(MAX_HEADER_LINE)
+        return body[:limit]
 
 
 class _HttpConnection(_Tuned, http.client.HTTPConnection):
@@ -350,8 +432,12 @@ class _HttpSource:
         self.proxy = urlsplit(proxy) if proxy else None
         self.proxy_headers = proxies.proxy_headers_for(proxy) if proxy else {}
         self.path_prefix = url.path[: -len(marker)]
+        # What every GET sends besides its target and range (http.client's Host, as for this URL).
+        self.request_headers = f"Host: {url.netloc}\r\nUser-Agent: abc-mirror\r\nAccept-Encoding: identity\r\n"
         # A plain-HTTP proxy is asked for the absolute URL; HTTPS goes through a tunnel to the host.
         self.forwarded = bool(self.proxy) and not self.https
+        if self.forwarded:
+            self.request_headers += "".join(f"{name}: {value}\r\n" for name, value in self.proxy_headers.items())
         self.verify = verify
         self.context = _tls_context(verify) if self.https else None
         self.connect_timeout = config.connect_timeout or 60
@@ -407,36 +493,36 @@ class _HttpSource:
         """The URL of ``key``: botocore's for the marker key, with this key quoted as botocore quotes keys."""
         return self.origin + self.path_prefix + quote(key, safe="/~")
 
-    def get(self, key: str, start: int, end: int) -> http.client.HTTPResponse:
+    def get(self, key: str, start: int, end: int) -> _Response:
         """The response to GET bytes [start, end) of ``key``, its body unread.
 
-        Raises :class:`_HttpError` for an error status, :class:`_Redirected` for a redirect.
+        Raises :class:`_HttpError` for an error status, :class:`_HandOver` for a redirect or a body of
+        unknown length.
         """
         conn = self._connection()
-        headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "abc-mirror"}
-        if self.forwarded:
-            headers.update(self.proxy_headers)
+        if conn.sock is None:
+            conn.connect()
         url = self.url(key)
-        conn.request("GET", url if self.forwarded else url[len(self.origin):], headers=headers)
-        response = conn.getresponse()
+        conn.sock.sendall(f"GET {url if self.forwarded else url[len(self.origin):]} HTTP/1.1\r\n"
+                          f"Range: bytes={start}-{end - 1}\r\n{self.request_headers}\r\n".encode())
+        response = _Response(conn.reader)
         if response.status in REDIRECT_STATUSES:
-            response.read()
             region = response.getheader("x-amz-bucket-region")
-            raise _Redirected(f"HTTP {response.status} from {self.origin}"
-                              + (f" (the bucket is in {region})" if region else ""))
+            raise _HandOver(f"HTTP {response.status} from {self.origin}"
+                            + (f" (the bucket is in {region})" if region else ""))
         if response.status not in (200, 206):
-            body = response.read(64 << 10)
-            found = re.search(rb"<Code>([^<]*)</Code>", body)
+            found = re.search(rb"<Code>([^<]*)</Code>", response.error_body(64 << 10))
             raise _HttpError(response.status, found.group(1).decode(errors="replace") if found else "")
+        if response.length is None:
+            raise _HandOver(f"HTTP {response.status} from {self.origin} without a Content-Length")
         content_range = response.getheader("Content-Range")
         # An object shorter than the range asked for is answered, cut: the caller names both sizes.
         if content_range is None:  # the whole object: fine only if that is what was asked for
-            ok = start == 0 and response.length is not None and response.length <= end
+            ok = start == 0 and response.length <= end
         else:
             served, _, total = content_range.removeprefix("bytes ").partition("/")
             ok = served == f"{start}-{end - 1}" or (total.isdigit() and int(total) < end)
         if not ok:
-            response.close()
             raise _HttpError(response.status, f"RangeIgnored ({content_range or 'no Content-Range'})")
         return response
 
@@ -791,7 +877,7 @@ class Transfer:
         if source is not None and source.enabled:
             try:
                 return self._read_range_http(source, key, start, end, expected_total, write, into)
-            except _Redirected as exc:
+            except _HandOver as exc:
                 source.enabled = False
                 log.warning("GET %s: %s; botocore makes the GETs from now on (it follows redirects)", key, exc)
                 start = exc.pos
@@ -873,13 +959,13 @@ class Transfer:
                         write(pos, target[:n])
                     pos += n
                     self.on_bytes(n)
-                if not response.isclosed():  # the body is complete: the connection is ready for reuse
-                    response.read()
+                if not response.complete():  # the server closes it, or sent more than the range
+                    source.drop()
                 return etag
             except TransferError:
                 source.drop()
                 raise
-            except _Redirected as exc:
+            except _HandOver as exc:
                 source.drop()
                 exc.pos = pos
                 raise
