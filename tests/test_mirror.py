@@ -41,7 +41,7 @@ from etl.fixtures import (
 from etl.manifest import ManifestError, UnsafeKeyError
 from etl.mirror import InsufficientSpaceError, mirror_release
 from etl.s3server import S3Server, start_s3_server
-from etl.transfer import FileJob, Transfer, TransferError, _reopen_direct
+from etl.transfer import FileJob, Transfer, TransferError, _GroupSync, _reopen_direct
 from tests.conftest import REPO
 
 VOLUME = "image_volumes/Test-Volume/20251031/sub/volume.nii.gz"
@@ -613,3 +613,20 @@ def test_without_o_direct_parts_go_through_the_page_cache(flaky_s3, tmp_path, mo
     data = _download_blob(flaky_s3, tmp_path, durable=refused != "not durable")
     assert not any(direct for direct, _, _ in spy.writes)
     assert sum(w[2] for w in spy.writes) == len(data) and spy.reads == 0
+
+
+def test_small_files_are_made_durable_by_one_sync_per_batch_before_their_renames(msettings, engine, monkeypatch):
+    """Thousands of small files must not cost a sync each: a batch of them is fetched into .partial files,
+    synced once, then renamed (a file is never renamed before its bytes are on disk)."""
+    synced: list[int] = []
+    sync = _GroupSync.sync
+
+    def counted(self: _GroupSync, fd: int) -> None:
+        synced.append(len(list(msettings.mirror_path.rglob("*.partial"))))  # not renamed yet
+        sync(self, fd)
+
+    monkeypatch.setattr(_GroupSync, "sync", counted)
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
+    assert report.failed == {} and report.fetched >= 10
+    assert 1 <= len(synced) <= 4 and min(synced) >= 1
+    assert not list(msettings.mirror_path.rglob("*.partial*"))
