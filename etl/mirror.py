@@ -209,7 +209,9 @@ class _LocalTarget:
 
     def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
         """Bytes ``work`` still needs on disk; raises :class:`InsufficientSpaceError` when they are not free."""
-        needed = sum(w.file.size - _resumable_bytes(w.path) for w in work if w.action in (Action.FETCH, Action.COPY))
+        # A small file's .partial is not looked for: counting it whole errs on the safe side, by little.
+        needed = sum(w.file.size - (_resumable_bytes(w.path) if w.file.size > SMALL_FILE else 0)
+                     for w in work if w.action in (Action.FETCH, Action.COPY))
         free = free_space(self.root.root)
         if needed > free:
             raise InsufficientSpaceError(
@@ -346,22 +348,22 @@ def _with_file_retries(f: ManifestFile, attempt: Callable[[], str], record: Call
 
 _UPSERT = sa.text("""
     INSERT INTO abc.mirror_object (target, relative_path, size, md5, etag, mtime_ns, local_path, verified_at)
-    SELECT :t, k, s, m, e, n, p, now()
-    FROM unnest(CAST(:k AS text[]), CAST(:s AS bigint[]), CAST(:m AS text[]), CAST(:e AS text[]),
-                CAST(:n AS bigint[]), CAST(:p AS text[])) AS r(k, s, m, e, n, p)
+    SELECT :t, r.k, r.s, r.m, r.e, r.n, r.p, now()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(k text, s bigint, m text, e text, n bigint, p text)
+    ORDER BY r.k
     ON CONFLICT (target, relative_path) DO UPDATE SET
         size = EXCLUDED.size, md5 = EXCLUDED.md5, etag = COALESCE(EXCLUDED.etag, abc.mirror_object.etag),
         mtime_ns = EXCLUDED.mtime_ns, local_path = EXCLUDED.local_path, verified_at = now()""")
 
 
 def _save_records(engine: Engine, target: str, records: list[dict]) -> None:
-    """Upsert a batch of placed files' records, as one statement over arrays (a row per parameter set
+    """Upsert a batch of placed files' records, as one statement over a JSON array (a parameter set per row
     costs more than the transfer of a small file), in key order: two runs sharing keys (two releases
     mirrored at once) then lock their rows in the same order and cannot deadlock each other."""
     if records:
-        rows = sorted({r["k"]: r for r in records}.values(), key=lambda r: r["k"])
+        rows = {r["k"]: r for r in records}.values()  # a key once per statement (ON CONFLICT needs it)
         with engine.begin() as conn:
-            conn.execute(_UPSERT, {"t": target, **{name: [r[name] for r in rows] for name in "ksmenp"}})
+            conn.execute(_UPSERT, {"t": target, "rows": json.dumps(list(rows))})
         records.clear()
 
 
