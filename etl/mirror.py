@@ -60,7 +60,7 @@ class InsufficientSpaceError(RuntimeError):
 FILE_ATTEMPTS = 3  # whole-file attempts after a checksum mismatch or a changed object
 SMALL_FILE = 1 << 20  # files up to this size are fetched in batches that share one sync
 SMALL_BATCH = 32  # files per batch at most (each holds its .partial open until the batch's renames)
-RECORD_BATCH = 500
+RECORD_BATCH = 2000  # records per upsert, from the main thread while the transfers go on
 RECORD_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
 
