@@ -1,7 +1,8 @@
 """Mirror a release: every file its manifest lists, verified by size and MD5, into a local directory or S3.
 
 The manifest decides what belongs to a release. A file reaches its final path only by rename
-after its bytes matched the manifest (see :mod:`etl.transfer`); what was placed is recorded in
+after its bytes matched the manifest (see :mod:`etl.transfer`); small files go in batches that
+share one sync before their renames; what was placed is recorded in
 ``abc.mirror_object`` so later runs trust it while its size and mtime hold, instead of
 re-hashing terabytes, and a key shared by several releases is fetched once. Files found on disk
 without a record (copied by other means) are hashed once and adopted when they match. Loading
