@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import boto3
@@ -253,9 +254,14 @@ class _LocalTarget:
         """Small files to fetch, as one batch (:meth:`Transfer.download_small`: one sync for them all); a
         file that failed there has its remaining whole-file attempts on its own."""
         jobs = [(FileJob(w.file.relative_path, w.file.size, w.file.md5), w.path) for w in batch]
-        return [_with_file_retries(work.file, _first_then(result, lambda job=job: transfer.download(*job)),
-                                   lambda etag, work=work: self._record(work, etag))
-                for work, job, result in zip(batch, jobs, transfer.download_small(jobs), strict=True)]
+        outcomes = []
+        for work, job, result in zip(batch, jobs, transfer.download_small(jobs), strict=True):
+            attempt = _first_then(result, lambda job=job: transfer.download(*job))
+            try:
+                outcomes.append(_with_file_retries(work.file, attempt, partial(self._record, work)))
+            except Exception as exc:
+                outcomes.append(_unexpected(work, exc))
+        return outcomes
 
 
 def _first_then(result: str | Exception, retry: Callable[[], str]) -> Callable[[], str]:
@@ -565,8 +571,12 @@ def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Tra
     try:
         return [target.process(work, transfer)]
     except Exception as exc:
-        log.exception("%s: unexpected error", work.file.relative_path)
-        return [_Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")]
+        return [_unexpected(work, exc)]
+
+
+def _unexpected(work: _Work, exc: Exception) -> _Outcome:
+    log.error("%s: unexpected error", work.file.relative_path, exc_info=exc)
+    return _Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 def _fetch_batch_safely(target: _LocalTarget, batch: list[_Work], transfer: Transfer) -> list[_Outcome]:

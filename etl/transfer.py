@@ -1149,7 +1149,7 @@ class Transfer:
             for job, final in jobs:
                 try:
                     results.append(self._fetch_small(job, final, len(results), held))
-                except (TransferError, OSError) as exc:
+                except Exception as exc:  # that file's outcome, whatever it is: the others go on
                     results.append(exc)
             try:
                 if held and self.durable:

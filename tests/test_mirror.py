@@ -630,3 +630,20 @@ def test_small_files_are_made_durable_by_one_sync_per_batch_before_their_renames
     assert report.failed == {} and report.fetched >= 10
     assert 1 <= len(synced) <= 4 and min(synced) >= 1
     assert not list(msettings.mirror_path.rglob("*.partial*"))
+
+
+def test_an_unexpected_error_in_a_batch_fails_that_file_only(msettings, engine, monkeypatch):
+    fetch_whole = Transfer._fetch_whole
+    victim = f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"
+
+    def failing(self: Transfer, job: FileJob, *args) -> str:
+        if job.key == victim:
+            raise RuntimeError("not a transfer error")
+        return fetch_whole(self, job, *args)
+
+    monkeypatch.setattr(Transfer, "_fetch_whole", failing)
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
+    assert report.failed == {victim: "RuntimeError: not a transfer error"}
+    assert report.fetched == report.selected - 1 >= 10
+    # The others of its batch were placed; its own .partial stays for the next run, as after any failure.
+    assert [p.name for p in msettings.mirror_path.rglob("*.partial*")] == ["donor.csv.partial"]
