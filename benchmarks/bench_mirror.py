@@ -9,8 +9,9 @@ Data (generated once into --workdir, deleted at the end unless --keep), served b
 - bucket ``abc-small``: 10,000 objects of 1-4 KiB under one release manifest.
 
 Every tool copies the whole bucket into a fresh directory (abc-mirror through the release
-manifest, with its records cleared between runs), rounds interleaved with a rotating order;
-then each tool, on its own complete copy of the small bucket, re-syncs it with nothing to do.
+manifest, in the ``atlas`` scope: every file it lists, with its records cleared between runs),
+rounds interleaved with a rotating order; then, in as many rounds, each tool copies the small
+bucket into a fresh directory and re-syncs that copy with nothing to do.
 Each tool runs as a child process under GNU time: wall time, the tool's own peak RSS and CPU
 seconds; the rclone server's CPU seconds during the run are read from /proc (it shares the cores).
 Before each timed run the page cache is synced and the benchmark waits (``--quiet``, at most
@@ -19,7 +20,7 @@ and the load average. The CPU cost of MD5 over every byte (what abc-mirror must 
 do not) is measured once, and abc-mirror's own transfer time from its report separates start-up
 and bookkeeping from moving bytes.
 
-    .venv/bin/python benchmarks/bench_mirror.py --rounds 3
+    .venv/bin/python benchmarks/bench_mirror.py --rounds 3 [--server URL] [--peer-bin DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ MiB = 1 << 20
 SMALL_BUCKET = "abc-small"
 SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout whose etl abc-mirror runs
 
 
 def _random_file(path: Path, size: int, seed: int) -> None:
@@ -151,19 +153,21 @@ def md5_cpu_seconds(root: Path) -> tuple[float, int]:
 class Tools:
     """The command of each tool copying one bucket of the served endpoint into a directory."""
 
-    def __init__(self, endpoint: str, database_url: str, workers: int) -> None:
-        self.endpoint, self.database_url, self.workers = endpoint, database_url, workers
+    def __init__(self, endpoint: str, database_url: str, workers: int, peer_bin: Path) -> None:
+        self.endpoint, self.database_url, self.workers, self.peer_bin = endpoint, database_url, workers, peer_bin
+        # ABC_SCOPE=atlas: abc-mirror takes every file the manifest lists, as the peers take the whole bucket.
         self.env = {**os.environ, "AWS_ENDPOINT_URL_S3": endpoint, "ABC_DATABASE_URL": database_url,
-                    "RCLONE_S3_PROVIDER": "Other", "RCLONE_S3_ENDPOINT": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+                    "ABC_SCOPE": "atlas", "RCLONE_S3_PROVIDER": "Other", "RCLONE_S3_ENDPOINT": endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true"}
 
     def command(self, tool: str, bucket: str, dest: Path, sync: bool) -> tuple[list[str], dict[str, str]]:
         if tool.startswith("abc-mirror"):
             return ([str(BIN / "abc-mirror"), "mirror", "--release", OLD_RELEASE, "--target", str(dest),
                      "--no-progress", "--workers", str(self.workers), "--bucket", bucket, *tool.split()[1:]],
-                    {**self.env, "ABC_BUCKET": bucket})
+                    {**self.env, "ABC_BUCKET": bucket, "PYTHONPATH": str(REPO)})
         if tool == "s5cmd":
             verb = ["sync"] if sync else ["cp"]
-            return [str(BIN / "s5cmd"), "--endpoint-url", self.endpoint, "--no-sign-request", *verb,
+            return [str(self.peer_bin / "s5cmd"), "--endpoint-url", self.endpoint, "--no-sign-request", *verb,
                     f"s3://{bucket}/*", f"{dest}/"], self.env
         if tool == "s5cmd cp + md5sum":  # the peer doing what abc-mirror does: hash every file afterwards (2 cores)
             copy, env = self.command("s5cmd", bucket, dest, sync)
@@ -171,9 +175,12 @@ class Tools:
                     'xargs -0 -n 8 -P 2 md5sum > /dev/null', copy[-2], copy[-1]], env
         if tool == "rclone":
             return [str(BIN / "rclone"), "copy", f":s3:{bucket}", str(dest), "--config", os.devnull], self.env
+        if tool.endswith(" + sync"):  # a peer made as durable as abc-mirror: its files on disk when it ends
+            base, env = self.command(tool.removesuffix(" + sync"), bucket, dest, sync)
+            return ["sh", "-c", '"$@" && sync -f "$0"', str(dest), *base], env
         if tool == "aws s3 sync":
-            return [str(BIN / "aws"), "s3", "sync", f"s3://{bucket}", str(dest), "--endpoint-url", self.endpoint,
-                    "--no-sign-request", "--only-show-errors"], self.env
+            return [str(self.peer_bin / "aws"), "s3", "sync", f"s3://{bucket}", str(dest), "--endpoint-url",
+                    self.endpoint, "--no-sign-request", "--only-show-errors"], self.env
         raise ValueError(tool)
 
     def forget(self, dest: Path) -> None:
@@ -190,12 +197,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=3, help="files of 512 MiB")
     parser.add_argument("--workers", type=int, default=16, help="abc-mirror --workers")
-    parser.add_argument("--tools", default="abc-mirror,abc-mirror --no-fsync,s5cmd,s5cmd cp + md5sum,rclone,"
-                        "aws s3 sync")
+    parser.add_argument("--tools", default="abc-mirror,abc-mirror --no-fsync,s5cmd,s5cmd cp + md5sum,"
+                        "s5cmd cp + md5sum + sync,rclone,rclone + sync,aws s3 sync")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--quiet", type=float, default=0.5,
                         help="before each timed run, wait until other processes use fewer cores than this")
     parser.add_argument("--max-wait", type=float, default=120, help="seconds to wait for --quiet at most")
+    parser.add_argument("--server", default=SERVER, help="PostgreSQL server for abc-mirror's records "
+                        "(database abc_bench_mirror, dropped at the end)")
+    parser.add_argument("--peer-bin", type=Path, default=BIN, help="directory of the s5cmd and aws commands")
     args = parser.parse_args()
     tools_order = args.tools.split(",")
     data, out = args.workdir / "served", args.workdir / "out"
@@ -204,12 +214,12 @@ def main() -> None:
     n_small, _ = tree_size(data / SMALL_BUCKET)
     print(f"large bucket: {n_big} objects, {bytes_big / 2**30:.2f} GiB; small bucket: {n_small} objects", flush=True)
 
-    database_url = f"{SERVER}/abc_bench_mirror"
+    database_url = f"{args.server}/abc_bench_mirror"
     db.drop_database(database_url)
     db.create_database(database_url)
     db.upgrade(db.make_engine(database_url))
     server = start_s3_server(data)
-    tools = Tools(server.endpoint_url, database_url, args.workers)
+    tools = Tools(server.endpoint_url, database_url, args.workers, args.peer_bin)
     # (wall s, peak RSS MiB, client CPU s, server CPU s, others' cores before, abc-mirror's own transfer s)
     results: dict[str, list[tuple[float, float, float, float, float, float | None]]] = {t: [] for t in tools_order}
     rss_file = args.workdir / "rss.txt"
@@ -243,19 +253,24 @@ def main() -> None:
                 results[tool].append((seconds, rss, cpu, server_cpu, others, fetch))
         shutil.rmtree(out / "big", ignore_errors=True)
 
-        small: dict[str, tuple[float, float, float]] = {}
-        for tool in [t for t in tools_order if "md5sum" not in t and "--" not in t]:
-            dest = out / "small" / tool.replace(" ", "-")
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True)
-            tools.forget(dest)
-            wait_quiet(args.quiet, args.max_wait)
-            first = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)[0]
-            wait_quiet(args.quiet, args.max_wait)
-            noop, rss, _ = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)
-            print(f"small {tool}: first copy {first:.2f} s, no-op re-sync {noop:.2f} s, peak RSS {rss:.0f} MiB",
-                  flush=True)
-            small[tool] = (first, noop, rss)
+        # (first copy s, its CPU s, no-op re-sync s, its CPU s, its peak RSS MiB) per round
+        small_tools = [t for t in tools_order if " + " not in t and "--" not in t]
+        small: dict[str, list[tuple[float, float, float, float, float]]] = {t: [] for t in small_tools}
+        for round_number in range(args.rounds):
+            shift = round_number % len(small_tools)
+            for tool in small_tools[shift:] + small_tools[:shift]:
+                dest = out / "small" / f"{tool.replace(' ', '-')}-{round_number}"  # never a directory just deleted
+                dest.mkdir(parents=True)
+                tools.forget(dest)
+                os.sync()
+                wait_quiet(args.quiet, args.max_wait)
+                first, _, first_cpu = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)
+                wait_quiet(args.quiet, args.max_wait)
+                noop, rss, noop_cpu = run(*tools.command(tool, SMALL_BUCKET, dest, sync=True), rss_file)
+                print(f"round {round_number + 1} small {tool}: first copy {first:.2f} s (CPU {first_cpu:.1f} s), "
+                      f"no-op re-sync {noop:.2f} s (CPU {noop_cpu:.1f} s), peak RSS {rss:.0f} MiB; "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                small[tool].append((first, first_cpu, noop, noop_cpu, rss))
     finally:
         server.stop()
         shutil.rmtree(out, ignore_errors=True)
@@ -265,19 +280,20 @@ def main() -> None:
 
     best = {t: min(x[0] for x in r) for t, r in results.items()}
     medians = {t: statistics.median(x[0] for x in r) for t, r in results.items()}
-    peers = [t for t in best if not t.startswith("abc-mirror") and "md5sum" not in t]
+    # The peers doing abc-mirror's work (every byte checked against an MD5): issue 16's yardstick.
+    peers = [t for t in ("rclone", "s5cmd cp + md5sum") if t in best] or [t for t in best if "abc" not in t]
     fastest_best = min((best[t] for t in peers), default=min(best.values()))
     fastest_median = min((medians[t] for t in peers), default=min(medians.values()))
     others = [r[4] for runs in results.values() for r in runs]
     print(f"\n{n_big} objects, {bytes_big / 2**30:.2f} GiB; {args.rounds} interleaved rounds; best and median; "
           f"other processes used {min(others):.2f}-{max(others):.2f} cores before the runs\n")
-    print("| tool | best s | MB/s (best) | median s | MB/s (median) | client CPU s (median) | server CPU s (median) "
-          "| peak RSS MiB | vs fastest peer (best) | vs fastest peer (median) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| tool | each round s | best s | median s | MB/s (median) | client CPU s (median) | client CPU s per GB "
+          "| server CPU s (median) | peak RSS MiB | vs same-work peer (best) | vs same-work peer (median) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for tool, runs in results.items():
-        median = medians[tool]
-        print(f"| {tool} | {best[tool]:.2f} | {bytes_big / best[tool] / 1e6:.0f} | {median:.2f} | "
-              f"{bytes_big / median / 1e6:.0f} | {statistics.median(r[2] for r in runs):.1f} | "
+        median, cpu = medians[tool], statistics.median(r[2] for r in runs)
+        print(f"| {tool} | {', '.join(f'{r[0]:.2f}' for r in runs)} | {best[tool]:.2f} | {median:.2f} | "
+              f"{bytes_big / median / 1e6:.0f} | {cpu:.1f} | {cpu / (bytes_big / 1e9):.2f} | "
               f"{statistics.median(r[3] for r in runs):.1f} | {max(r[1] for r in runs):.0f} | "
               f"{fastest_best / best[tool]:.2f}× | {fastest_median / median:.2f}× |")
     for tool, runs in results.items():
@@ -287,11 +303,15 @@ def main() -> None:
                   f"{statistics.median(own):.2f} s, best {min(own):.2f} s; the rest of its wall time is "
                   f"start-up and bookkeeping (median {statistics.median(r[0] - r[5] for r in runs if r[5]):.2f} s)")
     print(f"\nMD5 of every byte alone: {md5_cpu:.2f} CPU-s (hashlib)")
-    print(f"\n{n_small} objects of 1-4 KiB\n")
-    print("| tool | first copy s | no-op re-sync s | peak RSS MiB (re-sync) |")
-    print("| --- | ---: | ---: | ---: |")
-    for tool, (first, noop, rss) in small.items():
-        print(f"| {tool} | {first:.2f} | {noop:.2f} | {rss:.0f} |")
+    print(f"\n{n_small} objects of 1-4 KiB, {args.rounds} interleaved rounds\n")
+    print("| tool | first copy s (each round) | median s | CPU s (median) | no-op re-sync s (each round) | median s "
+          "| CPU s (median) | peak RSS MiB (re-sync) |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for tool, runs in small.items():
+        print(f"| {tool} | {', '.join(f'{r[0]:.2f}' for r in runs)} | {statistics.median(r[0] for r in runs):.2f} | "
+              f"{statistics.median(r[1] for r in runs):.1f} | {', '.join(f'{r[2]:.2f}' for r in runs)} | "
+              f"{statistics.median(r[2] for r in runs):.2f} | {statistics.median(r[3] for r in runs):.1f} | "
+              f"{max(r[4] for r in runs):.0f} |")
 
 
 if __name__ == "__main__":

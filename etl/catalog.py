@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,15 +62,19 @@ class LocalRoot:
         return path
 
     def _check_no_symlink(self, directory: Path) -> None:
+        """Each directory is checked once: a real directory, or none yet (the mirror makes it, not a link)."""
         if directory in self._safe_dirs:
             return
         self._check_no_symlink(directory.parent)
-        if directory.is_symlink():
+        try:
+            mode = directory.lstat().st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISLNK(mode):
             raise UnsafeKeyError(f"{directory} is a symlink inside the mirror root; refusing to write through it")
-        if directory.exists() and not directory.is_dir():
+        if mode is not None and not stat.S_ISDIR(mode):
             raise UnsafeKeyError(f"{directory} exists and is not a directory")
-        if directory.is_dir():
-            self._safe_dirs.add(directory)
+        self._safe_dirs.add(directory)
 
 
 def selected_release_files(conn: sa.Connection, release: str, datasets: list[str] | None = None,

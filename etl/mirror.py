@@ -1,7 +1,8 @@
 """Mirror a release: every file its manifest lists, verified by size and MD5, into a local directory or S3.
 
 The manifest decides what belongs to a release. A file reaches its final path only by rename
-after its bytes matched the manifest (see :mod:`etl.transfer`); what was placed is recorded in
+after its bytes matched the manifest (see :mod:`etl.transfer`); small files go in batches that
+share one sync before their renames; what was placed is recorded in
 ``abc.mirror_object`` so later runs trust it while its size and mtime hold, instead of
 re-hashing terabytes, and a key shared by several releases is fetched once. Files found on disk
 without a record (copied by other means) are hashed once and adopted when they match. Loading
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import boto3
@@ -58,7 +60,9 @@ class InsufficientSpaceError(RuntimeError):
 
 
 FILE_ATTEMPTS = 3  # whole-file attempts after a checksum mismatch or a changed object
-RECORD_BATCH = 500
+SMALL_FILE = 1 << 20  # files up to this size are fetched in batches that share one sync
+SMALL_BATCH = 32  # files per batch at most (each holds its .partial open until the batch's renames)
+RECORD_BATCH = 2000  # records per upsert, from the main thread while the transfers go on
 RECORD_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
 
@@ -207,7 +211,9 @@ class _LocalTarget:
 
     def preflight(self, work: list[_Work], free_space: Callable[[Path], int]) -> int:
         """Bytes ``work`` still needs on disk; raises :class:`InsufficientSpaceError` when they are not free."""
-        needed = sum(w.file.size - _resumable_bytes(w.path) for w in work if w.action in (Action.FETCH, Action.COPY))
+        # A small file's .partial is not looked for: counting it whole errs on the safe side, by little.
+        needed = sum(w.file.size - (_resumable_bytes(w.path) if w.file.size > SMALL_FILE else 0)
+                     for w in work if w.action in (Action.FETCH, Action.COPY))
         free = free_space(self.root.root)
         if needed > free:
             raise InsufficientSpaceError(
@@ -243,6 +249,34 @@ class _LocalTarget:
                 log.info("%s: local copy from %s failed (%s): fetching", f.relative_path, work.copy_from, exc)
         return _with_file_retries(f, lambda: transfer.download(job, work.path),
                                   lambda etag: self._record(work, etag))
+
+    def fetch_batch(self, batch: list[_Work], transfer: Transfer) -> list[_Outcome]:
+        """Small files to fetch, as one batch (:meth:`Transfer.download_small`: one sync for them all); a
+        file that failed there has its remaining whole-file attempts on its own."""
+        jobs = [(FileJob(w.file.relative_path, w.file.size, w.file.md5), w.path) for w in batch]
+        outcomes = []
+        for work, job, result in zip(batch, jobs, transfer.download_small(jobs), strict=True):
+            attempt = _first_then(result, lambda job=job: transfer.download(*job))
+            try:
+                outcomes.append(_with_file_retries(work.file, attempt, partial(self._record, work)))
+            except Exception as exc:
+                outcomes.append(_unexpected(work, exc))
+        return outcomes
+
+
+def _first_then(result: str | Exception, retry: Callable[[], str]) -> Callable[[], str]:
+    """An attempt that returns (or raises) ``result`` the first time it is made, and calls ``retry`` after."""
+    pending = [result]
+
+    def attempt() -> str:
+        if not pending:
+            return retry()
+        value = pending.pop()
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    return attempt
 
 
 class _S3Target:
@@ -321,18 +355,22 @@ def _with_file_retries(f: ManifestFile, attempt: Callable[[], str], record: Call
 
 _UPSERT = sa.text("""
     INSERT INTO abc.mirror_object (target, relative_path, size, md5, etag, mtime_ns, local_path, verified_at)
-    VALUES (:t, :k, :s, :m, :e, :n, :p, now())
+    SELECT :t, r.k, r.s, r.m, r.e, r.n, r.p, now()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(k text, s bigint, m text, e text, n bigint, p text)
+    ORDER BY r.k
     ON CONFLICT (target, relative_path) DO UPDATE SET
         size = EXCLUDED.size, md5 = EXCLUDED.md5, etag = COALESCE(EXCLUDED.etag, abc.mirror_object.etag),
         mtime_ns = EXCLUDED.mtime_ns, local_path = EXCLUDED.local_path, verified_at = now()""")
 
 
 def _save_records(engine: Engine, target: str, records: list[dict]) -> None:
-    """Upsert a batch of placed files' records in key order: two runs sharing keys (two releases mirrored
-    at once) then lock their rows in the same order and cannot deadlock each other."""
+    """Upsert a batch of placed files' records, as one statement over a JSON array (a parameter set per row
+    costs more than the transfer of a small file), in key order: two runs sharing keys (two releases
+    mirrored at once) then lock their rows in the same order and cannot deadlock each other."""
     if records:
+        rows = {r["k"]: r for r in records}.values()  # a key once per statement (ON CONFLICT needs it)
         with engine.begin() as conn:
-            conn.execute(_UPSERT, [{"t": target, **r} for r in sorted(records, key=lambda r: r["k"])])
+            conn.execute(_UPSERT, {"t": target, "rows": json.dumps(list(rows))})
         records.clear()
 
 
@@ -481,20 +519,26 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="mirror-file") as pool:
             # Largest first: the long transfers start at once and small files fill the gaps, not the tail.
-            futures = [pool.submit(_process_safely, target, w, transfer)
-                       for w in sorted(todo, key=lambda w: w.file.size, reverse=True)]
+            alone, small = [], []
+            for w in sorted(todo, key=lambda w: w.file.size, reverse=True):
+                batched = isinstance(target, _LocalTarget) and w.action == Action.FETCH and w.file.size <= SMALL_FILE
+                (small if batched else alone).append(w)
+            futures = [pool.submit(_process_safely, target, w, transfer) for w in alone]
+            batch = max(1, min(SMALL_BATCH, -(-len(small) // workers)))  # every worker gets a batch
+            futures += [pool.submit(_fetch_batch_safely, target, small[i:i + batch], transfer)
+                        for i in range(0, len(small), batch)]
             try:
                 for future in as_completed(futures):
-                    outcome = future.result()
-                    if outcome.result == Result.FAILED:
-                        report.failed[outcome.key] = outcome.reason
-                        log.error("%s: %s", outcome.key, outcome.reason)
-                        continue
-                    report.fetched += outcome.result == Result.FETCHED
-                    report.copied += outcome.result == Result.COPIED
-                    report.adopted += outcome.result == Result.ADOPTED
-                    report.skipped += outcome.result == Result.ADOPTED
-                    records.append(outcome.record)
+                    for outcome in future.result():
+                        if outcome.result == Result.FAILED:
+                            report.failed[outcome.key] = outcome.reason
+                            log.error("%s: %s", outcome.key, outcome.reason)
+                            continue
+                        report.fetched += outcome.result == Result.FETCHED
+                        report.copied += outcome.result == Result.COPIED
+                        report.adopted += outcome.result == Result.ADOPTED
+                        report.skipped += outcome.result == Result.ADOPTED
+                        records.append(outcome.record)
                     if len(records) >= RECORD_BATCH or time.monotonic() - saved_at >= RECORD_EVERY_S:
                         _save_records(engine, target.name, records)
                         saved_at = time.monotonic()
@@ -522,10 +566,23 @@ class MirrorFailedError(RuntimeError):
         self.report = report
 
 
-def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Transfer) -> _Outcome:
+def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Transfer) -> list[_Outcome]:
     """One file's outcome; an unexpected error fails that file only, naming the error."""
     try:
-        return target.process(work, transfer)
+        return [target.process(work, transfer)]
     except Exception as exc:
-        log.exception("%s: unexpected error", work.file.relative_path)
-        return _Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
+        return [_unexpected(work, exc)]
+
+
+def _unexpected(work: _Work, exc: Exception) -> _Outcome:
+    log.error("%s: unexpected error", work.file.relative_path, exc_info=exc)
+    return _Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def _fetch_batch_safely(target: _LocalTarget, batch: list[_Work], transfer: Transfer) -> list[_Outcome]:
+    """A batch's outcomes; an unexpected error fails the files of that batch only, naming the error."""
+    try:
+        return target.fetch_batch(batch, transfer)
+    except Exception as exc:
+        log.exception("a batch of %d small files from %s: unexpected error", len(batch), batch[0].file.relative_path)
+        return [_Outcome(w.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}") for w in batch]

@@ -3,21 +3,23 @@
 Every transfer is checked against the manifest's size and MD5 before anything becomes visible:
 a local file is renamed from ``<name>.partial`` only after its whole content hashed right, and an
 S3 upload is completed only then (a multipart upload is aborted otherwise). Large files are split
-into byte ranges fetched by a shared pool of threads and written in place with ``os.pwrite``;
-the MD5 is computed in order while later ranges still arrive: the range holding the next unhashed
-byte is hashed in line as it arrives, ranges that finished ahead of their turn are read back from
-the page cache once their turn comes. The ranges already on disk are listed in
-``<name>.partial.json`` (written after an fdatasync), so an interrupted download continues where
-it stopped. Memory stays at a few MiB per thread for local targets and at a bounded number of parts
-for S3 targets, whatever the file size.
+into byte ranges (parts) fetched by a shared pool of threads, each part read from the socket
+straight into a page-aligned buffer of its own, written from that buffer (``O_DIRECT`` where the
+filesystem takes it and files are made durable: no copy into the page cache) and hashed from it
+in order: a part that arrives ahead of its turn is held until the parts before it are hashed, so
+no byte is read back from disk. Parts held in memory are bounded (``PART_MEMORY``), whatever the
+file size. The parts already on disk are listed in ``<name>.partial.json`` (written after an
+fdatasync), so an interrupted download continues where it stopped; those parts are read back to
+be hashed when their turn comes. Small files (one part) are fetched with one GET into a new
+``.partial``, hashed as they stream.
 
 Requests to a public bucket are unsigned; those GETs skip botocore and go over plain
-``http.client`` keep-alive connections (one per thread), reading the socket straight into a reused
-buffer. They go where botocore's would, as botocore's would: its URL for the key (endpoint, region,
-virtual-hosted or path addressing), its certificate checks (``AWS_CA_BUNDLE``, ``verify``), its
-proxy (``HTTPS_PROXY``/``NO_PROXY``: a CONNECT tunnel for HTTPS) and timeouts; a client whose
-transport they cannot reproduce (signed, a client certificate, proxy TLS options), or a source that
-redirects, gets botocore's GETs instead.
+``http.client`` keep-alive connections (one per thread), reading the socket straight into the
+part's buffer (small files: a reused one). They go where botocore's would, as botocore's would:
+its URL for the key (endpoint, region, virtual-hosted or path addressing), its certificate checks
+(``AWS_CA_BUNDLE``, ``verify``), its proxy (``HTTPS_PROXY``/``NO_PROXY``: a CONNECT tunnel for
+HTTPS) and timeouts; a client whose transport they cannot reproduce (signed, a client
+certificate, proxy TLS options), or a source that redirects, gets botocore's GETs instead.
 
 Retries are one layer per failure. botocore retries its own requests as the client's config says; a
 body that breaks off mid-range is resumed here, from the last byte received. The plain-HTTP path
@@ -27,9 +29,10 @@ range gives up after the client's attempts, or ``ABC_TRANSFER_RETRY_SECONDS`` af
 failing without progress, with an error naming the key and the last reason; a file is fetched again
 whole only when its bytes did not match (mirror's ``FILE_ATTEMPTS``), never for a failed GET.
 
-Durability (``durable``, the default): a file is fdatasynced before its rename, so a placed file
-survives a power cut; each range is handed to the kernel's writeback (``sync_file_range``) as soon
-as it is written, so that fdatasync finds little left to wait for.
+Durability (``durable``, the default): a file is fsynced before its rename, so a placed file
+survives a power cut. Large files' parts go to the disk as they are written (``O_DIRECT``, or a
+writeback started at once where the filesystem refuses it), so that fsync finds little left to
+wait for; small files share one ``syncfs`` among all files waiting for theirs.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import io
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -73,8 +78,12 @@ MiB = 1 << 20
 PART_SIZE = 32 * MiB
 S3_MIN_PART_SIZE = 8 * MiB  # S3 refuses multipart parts under 5 MiB; 8 MiB keeps part counts sane
 MAX_PARTS = 9000  # below S3's 10,000-part limit; also keeps the resume sidecar small
+PART_MEMORY = 256 * MiB  # parts held in memory until hashed (and uploaded), at most about this much
 READ_CHUNK = 1 * MiB
+MAX_HEADER_LINE = 65536  # http.client's limits on a response's header lines
+MAX_HEADERS = 100
 HASH_CHUNK = 4 * MiB
+DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size; 4 KiB covers all
 LEGACY_MAX_ATTEMPTS = 5  # botocore's attempts in its legacy retry mode when none are configured
 PERSIST_EVERY_S = 1.0
 PARTIAL_SUFFIX = ".partial"
@@ -100,8 +109,12 @@ class LocalWriteError(TransferError):
 
 
 def _pwrite(fd: int, chunk: memoryview | bytes, pos: int, path: Path) -> None:
+    """All of ``chunk`` at ``pos``; an OS error becomes :class:`LocalWriteError` naming the file."""
+    view = memoryview(chunk)
     try:
-        os.pwrite(fd, chunk, pos)
+        while view:
+            written = os.pwrite(fd, view, pos)
+            view, pos = view[written:], pos + written
     except OSError as exc:
         raise LocalWriteError(f"writing {path}: {exc.strerror or exc}") from exc
 
@@ -223,8 +236,9 @@ class _HttpError(Exception):
         return self.code in RETRYABLE_CODES or self.status in RETRYABLE_STATUSES
 
 
-class _Redirected(Exception):
-    """The source redirected a GET (a bucket in another region): botocore follows those, the plain path does not.
+class _HandOver(Exception):
+    """The source answered a GET as the plain path does not follow: a redirect (a bucket in another region),
+    which botocore follows, or a body of unknown length. botocore makes the GETs from then on.
 
     ``pos`` is the byte the range had reached, where botocore takes over.
     """
@@ -281,17 +295,95 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
 
 class _Tuned:
     """Connects within the client's connect timeout (TCP, proxy tunnel, TLS handshake), then reads with its
-    read timeout, as botocore's urllib3 connections do; TCP keepalive if the client's config asks for it."""
+    read timeout, as botocore's urllib3 connections do; TCP keepalive if the client's config asks for it.
+
+    http.client only connects (proxy tunnel and TLS included): requests are written and responses read
+    on ``sock`` by :class:`_Response`, through ``reader``, one buffered reader for the connection's life.
+    """
 
     read_timeout: float
     keepalive: bool
-    sock: socket.socket
+    sock: socket.socket | None
+    reader: io.BufferedReader | None = None
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         self.sock.settimeout(self.read_timeout)
         if self.keepalive:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        if self.reader is not None:  # the socket stays open while a file made from it is
+            self.reader.close()
+            self.reader = None
+        super().close()  # type: ignore[misc]
+
+
+class _Response:
+    """A GET's response, read off the connection by hand: status, headers, then a body of known length.
+
+    http.client parses each response's headers into an ``email`` message, which costs more CPU than a
+    small object's bytes; this reads what the GET path needs and no more. Informational (1xx) answers
+    are skipped; a body without ``Content-Length`` is read to its end only for errors (chunked, or up to
+    the connection's close), as :meth:`error_body`.
+    """
+
+    def __init__(self, reader: io.BufferedReader) -> None:
+        self.reader = reader
+        while True:
+            line = reader.readline(MAX_HEADER_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("the connection closed without a response")
+            version, _, rest = line.partition(b" ")
+            if not version.startswith(b"HTTP/") or not rest[:3].isdigit() or len(line) > MAX_HEADER_LINE:
+                raise http.client.BadStatusLine(repr(line[:100]))
+            self.status = int(rest[:3])
+            self.headers: dict[str, str] = {}
+            for _ in range(MAX_HEADERS):
+                line = reader.readline(MAX_HEADER_LINE + 1)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                if len(line) > MAX_HEADER_LINE:
+                    raise http.client.LineTooLong("header line")
+                name, _, value = line.decode("latin-1").partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            else:
+                raise http.client.HTTPException(f"more than {MAX_HEADERS} headers")
+            if not 100 <= self.status < 200:
+                break
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length", "")
+        self.length = int(length) if length.isdigit() and not self.chunked else None
+        self.reusable = version != b"HTTP/1.0" and self.headers.get("connection", "").lower() != "close"
+
+    def getheader(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def readinto(self, view: memoryview) -> int:
+        """Body bytes into ``view``, at most what is left of the body; 0 at its end."""
+        n = self.reader.readinto(view[:self.length]) if self.length else 0
+        self.length -= n
+        return n
+
+    def complete(self) -> bool:
+        """The whole body was read and the server keeps the connection: ready for the next request."""
+        return self.length == 0 and self.reusable
+
+    def error_body(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of an error's body (the connection is dropped after it)."""
+        if self.length is not None:
+            return self.reader.read(min(self.length, limit))
+        if not self.chunked:
+            return self.reader.read(limit)  # delimited by the connection's close
+        body = b""
+        while len(body) < limit:
+            size = int(self.reader.readline(MAX_HEADER_LINE).split(b";")[0].strip() or b"0", 16)
+            if not size:
+                break
+            body += self.reader.read(size)
+            self.reader.readline(MAX_HEADER_LINE)
+        return body[:limit]
 
 
 class _HttpConnection(_Tuned, http.client.HTTPConnection):
@@ -340,8 +432,12 @@ class _HttpSource:
         self.proxy = urlsplit(proxy) if proxy else None
         self.proxy_headers = proxies.proxy_headers_for(proxy) if proxy else {}
         self.path_prefix = url.path[: -len(marker)]
+        # What every GET sends besides its target and range (http.client's Host, as for this URL).
+        self.request_headers = f"Host: {url.netloc}\r\nUser-Agent: abc-mirror\r\nAccept-Encoding: identity\r\n"
         # A plain-HTTP proxy is asked for the absolute URL; HTTPS goes through a tunnel to the host.
         self.forwarded = bool(self.proxy) and not self.https
+        if self.forwarded:
+            self.request_headers += "".join(f"{name}: {value}\r\n" for name, value in self.proxy_headers.items())
         self.verify = verify
         self.context = _tls_context(verify) if self.https else None
         self.connect_timeout = config.connect_timeout or 60
@@ -397,36 +493,36 @@ class _HttpSource:
         """The URL of ``key``: botocore's for the marker key, with this key quoted as botocore quotes keys."""
         return self.origin + self.path_prefix + quote(key, safe="/~")
 
-    def get(self, key: str, start: int, end: int) -> http.client.HTTPResponse:
+    def get(self, key: str, start: int, end: int) -> _Response:
         """The response to GET bytes [start, end) of ``key``, its body unread.
 
-        Raises :class:`_HttpError` for an error status, :class:`_Redirected` for a redirect.
+        Raises :class:`_HttpError` for an error status, :class:`_HandOver` for a redirect or a body of
+        unknown length.
         """
         conn = self._connection()
-        headers = {"Range": f"bytes={start}-{end - 1}", "User-Agent": "abc-mirror"}
-        if self.forwarded:
-            headers.update(self.proxy_headers)
+        if conn.sock is None:
+            conn.connect()
         url = self.url(key)
-        conn.request("GET", url if self.forwarded else url[len(self.origin):], headers=headers)
-        response = conn.getresponse()
+        conn.sock.sendall(f"GET {url if self.forwarded else url[len(self.origin):]} HTTP/1.1\r\n"
+                          f"Range: bytes={start}-{end - 1}\r\n{self.request_headers}\r\n".encode())
+        response = _Response(conn.reader)
         if response.status in REDIRECT_STATUSES:
-            response.read()
             region = response.getheader("x-amz-bucket-region")
-            raise _Redirected(f"HTTP {response.status} from {self.origin}"
-                              + (f" (the bucket is in {region})" if region else ""))
+            raise _HandOver(f"HTTP {response.status} from {self.origin}"
+                            + (f" (the bucket is in {region})" if region else ""))
         if response.status not in (200, 206):
-            body = response.read(64 << 10)
-            found = re.search(rb"<Code>([^<]*)</Code>", body)
+            found = re.search(rb"<Code>([^<]*)</Code>", response.error_body(64 << 10))
             raise _HttpError(response.status, found.group(1).decode(errors="replace") if found else "")
+        if response.length is None:
+            raise _HandOver(f"HTTP {response.status} from {self.origin} without a Content-Length")
         content_range = response.getheader("Content-Range")
         # An object shorter than the range asked for is answered, cut: the caller names both sizes.
         if content_range is None:  # the whole object: fine only if that is what was asked for
-            ok = start == 0 and response.length is not None and response.length <= end
+            ok = start == 0 and response.length <= end
         else:
             served, _, total = content_range.removeprefix("bytes ").partition("/")
             ok = served == f"{start}-{end - 1}" or (total.isdigit() and int(total) < end)
         if not ok:
-            response.close()
             raise _HttpError(response.status, f"RangeIgnored ({content_range or 'no Content-Range'})")
         return response
 
@@ -532,23 +628,35 @@ def file_md5(path: Path) -> tuple[str, os.stat_result]:
         os.close(fd)
 
 
-def _lock_partial(partial: Path, final: Path, job: FileJob) -> int | None:
-    """The ``.partial`` of ``final``, opened and locked; None if a concurrent run placed the file meanwhile.
+def _lock_partial(partial: Path, final: Path, job: FileJob) -> tuple[int | None, bool]:
+    """The ``.partial`` of ``final``, opened and locked, and whether it is new (created here and locked at
+    once: nothing in it to continue); None if a concurrent run placed the file meanwhile.
 
     Two runs (releases sharing a key, mirrored at once) must not write one ``.partial`` together:
     the second waits for the lock, then finds the file placed, or continues what the first left.
+    The directory is made only when the file cannot be created without it (no mkdir per file).
     """
     while True:
-        fd = open_nofollow(partial, os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fd, new = open_nofollow(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL), True
+        except FileExistsError:
+            fd, new = open_nofollow(partial, os.O_RDWR | os.O_CREAT), False
+        except FileNotFoundError:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            new = False
         try:
             if os.lstat(partial).st_ino == os.fstat(fd).st_ino:
-                return fd
+                return fd, new
         except FileNotFoundError:
             pass
         os.close(fd)  # renamed into place or discarded by the other run while we waited
         if final.is_file() and final.stat().st_size == job.size and file_md5(final)[0] == job.md5:
-            return None
+            return None, False
 
 
 def _unlink(*paths: Path) -> None:
@@ -602,87 +710,123 @@ class _GroupSync:
                 self.cond.notify_all()
 
 
-class _InOrderMd5:
-    """The MD5 of a file whose ranges arrive out of order, mostly hashed in line as the bytes arrive.
+class _PayloadMd5:
+    """The MD5 of parts that arrive out of order in memory: each is held until every part before it is
+    hashed, then hashed and let go (``let_go``, e.g. its buffer back to the pool). Parts already on disk
+    (``on_disk``: a ``.partial`` being continued) are read back from ``fd`` when their turn comes."""
 
-    The thread fetching the range that holds the next unhashed byte hashes each chunk right after
-    writing it (its own earlier bytes it reads back first, if it only just became that range);
-    ranges that completed ahead of their turn are read back from the page cache once every byte
-    before them is hashed. MD5 is sequential, so one lock per file serialises the hashing.
+    def __init__(self, let_go: Callable[[memoryview | bytes], None] = lambda payload: None, fd: int = -1,
+                 size: int = 0, part_size: int = 0, on_disk: set[int] | None = None) -> None:
+        self.digest = hashlib.md5()
+        self.let_go = let_go
+        self.fd, self.size, self.part_size = fd, size, part_size
+        self.on_disk = set(on_disk or ())
+        self.next = 0  # the next part to hash
+        self.waiting: dict[int, memoryview | bytes] = {}
+
+    def part_done(self, i: int, payload: memoryview | bytes) -> list[int]:
+        """Part ``i`` arrived; the parts hashed now from memory (their memory may go)."""
+        self.waiting[i] = payload
+        return self._catch_up()
+
+    def _catch_up(self) -> list[int]:
+        hashed = []
+        while True:
+            if self.next in self.waiting:
+                payload = self.waiting.pop(self.next)
+                self.digest.update(payload)
+                self.let_go(payload)
+                hashed.append(self.next)
+            elif self.next in self.on_disk:
+                start = self.next * self.part_size
+                for chunk in read_chunks(self.fd, start, min(self.size, start + self.part_size)):
+                    self.digest.update(chunk)
+            else:
+                return hashed
+            self.next += 1
+
+    def hexdigest(self) -> str:
+        self._catch_up()
+        if self.size and self.next * self.part_size < self.size:
+            raise TransferError(f"hashed {self.next} parts of {self.size} bytes: parts missing")
+        return self.digest.hexdigest()
+
+
+class _PartBuffers:
+    """Page-aligned buffers for whole parts (anonymous mmap: what O_DIRECT needs), reused from part to part.
+
+    The caller bounds how many are out at once (``Transfer.buffer_slots``), so the pool stays that small.
     """
 
-    def __init__(self, fd: int, size: int, part_size: int, complete: set[int]) -> None:
-        self.fd, self.size, self.part_size = fd, size, part_size
-        self.complete = set(complete)  # parts wholly on disk
-        self.digest = hashlib.md5()
-        self.pos = 0  # bytes hashed
-        self.lock = threading.Lock()
-        self.read_back = 0  # bytes hashed from the file rather than in line
-
-    def _hash_from_file(self, end: int) -> None:
-        for chunk in read_chunks(self.fd, self.pos, end):
-            self.digest.update(chunk)
-        self.read_back += end - self.pos
-        self.pos = end
-
-    def arrived(self, pos: int, chunk: memoryview | bytes) -> None:
-        """``chunk`` was just written at ``pos`` by the thread fetching its range, after the range's earlier bytes."""
-        start = pos - pos % self.part_size
-        if not start <= self.pos <= pos or not self.lock.acquire(blocking=False):
-            return  # not this range's turn yet (or another thread is hashing): read back later
-        try:
-            if start <= self.pos <= pos:
-                if self.pos < pos:
-                    self._hash_from_file(pos)
-                self.digest.update(chunk)
-                self.pos = pos + len(chunk)
-        finally:
-            self.lock.release()
-
-    def part_done(self, i: int, payload: None) -> list[int]:
-        """For :meth:`Transfer._run_parts`: the fetching thread already reported part ``i``
-        (:meth:`completed`), and no part is held in memory."""
-        return []
-
-    def completed(self, i: int) -> None:
-        """Part ``i`` is on disk: hash every whole part now next in order."""
-        with self.lock:
-            self.complete.add(i)
-            self._catch_up()
-
-    def _catch_up(self) -> None:
-        while self.pos < self.size and self.pos // self.part_size in self.complete:
-            self._hash_from_file(min(self.size, (self.pos // self.part_size + 1) * self.part_size))
-
-    def hexdigest(self) -> str:
-        with self.lock:
-            self._catch_up()
-            if self.pos != self.size:
-                raise TransferError(f"hashed {self.pos} of {self.size} bytes: parts missing")
-            return self.digest.hexdigest()
-
-
-class _PayloadMd5:
-    """The MD5 of parts that arrive out of order in memory (S3 targets): each is held until every
-    part before it is hashed, then hashed and let go."""
-
     def __init__(self) -> None:
-        self.digest = hashlib.md5()
-        self.next = 0  # the next part to hash
-        self.waiting: dict[int, bytes] = {}
+        self.free: list[mmap.mmap] = []
+        self.lock = threading.Lock()
 
-    def part_done(self, i: int, payload: bytes) -> list[int]:
-        """Part ``i`` arrived; the parts hashed now (their memory may go)."""
-        self.waiting[i] = payload
-        hashed = []
-        while self.next in self.waiting:
-            self.digest.update(self.waiting.pop(self.next))
-            hashed.append(self.next)
-            self.next += 1
-        return hashed
+    def take(self, size: int) -> memoryview:
+        """A view of ``size`` bytes of a buffer; give it back with :meth:`give`."""
+        with self.lock:
+            while self.free:
+                buffer = self.free.pop()
+                if len(buffer) >= size:
+                    return memoryview(buffer)[:size]
+        return memoryview(mmap.mmap(-1, size))[:size]
 
-    def hexdigest(self) -> str:
-        return self.digest.hexdigest()
+    def give(self, view: memoryview | bytes) -> None:
+        if isinstance(view, memoryview):
+            with self.lock:
+                self.free.append(view.obj)
+
+
+def _reopen_direct(fd: int) -> int | None:
+    """A second descriptor of the open file ``fd`` with ``O_DIRECT``, reopened through ``/proc`` (the very same
+    inode, never a path that may have changed since); None where the system or the filesystem refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        log.debug("O_DIRECT refused (%s): writes go through the page cache", exc)
+        return None
+
+
+class _PartWriter:
+    """Writes whole parts of a ``.partial`` from their buffers.
+
+    ``durable``: with ``O_DIRECT`` where the filesystem takes it, the bytes go from the buffer (where
+    they are also hashed) to the disk without a copy into the page cache, the kernel's largest cost
+    here otherwise; they must reach the disk before the rename anyway. Where it is refused, at open or
+    at a write (``EINVAL``: tmpfs on older kernels, some network filesystems), the writes go through
+    the page cache, each handed to writeback at once. The unaligned tail of a file (under
+    ``DIRECT_ALIGN`` bytes) always does. Not ``durable``: through the page cache, left to the kernel.
+    """
+
+    def __init__(self, fd: int, path: Path, durable: bool) -> None:
+        self.fd, self.path, self.durable = fd, path, durable
+        self.direct = _reopen_direct(fd) if durable else None
+        self.use_direct = self.direct is not None
+
+    def write(self, view: memoryview, pos: int) -> None:
+        if self.use_direct and pos % DIRECT_ALIGN == 0:
+            aligned = len(view) - len(view) % DIRECT_ALIGN
+            written = 0
+            try:
+                while written < aligned:
+                    written += os.pwrite(self.direct, view[written:aligned], pos + written)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise LocalWriteError(f"writing {self.path}: {exc.strerror or exc}") from exc
+                log.info("%s: O_DIRECT write refused (%s): writing through the page cache", self.path, exc)
+                self.use_direct = False
+            view, pos = view[written:], pos + written
+        if view:
+            _pwrite(self.fd, view, pos, self.path)
+            if self.durable:
+                start_writeback(self.fd, pos, len(view))
+
+    def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
 
 
 class Transfer:
@@ -701,12 +845,12 @@ class Transfer:
         self.http = _HttpSource.for_client(client, bucket)  # unsigned GETs without botocore
         self.retry = RetryPolicy.for_client(client, retry_seconds)  # when a failing GET is given up
         self.local = threading.local()  # each thread's read buffer
-        self.read_back = 0  # bytes hashed from the page cache rather than in line (ranges done out of order)
         self.group_sync = _GroupSync()  # small files: one syncfs for all files waiting, before their renames
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirror-part")
         self.stopped = threading.Event()  # set on interrupt: transfers stop at the next chunk
-        # S3 targets hold parts in memory until hashed and uploaded: at most this many at once.
-        self.buffer_slots = threading.Semaphore(workers + 2)
+        # Parts are held in memory until hashed (and uploaded, for S3 targets): at most this many at once.
+        self.buffer_slots = threading.Semaphore(max(2, min(workers + 2, PART_MEMORY // part_size)))
+        self.buffers = _PartBuffers()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -721,25 +865,27 @@ class Transfer:
     # -- reading the source -------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, end: int, expected_total: int,
-                   write: Callable[[int, memoryview | bytes], None]) -> str:
+                   write: Callable[[int, memoryview | bytes], None] | None, into: memoryview | None = None) -> str:
         """GET bytes [start, end) of ``key``, handing each chunk and its offset to ``write``; returns the ETag.
 
-        A chunk may be a view of a buffer reused for the next one: ``write`` must use it at once.
-        Transient failures are retried as the module docstring says, continuing from the last byte
-        received rather than from the start of the range.
+        With ``into`` (``end - start`` bytes) the bytes land there, read from the socket straight into
+        it, and ``write`` (if any) sees views of it; without, a chunk may be a view of a buffer reused for
+        the next one: ``write`` must use it at once. Transient failures are retried as the module
+        docstring says, continuing from the last byte received rather than from the start of the range.
         """
-        source = self.http
+        source, origin = self.http, start
         if source is not None and source.enabled:
             try:
-                return self._read_range_http(source, key, start, end, expected_total, write)
-            except _Redirected as exc:
+                return self._read_range_http(source, key, start, end, expected_total, write, into)
+            except _HandOver as exc:
                 source.enabled = False
                 log.warning("GET %s: %s; botocore makes the GETs from now on (it follows redirects)", key, exc)
                 start = exc.pos
-        return self._read_range_botocore(key, start, end, expected_total, write)
+        return self._read_range_botocore(key, start, end, expected_total, write, into, origin)
 
     def _read_range_botocore(self, key: str, pos: int, end: int, expected_total: int,
-                             write: Callable[[int, memoryview | bytes], None]) -> str:
+                             write: Callable[[int, memoryview | bytes], None] | None, into: memoryview | None,
+                             origin: int) -> str:
         """:meth:`read_range` through botocore, from ``pos``: botocore has retried a GET that raises, as the
         client's config says, so only a body that breaks off is retried here (resumed)."""
         failures = _Failures(key, self.retry)
@@ -765,7 +911,10 @@ class Transfer:
                         raise _ShortRead(f"connection ended at byte {pos} of range ending at {end}")
                     if self.limiter:
                         self.limiter.acquire(len(chunk))
-                    write(pos, chunk)
+                    if into is not None:
+                        into[pos - origin:pos - origin + len(chunk)] = chunk
+                    if write is not None:
+                        write(pos, chunk)
                     pos += len(chunk)
                     self.on_bytes(len(chunk))
                 return response.get("ETag", "").strip('"')
@@ -781,11 +930,12 @@ class Transfer:
         return view
 
     def _read_range_http(self, source: _HttpSource, key: str, start: int, end: int, expected_total: int,
-                         write: Callable[[int, memoryview], None]) -> str:
-        """:meth:`read_range` over :class:`_HttpSource`: the socket reads into one reused buffer per thread."""
+                         write: Callable[[int, memoryview], None] | None, into: memoryview | None) -> str:
+        """:meth:`read_range` over :class:`_HttpSource`: the socket reads into ``into``, or into one reused
+        buffer per thread."""
         pos = start
         failures = _Failures(key, self.retry)
-        buffer = self._buffer()
+        buffer = self._buffer() if into is None else None
         while True:
             try:
                 response = source.get(key, pos, end)
@@ -796,23 +946,26 @@ class Transfer:
                     raise TransferError(f"source object is {total} bytes, the manifest says {expected_total}")
                 etag = (response.getheader("ETag") or "").strip('"')
                 while pos < end:
-                    n = response.readinto(buffer[:min(READ_CHUNK, end - pos)])
+                    size = min(READ_CHUNK, end - pos)
+                    target = buffer[:size] if into is None else into[pos - start:pos - start + size]
+                    n = response.readinto(target)
                     if self.stopped.is_set():
                         raise TransferError("interrupted")
                     if not n:
                         raise _ShortRead(f"connection ended at byte {pos} of range ending at {end}")
                     if self.limiter:
                         self.limiter.acquire(n)
-                    write(pos, buffer[:n])
+                    if write is not None:
+                        write(pos, target[:n])
                     pos += n
                     self.on_bytes(n)
-                if not response.isclosed():  # the body is complete: the connection is ready for reuse
-                    response.read()
+                if not response.complete():  # the server closes it, or sent more than the range
+                    source.drop()
                 return etag
             except TransferError:
                 source.drop()
                 raise
-            except _Redirected as exc:
+            except _HandOver as exc:
                 source.drop()
                 exc.pos = pos
                 raise
@@ -842,7 +995,7 @@ class Transfer:
     # -- parts in parallel, hashed in order ---------------------------------------------------
 
     def _run_parts(self, job: FileJob, part_size: int, done: set[int], fetch_part: Callable[[int], tuple],
-                   hasher: _InOrderMd5 | _PayloadMd5, persist: Callable[[set[int]], None] | None,
+                   hasher: _PayloadMd5, persist: Callable[[set[int]], None] | None,
                    slots: threading.Semaphore | None) -> tuple[str, set[str]]:
         """Fetch the parts not in ``done`` through the pool; return (MD5 of all parts, etags).
 
@@ -898,41 +1051,23 @@ class Transfer:
         """Fetch ``job`` into ``final`` via ``final.partial``; verified, fsynced and renamed. Returns the ETag."""
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         sidecar_path = final.with_name(final.name + SIDECAR_SUFFIX)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd = _lock_partial(partial, final, job)
+        fd, new = _lock_partial(partial, final, job)
         if fd is None:
             return ""
         try:
+            part_size = self.part_size_for(job.size, 0)
             # A .partial left by an earlier run is continued with the part size it was started with.
-            sidecar = _Sidecar.load(sidecar_path, partial, job, self.part_size_for(job.size, 0))
+            sidecar = (_Sidecar(sidecar_path, job.size, job.md5, part_size, None, set()) if new
+                       else _Sidecar.load(sidecar_path, partial, job, part_size))
             if job.size <= sidecar.part_size and not sidecar.done:
-                return self._download_whole(job, fd, final, partial, sidecar_path)
+                return self._download_whole(job, fd, final, partial, None if new else sidecar_path)
             if not sidecar.done:
                 os.ftruncate(fd, job.size)
-
-            hasher = _InOrderMd5(fd, job.size, sidecar.part_size, sidecar.done)
-
-            def write(pos: int, chunk: memoryview | bytes) -> None:
-                _pwrite(fd, chunk, pos, partial)
-                hasher.arrived(pos, chunk)
-
-            def fetch_part(i: int) -> tuple[str, None]:
-                start = i * sidecar.part_size
-                end = min(job.size, start + sidecar.part_size)
-                etag = self.read_range(job.key, start, end, job.size, write)
-                sidecar.etag = sidecar.etag or etag
-                if self.durable:
-                    start_writeback(fd, start, end - start)
-                hasher.completed(i)
-                return etag, None
-
-            def persist(done: set[int]) -> None:
-                sidecar.done = done
-                sidecar.save(fd, self.durable)
-
-            md5, etags = self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hasher,
-                                         persist, None)
-            self.read_back += hasher.read_back
+            writer = _PartWriter(fd, partial, self.durable)
+            try:
+                md5, etags = self._download_parts(job, fd, sidecar, writer)
+            finally:
+                writer.close()
             known = etags | ({sidecar.etag} if sidecar.etag else set())
             if len(known) > 1:
                 raise self._discard(f"the object changed during the download (ETags {sorted(known)})",
@@ -948,10 +1083,45 @@ class Transfer:
             os.close(fd)  # releases the lock, after the rename
         return next(iter(known), "")
 
-    def _download_whole(self, job: FileJob, fd: int, final: Path, partial: Path, sidecar: Path) -> str:
-        """Small files: one GET, hashed while it streams (retries continue at the next byte: in order)."""
-        _unlink(sidecar)
-        os.ftruncate(fd, 0)
+    def _download_parts(self, job: FileJob, fd: int, sidecar: _Sidecar, writer: _PartWriter) -> tuple[str, set[str]]:
+        """The parts not yet on disk, each fetched into a buffer of its own, written from it and hashed from
+        it in order (the parts a continued ``.partial`` holds are read back when their turn comes)."""
+        hasher = _PayloadMd5(self.buffers.give, fd, job.size, sidecar.part_size, sidecar.done)
+
+        def fetch_part(i: int) -> tuple[str, memoryview]:
+            start = i * sidecar.part_size
+            end = min(job.size, start + sidecar.part_size)
+            view = self.buffers.take(end - start)
+            try:
+                etag = self.read_range(job.key, start, end, job.size, None, into=view)
+                writer.write(view, start)
+            except BaseException:
+                self.buffers.give(view)
+                raise
+            sidecar.etag = sidecar.etag or etag
+            return etag, view
+
+        def persist(done: set[int]) -> None:
+            sidecar.done = done
+            sidecar.save(fd, self.durable)
+
+        return self._run_parts(job, sidecar.part_size, set(sidecar.done), fetch_part, hasher, persist,
+                               self.buffer_slots)
+
+    def _download_whole(self, job: FileJob, fd: int, final: Path, partial: Path, sidecar: Path | None) -> str:
+        etag = self._fetch_whole(job, fd, partial, sidecar)
+        if self.durable:
+            self.group_sync.sync(fd)
+        os.replace(partial, final)
+        return etag
+
+    def _fetch_whole(self, job: FileJob, fd: int, partial: Path, sidecar: Path | None) -> str:
+        """Small files: one GET into the ``.partial``, hashed while it streams (retries continue at the next
+        byte: in order); the ``.partial`` is removed if the bytes do not match. ``sidecar`` is None for a
+        ``.partial`` just created, which has nothing to clear."""
+        if sidecar is not None:
+            _unlink(sidecar)
+            os.ftruncate(fd, 0)
         digest = hashlib.md5()
 
         def write(pos: int, chunk: bytes) -> None:
@@ -962,9 +1132,59 @@ class Transfer:
         if digest.hexdigest() != job.md5:
             raise self._discard(f"MD5 {digest.hexdigest()} of the fetched bytes differs from the manifest's "
                                 f"{job.md5}", partial)
-        if self.durable:
-            self.group_sync.sync(fd)
-        os.replace(partial, final)
+        return etag
+
+    def download_small(self, jobs: list[tuple[FileJob, Path]]) -> list[str | Exception]:
+        """:meth:`download` of each of many small files, one after another, with one sync for them all.
+
+        Each file is fetched whole into a new ``.partial`` (locked) and verified; then one filesystem
+        sync makes them all durable (when ``durable``) before any is renamed into place. Thousands of
+        small files thus cost a few syncs, not one each. Per file, in order: its ETag, or the error that
+        stopped it. A file with a ``.partial`` to continue, or too large for one GET, goes through
+        :meth:`download` on its own.
+        """
+        results: list[str | Exception] = []
+        held: list[tuple[int, int, Path, Path]] = []  # verified, not yet renamed: (index, fd, .partial, final)
+        try:
+            for job, final in jobs:
+                try:
+                    results.append(self._fetch_small(job, final, len(results), held))
+                except Exception as exc:  # that file's outcome, whatever it is: the others go on
+                    results.append(exc)
+            try:
+                if held and self.durable:
+                    self.group_sync.sync(held[0][1])
+            except OSError as exc:
+                for index, _, _, _ in held:
+                    results[index] = exc
+                return results
+            for index, _, partial, final in held:
+                try:
+                    os.replace(partial, final)
+                except OSError as exc:
+                    results[index] = exc
+        finally:
+            for _, fd, _, _ in held:
+                os.close(fd)  # releases the locks, after the renames
+        return results
+
+    def _fetch_small(self, job: FileJob, final: Path, index: int, held: list[tuple[int, int, Path, Path]]) -> str:
+        """One file of :meth:`download_small`: fetched, verified and added to ``held`` (its lock kept)."""
+        if job.size > self.part_size_for(job.size, 0):
+            return self.download(job, final)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        fd, new = _lock_partial(partial, final, job)
+        if fd is None:
+            return ""
+        if not new:
+            os.close(fd)
+            return self.download(job, final)
+        try:
+            etag = self._fetch_whole(job, fd, partial, None)
+        except BaseException:
+            os.close(fd)
+            raise
+        held.append((index, fd, partial, final))
         return etag
 
     @staticmethod

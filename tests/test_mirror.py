@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import http.server
 import json
@@ -39,7 +41,7 @@ from etl.fixtures import (
 from etl.manifest import ManifestError, UnsafeKeyError
 from etl.mirror import InsufficientSpaceError, mirror_release
 from etl.s3server import S3Server, start_s3_server
-from etl.transfer import FileJob, Transfer, TransferError
+from etl.transfer import FileJob, Transfer, TransferError, _GroupSync, _reopen_direct
 from tests.conftest import REPO
 
 VOLUME = "image_volumes/Test-Volume/20251031/sub/volume.nii.gz"
@@ -538,3 +540,110 @@ def test_unsigned_gets_retry_throttling_and_dropped_connections(flaky_s3, tmp_pa
         transfer.close()
     signed = source.make_client(Settings(endpoint_url=flaky_s3, unsigned=False))
     assert Transfer(signed, "bucket", workers=1).http is None  # signed requests keep botocore
+
+
+class _WriteSpy:
+    """Records every ``os.pwrite`` and ``os.pread`` of the transfer module: (O_DIRECT?, offset, length)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct_write: bool = False) -> None:
+        self.writes: list[tuple[bool, int, int]] = []
+        self.reads = 0
+        pwrite, pread = os.pwrite, os.pread
+
+        def spied_pwrite(fd: int, data, offset: int) -> int:
+            direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+            if direct and refuse_direct_write:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            written = pwrite(fd, data, offset)
+            self.writes.append((direct, offset, written))
+            return written
+
+        def spied_pread(fd: int, n: int, offset: int) -> bytes:
+            self.reads += 1
+            return pread(fd, n, offset)
+
+        monkeypatch.setattr("etl.transfer.os.pwrite", spied_pwrite)
+        monkeypatch.setattr("etl.transfer.os.pread", spied_pread)
+
+
+def _download_blob(flaky_s3: str, tmp_path: Path, durable: bool = True) -> bytes:
+    data = hashlib.shake_256(b"direct").digest(3 * (1 << 20) + 777)
+    _FlakyS3.data, _FlakyS3.failures, _FlakyS3.seen = data, [], []
+    transfer = Transfer(source.make_client(Settings(endpoint_url=flaky_s3)), "bucket", workers=3,
+                        part_size=1 << 20, durable=durable)
+    try:
+        transfer.download(FileJob("blob", len(data), hashlib.md5(data).hexdigest()), tmp_path / "blob")
+    finally:
+        transfer.close()
+    assert (tmp_path / "blob").read_bytes() == data and not list(tmp_path.glob("*.partial*"))
+    return data
+
+
+def test_large_files_are_written_with_o_direct_and_hashed_from_memory(flaky_s3, tmp_path, monkeypatch):
+    probe = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT)
+    try:
+        if _reopen_direct(probe) is None:
+            pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    finally:
+        os.close(probe)
+    spy = _WriteSpy(monkeypatch)
+    data = _download_blob(flaky_s3, tmp_path)
+    # Every whole part went to the disk without the page cache; only the last 777 bytes (unaligned) did not.
+    assert sorted(w for w in spy.writes if w[0]) == [(True, i << 20, 1 << 20) for i in range(3)]
+    assert [w for w in spy.writes if not w[0]] == [(False, 3 << 20, 777)]
+    assert sum(w[2] for w in spy.writes) == len(data)
+    assert spy.reads == 0  # nothing read back to be hashed
+
+
+@pytest.mark.parametrize("refused", ["at open", "at write", "not durable"])
+def test_without_o_direct_parts_go_through_the_page_cache(flaky_s3, tmp_path, monkeypatch, refused):
+    """A filesystem that refuses O_DIRECT (at open, or at the first write, as some do) still gets every
+    byte, written through the page cache and still hashed from memory; so does a run without fsync."""
+    if refused == "at open":
+        monkeypatch.setattr("etl.transfer.os.O_DIRECT", 0o40000000, raising=False)
+        real_open = os.open
+
+        def refusing_open(path, flags: int, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr("etl.transfer.os.open", refusing_open)
+    spy = _WriteSpy(monkeypatch, refuse_direct_write=refused == "at write")
+    data = _download_blob(flaky_s3, tmp_path, durable=refused != "not durable")
+    assert not any(direct for direct, _, _ in spy.writes)
+    assert sum(w[2] for w in spy.writes) == len(data) and spy.reads == 0
+
+
+def test_small_files_are_made_durable_by_one_sync_per_batch_before_their_renames(msettings, engine, monkeypatch):
+    """Thousands of small files must not cost a sync each: a batch of them is fetched into .partial files,
+    synced once, then renamed (a file is never renamed before its bytes are on disk)."""
+    synced: list[int] = []
+    sync = _GroupSync.sync
+
+    def counted(self: _GroupSync, fd: int) -> None:
+        synced.append(len(list(msettings.mirror_path.rglob("*.partial"))))  # not renamed yet
+        sync(self, fd)
+
+    monkeypatch.setattr(_GroupSync, "sync", counted)
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
+    assert report.failed == {} and report.fetched >= 10
+    assert 1 <= len(synced) <= 4 and min(synced) >= 1
+    assert not list(msettings.mirror_path.rglob("*.partial*"))
+
+
+def test_an_unexpected_error_in_a_batch_fails_that_file_only(msettings, engine, monkeypatch):
+    fetch_whole = Transfer._fetch_whole
+    victim = f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"
+
+    def failing(self: Transfer, job: FileJob, *args) -> str:
+        if job.key == victim:
+            raise RuntimeError("not a transfer error")
+        return fetch_whole(self, job, *args)
+
+    monkeypatch.setattr(Transfer, "_fetch_whole", failing)
+    report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
+    assert report.failed == {victim: "RuntimeError: not a transfer error"}
+    assert report.fetched == report.selected - 1 >= 10
+    # The others of its batch were placed; its own .partial stays for the next run, as after any failure.
+    assert [p.name for p in msettings.mirror_path.rglob("*.partial*")] == ["donor.csv.partial"]

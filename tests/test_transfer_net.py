@@ -27,7 +27,7 @@ from etl.config import Settings
 from etl.fixtures import OLD_RELEASE
 from etl.mirror import mirror_release
 from etl.s3server import LoopbackPki, S3Server, make_loopback_pki, start_s3_server
-from etl.transfer import FileJob, Transfer, TransferError, _HttpSource, botocore_get_url
+from etl.transfer import FileJob, Transfer, TransferError, _Failures, _HttpSource, botocore_get_url
 
 from .conftest import scoped_keys
 
@@ -368,7 +368,9 @@ class ScriptedS3(http.server.BaseHTTPRequestHandler):
     Each request is recorded in ``seen`` as (Host, path, User-Agent); while ``script`` holds answers,
     each request gets the next one instead: an error status and S3 code, ``cut`` (half the body,
     then the connection drops) or ``redirect`` for the plain-HTTP path's requests (301, as S3 answers
-    for a bucket in another region; botocore's requests are served).
+    for a bucket in another region; botocore's requests are served); ``chunked`` (403 AccessDenied,
+    its body in chunks), ``interim`` (a 100 Continue first), ``close`` (the answer, then the connection
+    closes), ``no-length`` (the body delimited by the connection's close, for the plain-HTTP path).
     """
 
     protocol_version = "HTTP/1.1"
@@ -402,6 +404,15 @@ class ScriptedS3(http.server.BaseHTTPRequestHandler):
         if answer == "redirect" and self.headers.get("User-Agent") == "abc-mirror":
             self._send(301, b"", {"x-amz-bucket-region": "eu-west-1"})
             return
+        if answer == "chunked":
+            self.send_response(403)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for chunk in (b"<Error><Code>Access", b"Denied</Code></Error>", b""):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            return
+        if answer == "interim":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if isinstance(answer, tuple):
             self._error(*answer)
             return
@@ -411,6 +422,17 @@ class ScriptedS3(http.server.BaseHTTPRequestHandler):
         first, _, last = self.headers.get("Range", f"bytes=0-{len(data) - 1}").removeprefix("bytes=").partition("-")
         body = data[int(first):int(last) + 1]
         headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}", "ETag": '"scripted"'}
+        if answer == "close":
+            headers["Connection"] = "close"
+            self.close_connection = True
+        if answer == "no-length" and self.headers.get("User-Agent") == "abc-mirror":
+            self.send_response(206)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         if answer == "cut":
             self.send_response(206)
             for name, value in {"Content-Length": str(len(body)), **headers}.items():
@@ -566,6 +588,47 @@ def test_client_errors_are_not_retried(scripted, status, code, signed, tmp_path)
     finally:
         transfer.close()
     assert len(scripted.gets()) == 1
+
+
+def test_responses_are_read_as_http_client_reads_them(scripted, no_backoff, monkeypatch, tmp_path):
+    """The plain-HTTP path reads responses itself: an interim 100 Continue, a server closing the connection
+    after its answer (the next GET opens another, not failing first), an error (503 SlowDown: retried on
+    another connection)."""
+    failures: list[str] = []
+    failed = _Failures.failed
+    monkeypatch.setattr(_Failures, "failed", lambda self, exc, pos: (failures.append(str(exc)), failed(self, exc, pos)))
+    scripted.handler.script[:] = [(503, "SlowDown"), "interim", "close", "interim"]
+    transfer = Transfer(scripted.client(source_config=RETRIES), BUCKET, workers=1, part_size=MiB)
+    try:
+        transfer.download(_job(scripted.data), tmp_path / "blob")
+        assert transfer.http is not None and transfer.http.enabled and len(transfer.http.connections) == 3
+    finally:
+        transfer.close()
+    assert (tmp_path / "blob").read_bytes() == scripted.data
+    assert len(scripted.gets()) == 5 and scripted.handler.script == [] and failures == ["HTTP 503 SlowDown"]
+
+
+def test_an_error_body_in_chunks_is_read_for_its_code(scripted, tmp_path):
+    scripted.handler.script[:] = ["chunked"]
+    transfer = Transfer(scripted.client(), BUCKET, workers=1)
+    try:
+        with pytest.raises(TransferError, match=r"GET failed: AccessDenied \(HTTP 403\) for blob"):
+            transfer.download(_job(scripted.data), tmp_path / "blob")
+    finally:
+        transfer.close()
+
+
+def test_a_body_of_unknown_length_hands_the_gets_to_botocore(scripted, tmp_path):
+    scripted.handler.script[:] = ["no-length"]
+    transfer = Transfer(scripted.client(), BUCKET, workers=1, part_size=4 * MiB)
+    try:
+        transfer.download(_job(scripted.data), tmp_path / "blob")
+        assert transfer.http is not None and not transfer.http.enabled
+    finally:
+        transfer.close()
+    assert (tmp_path / "blob").read_bytes() == scripted.data
+    agents = [agent for _, _, agent in scripted.gets()]
+    assert agents[0] == "abc-mirror" and len(agents) == 2 and agents[1].startswith("Boto3/")
 
 
 def test_a_redirect_hands_the_gets_to_botocore(scripted, tmp_path):
