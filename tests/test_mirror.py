@@ -41,7 +41,8 @@ from etl.fixtures import (
 from etl.manifest import ManifestError, UnsafeKeyError
 from etl.mirror import InsufficientSpaceError, mirror_release
 from etl.s3server import S3Server, start_s3_server
-from etl.transfer import FileJob, Transfer, TransferError, _GroupSync, _reopen_direct
+from etl.transfer import FileJob, Transfer, TransferError
+from etl.transfer.files import GroupSync, _reopen_direct
 from tests.conftest import REPO
 
 VOLUME = "image_volumes/Test-Volume/20251031/sub/volume.nii.gz"
@@ -318,7 +319,8 @@ def test_a_symlink_planted_at_the_partial_path_is_refused_not_followed(msettings
 
 
 def test_sidecar_and_temporary_files_never_follow_a_symlink(tmp_path):
-    from etl.transfer import SymlinkRefusedError, _Sidecar, write_file_nofollow
+    from etl.transfer import SymlinkRefusedError, write_file_nofollow
+    from etl.transfer.files import Sidecar
 
     outside = tmp_path / "outside.json"
     outside.write_text("keep")
@@ -326,7 +328,7 @@ def test_sidecar_and_temporary_files_never_follow_a_symlink(tmp_path):
     sidecar.parent.mkdir()
     sidecar.with_name(sidecar.name + ".tmp").symlink_to(outside)
     with pytest.raises(SymlinkRefusedError, match="x.h5ad.partial.json.tmp is a symlink"):
-        _Sidecar(sidecar, 10, "0" * 32, 4, None, {0}).save(-1, durable=False)
+        Sidecar(sidecar, 10, "0" * 32, 4, None, {0}).save(-1, durable=False)
     with pytest.raises(SymlinkRefusedError, match="release-notes.md.partial is a symlink"):
         (tmp_path / "mirror" / "release-notes.md.partial").symlink_to(outside)
         write_file_nofollow(tmp_path / "mirror" / "release-notes.md.partial", b"notes")
@@ -517,7 +519,7 @@ def flaky_s3():
 
 def test_unsigned_gets_retry_throttling_and_dropped_connections(flaky_s3, tmp_path, monkeypatch):
     """The plain-HTTP GET path: 503 SlowDown and a body cut short are retried (from the byte reached), MD5 checked."""
-    monkeypatch.setattr("etl.transfer.backoff_delay", lambda attempt: 0.0)
+    monkeypatch.setattr("etl.transfer.common.backoff_delay", lambda attempt: 0.0)
     data = hashlib.shake_256(b"flaky").digest(3 * (1 << 20) + 777)
     _FlakyS3.data, _FlakyS3.failures, _FlakyS3.seen = data, ["503", "cut", "503", "cut"], []
     client = source.make_client(Settings(endpoint_url=flaky_s3))
@@ -562,8 +564,8 @@ class _WriteSpy:
             self.reads += 1
             return pread(fd, n, offset)
 
-        monkeypatch.setattr("etl.transfer.os.pwrite", spied_pwrite)
-        monkeypatch.setattr("etl.transfer.os.pread", spied_pread)
+        monkeypatch.setattr("etl.transfer.files.os.pwrite", spied_pwrite)
+        monkeypatch.setattr("etl.transfer.files.os.pread", spied_pread)
 
 
 def _download_blob(flaky_s3: str, tmp_path: Path, durable: bool = True) -> bytes:
@@ -600,7 +602,7 @@ def test_without_o_direct_parts_go_through_the_page_cache(flaky_s3, tmp_path, mo
     """A filesystem that refuses O_DIRECT (at open, or at the first write, as some do) still gets every
     byte, written through the page cache and still hashed from memory; so does a run without fsync."""
     if refused == "at open":
-        monkeypatch.setattr("etl.transfer.os.O_DIRECT", 0o40000000, raising=False)
+        monkeypatch.setattr("etl.transfer.files.os.O_DIRECT", 0o40000000, raising=False)
         real_open = os.open
 
         def refusing_open(path, flags: int, *args):
@@ -608,7 +610,7 @@ def test_without_o_direct_parts_go_through_the_page_cache(flaky_s3, tmp_path, mo
                 raise OSError(errno.EINVAL, "Invalid argument", str(path))
             return real_open(path, flags, *args)
 
-        monkeypatch.setattr("etl.transfer.os.open", refusing_open)
+        monkeypatch.setattr("etl.transfer.files.os.open", refusing_open)
     spy = _WriteSpy(monkeypatch, refuse_direct_write=refused == "at write")
     data = _download_blob(flaky_s3, tmp_path, durable=refused != "not durable")
     assert not any(direct for direct, _, _ in spy.writes)
@@ -619,13 +621,13 @@ def test_small_files_are_made_durable_by_one_sync_per_batch_before_their_renames
     """Thousands of small files must not cost a sync each: a batch of them is fetched into .partial files,
     synced once, then renamed (a file is never renamed before its bytes are on disk)."""
     synced: list[int] = []
-    sync = _GroupSync.sync
+    sync = GroupSync.sync
 
-    def counted(self: _GroupSync, fd: int) -> None:
+    def counted(self: GroupSync, fd: int) -> None:
         synced.append(len(list(msettings.mirror_path.rglob("*.partial"))))  # not renamed yet
         sync(self, fd)
 
-    monkeypatch.setattr(_GroupSync, "sync", counted)
+    monkeypatch.setattr(GroupSync, "sync", counted)
     report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
     assert report.failed == {} and report.fetched >= 10
     assert 1 <= len(synced) <= 4 and min(synced) >= 1

@@ -27,7 +27,9 @@ from etl.config import Settings
 from etl.fixtures import OLD_RELEASE
 from etl.mirror import mirror_release
 from etl.s3server import LoopbackPki, S3Server, make_loopback_pki, start_s3_server
-from etl.transfer import FileJob, Transfer, TransferError, _Failures, _HttpSource, botocore_get_url
+from etl.transfer import FileJob, Transfer, TransferError, botocore_get_url
+from etl.transfer.common import Failures
+from etl.transfer.http_source import HttpSource
 
 from .conftest import scoped_keys
 
@@ -114,13 +116,13 @@ def test_mirror_release_over_https(generated_bucket, database_url, engine, pki, 
     come over the plain-HTTP path."""
     clean_env.setenv("AWS_CA_BUNDLE", str(pki.ca))
     fast_gets: list[str] = []
-    get = _HttpSource.get
+    get = HttpSource.get
 
     def counted(self, key: str, start: int, end: int):
         fast_gets.append(key)
         return get(self, key, start, end)
 
-    clean_env.setattr(_HttpSource, "get", counted)
+    clean_env.setattr(HttpSource, "get", counted)
     server = start_s3_server(generated_bucket.root, tls=(pki.chain, pki.key))
     try:
         settings = Settings(database_url=database_url, endpoint_url=server.endpoint_url,
@@ -510,7 +512,7 @@ def test_addressing_style_is_botocores(scripted, addressing, tmp_path):
 
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("etl.transfer.backoff_delay", lambda attempt: 0.0)
+    monkeypatch.setattr("etl.transfer.common.backoff_delay", lambda attempt: 0.0)
 
 
 RETRIES = {"retries": {"total_max_attempts": 4, "mode": "standard"}}
@@ -554,7 +556,7 @@ def test_giving_up_is_bounded_in_time(scripted, monkeypatch, tmp_path):
         clock.slept.append(seconds)
         clock.now += seconds
 
-    monkeypatch.setattr("etl.transfer.time", types.SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep))
+    monkeypatch.setattr("etl.transfer.common.time", types.SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep))
     client = scripted.client(source_config={"retries": {"total_max_attempts": 1000, "mode": "standard"}})
     transfer = Transfer(client, BUCKET, workers=1, retry_seconds=30)
     try:
@@ -595,8 +597,8 @@ def test_responses_are_read_as_http_client_reads_them(scripted, no_backoff, monk
     after its answer (the next GET opens another, not failing first), an error (503 SlowDown: retried on
     another connection)."""
     failures: list[str] = []
-    failed = _Failures.failed
-    monkeypatch.setattr(_Failures, "failed", lambda self, exc, pos: (failures.append(str(exc)), failed(self, exc, pos)))
+    failed = Failures.failed
+    monkeypatch.setattr(Failures, "failed", lambda self, exc, pos: (failures.append(str(exc)), failed(self, exc, pos)))
     scripted.handler.script[:] = [(503, "SlowDown"), "interim", "close", "interim"]
     transfer = Transfer(scripted.client(source_config=RETRIES), BUCKET, workers=1, part_size=MiB)
     try:
