@@ -7,6 +7,10 @@ share one sync before their renames; what was placed is recorded in
 re-hashing terabytes, and a key shared by several releases is fetched once. Files found on disk
 without a record (copied by other means) are hashed once and adopted when they match. Loading
 and aggregation read mirrored files only through :func:`etl.catalog.release_files_on_disk`.
+
+Why one module of ~590 lines: the two targets (local directory, S3 bucket), the per-file retry and the
+records are the steps of one run and share its private types (``_Work``, ``_Outcome``); nothing else
+uses them, and the bytes themselves are moved by :mod:`etl.transfer`.
 """
 
 from __future__ import annotations
