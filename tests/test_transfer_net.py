@@ -620,22 +620,11 @@ def test_an_error_body_in_chunks_is_read_for_its_code(scripted, tmp_path):
         transfer.close()
 
 
-def test_a_body_of_unknown_length_hands_the_gets_to_botocore(scripted, tmp_path):
-    scripted.handler.script[:] = ["no-length"]
-    transfer = Transfer(scripted.client(), BUCKET, workers=1, part_size=4 * MiB)
-    try:
-        transfer.download(_job(scripted.data), tmp_path / "blob")
-        assert transfer.http is not None and not transfer.http.enabled
-    finally:
-        transfer.close()
-    assert (tmp_path / "blob").read_bytes() == scripted.data
-    agents = [agent for _, _, agent in scripted.gets()]
-    assert agents[0] == "abc-mirror" and len(agents) == 2 and agents[1].startswith("Boto3/")
-
-
-def test_a_redirect_hands_the_gets_to_botocore(scripted, tmp_path):
-    """A 301 (the bucket is in another region) is botocore's to follow: the transfer switches to it for good."""
-    scripted.handler.script[:] = ["redirect"]
+@pytest.mark.parametrize("answer", ["redirect", "no-length"])
+def test_an_answer_the_plain_path_does_not_follow_hands_the_gets_to_botocore(scripted, answer, tmp_path):
+    """A 301 (the bucket is in another region) or a body of unknown length is botocore's to read: the
+    transfer switches to it for good, from where the range stood."""
+    scripted.handler.script[:] = [answer]
     transfer = Transfer(scripted.client(), BUCKET, workers=1, part_size=4 * MiB)
     try:
         transfer.download(_job(scripted.data), tmp_path / "blob")
