@@ -3,7 +3,6 @@ its errors, a file job, the bandwidth cap and the retry clock that gives a faili
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import threading
@@ -16,18 +15,13 @@ from botocore.retries.standard import DEFAULT_MAX_ATTEMPTS
 
 from etl.config import env
 
-log = logging.getLogger(__name__)
-
 MiB = 1 << 20
 PART_SIZE = 32 * MiB
 S3_MIN_PART_SIZE = 8 * MiB  # S3 refuses multipart parts under 5 MiB; 8 MiB keeps part counts sane
 MAX_PARTS = 9000  # below S3's 10,000-part limit; also keeps the resume sidecar small
 PART_MEMORY = 256 * MiB  # parts held in memory until hashed (and uploaded), at most about this much
 READ_CHUNK = 1 * MiB
-MAX_HEADER_LINE = 65536  # http.client's limits on a response's header lines
-MAX_HEADERS = 100
 HASH_CHUNK = 4 * MiB
-DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size; 4 KiB covers all
 LEGACY_MAX_ATTEMPTS = 5  # botocore's attempts in its legacy retry mode when none are configured
 PERSIST_EVERY_S = 1.0
 PARTIAL_SUFFIX = ".partial"
@@ -35,7 +29,6 @@ SIDECAR_SUFFIX = ".partial.json"
 RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                    "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"}
 RETRYABLE_STATUSES = {429, 500, 502, 503, 504}
-REDIRECT_STATUSES = {301, 302, 307, 308}
 
 
 class TransferError(RuntimeError):

@@ -56,6 +56,7 @@ from etl.transfer.http_source import HandOver, HttpSource
 
 log = logging.getLogger(__name__)
 
+
 class Transfer:
     """One mirror run's transfer machinery: source client, part pool, bandwidth cap, byte counter."""
 

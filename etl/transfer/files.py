@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from etl.transfer.common import DIRECT_ALIGN, HASH_CHUNK, FileJob, LocalWriteError, TransferError, write_at
+from etl.transfer.common import HASH_CHUNK, FileJob, LocalWriteError, TransferError, write_at
 
 log = logging.getLogger(__name__)
+
+DIRECT_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size; 4 KiB covers all
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if hasattr(os, "fdatasync") else None
 _SYNC_FILE_RANGE_WRITE = 2

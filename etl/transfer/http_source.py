@@ -18,14 +18,14 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError
 from botocore.httpsession import URLLib3Session, get_cert_path, mask_proxy_url
 
-from etl.transfer.common import (
-    MAX_HEADER_LINE,
-    MAX_HEADERS,
-    REDIRECT_STATUSES,
-    HttpError,
-)
+from etl.transfer.common import HttpError
 
 log = logging.getLogger(__name__)
+
+MAX_HEADER_LINE = 65536  # http.client's limits on a response's header lines
+MAX_HEADERS = 100
+REDIRECT_STATUSES = {301, 302, 307, 308}
+
 
 class HandOver(Exception):
     """The source answered a GET as the plain path does not follow: a redirect (a bucket in another region),
