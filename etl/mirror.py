@@ -2,7 +2,8 @@
 
 The manifest decides what belongs to a release. A file reaches its final path only by rename
 after its bytes matched the manifest (see :mod:`etl.transfer`); small files go in batches that
-share one sync before their renames; what was placed is recorded in
+share one sync before their renames, fetched by one thread over many connections when the GETs are
+plain HTTP (:mod:`etl.transfer.small_files`); what was placed is recorded in
 ``abc.mirror_object`` so later runs trust it while its size and mtime hold, instead of
 re-hashing terabytes, and a key shared by several releases is fetched once. Files found on disk
 without a record (copied by other means) are hashed once and adopted when they match. Loading
@@ -65,7 +66,8 @@ class InsufficientSpaceError(RuntimeError):
 
 FILE_ATTEMPTS = 3  # whole-file attempts after a checksum mismatch or a changed object
 SMALL_FILE = 1 << 20  # files up to this size are fetched in batches that share one sync
-SMALL_BATCH = 32  # files per batch at most (each holds its .partial open until the batch's renames)
+SMALL_BATCH = 32  # files per batch at most, a batch to a thread (each holds its .partial open until the renames)
+LOOP_BATCH = 1000  # files per batch when one thread drives every connection (their outcomes reported together)
 RECORD_BATCH = 2000  # records per upsert, from the main thread while the transfers go on
 RECORD_EVERY_S = 2.0
 LOG_EVERY_S = 10.0
@@ -520,16 +522,20 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
                         on_bytes=meter.add, durable=durable, **({"part_size": part_size} if part_size else {}))
     records: list[dict] = []
     saved_at = time.monotonic()
+    one_thread = transfer.small_files_in_one_thread
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mirror-file") as pool:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mirror-file") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="mirror-small") as small_pool:
             # Largest first: the long transfers start at once and small files fill the gaps, not the tail.
             alone, small = [], []
             for w in sorted(todo, key=lambda w: w.file.size, reverse=True):
                 batched = isinstance(target, _LocalTarget) and w.action == Action.FETCH and w.file.size <= SMALL_FILE
                 (small if batched else alone).append(w)
             futures = [pool.submit(_process_safely, target, w, transfer) for w in alone]
-            batch = max(1, min(SMALL_BATCH, -(-len(small) // workers)))  # every worker gets a batch
-            futures += [pool.submit(_fetch_batch_safely, target, small[i:i + batch], transfer)
+            # Small files: one thread driving every connection (plain-HTTP GETs), or a batch to each thread.
+            batch = LOOP_BATCH if one_thread else max(1, min(SMALL_BATCH, -(-len(small) // workers)))
+            futures += [(small_pool if one_thread else pool).submit(_fetch_batch_safely, target, small[i:i + batch],
+                                                                     transfer)
                         for i in range(0, len(small), batch)]
             try:
                 for future in as_completed(futures):

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from botocore.client import BaseClient
 
+import etl.transfer.small_files as small_files_module
 from etl import cli, source
 from etl.catalog import LocalRoot, NotMirroredError, release_files_on_disk
 from etl.config import Settings
@@ -634,16 +635,30 @@ def test_small_files_are_made_durable_by_one_sync_per_batch_before_their_renames
     assert not list(msettings.mirror_path.rglob("*.partial*"))
 
 
-def test_an_unexpected_error_in_a_batch_fails_that_file_only(msettings, engine, monkeypatch):
-    fetch_whole = Transfer._fetch_whole
+@pytest.mark.parametrize("small_files", ["in one thread", "a batch to a thread"])
+def test_an_unexpected_error_in_a_batch_fails_that_file_only(msettings, engine, monkeypatch, small_files):
+    """Whether small files go through the selector loop (plain-HTTP GETs) or a batch to each thread (botocore's
+    GETs), an error nobody expected while writing one of them fails that file alone."""
     victim = f"metadata/{CONSENSUS_WMB}/{OLD_RELEASE}/donor.csv"
+    if small_files == "in one thread":
+        write_at = small_files_module.write_at
 
-    def failing(self: Transfer, job: FileJob, *args) -> str:
-        if job.key == victim:
-            raise RuntimeError("not a transfer error")
-        return fetch_whole(self, job, *args)
+        def failing_write(fd: int, chunk: bytes, pos: int, path: Path) -> None:
+            if str(path).endswith(f"{victim}.partial"):
+                raise RuntimeError("not a transfer error")
+            write_at(fd, chunk, pos, path)
 
-    monkeypatch.setattr(Transfer, "_fetch_whole", failing)
+        monkeypatch.setattr(small_files_module, "write_at", failing_write)
+    else:
+        fetch_whole = Transfer._fetch_whole
+
+        def failing(self: Transfer, job: FileJob, *args) -> str:
+            if job.key == victim:
+                raise RuntimeError("not a transfer error")
+            return fetch_whole(self, job, *args)
+
+        monkeypatch.setattr(Transfer, "small_files_in_one_thread", property(lambda self: False))
+        monkeypatch.setattr(Transfer, "_fetch_whole", failing)
     report = mirror_release(msettings, engine, OLD_RELEASE, kinds=["metadata"], workers=2, progress=False)
     assert report.failed == {victim: "RuntimeError: not a transfer error"}
     assert report.fetched == report.selected - 1 >= 10

@@ -116,13 +116,13 @@ def test_mirror_release_over_https(generated_bucket, database_url, engine, pki, 
     come over the plain-HTTP path."""
     clean_env.setenv("AWS_CA_BUNDLE", str(pki.ca))
     fast_gets: list[str] = []
-    get = HttpSource.get
+    request = HttpSource.request
 
-    def counted(self, key: str, start: int, end: int):
+    def counted(self, key: str, start: int, end: int) -> bytes:
         fast_gets.append(key)
-        return get(self, key, start, end)
+        return request(self, key, start, end)
 
-    clean_env.setattr(HttpSource, "get", counted)
+    clean_env.setattr(HttpSource, "request", counted)
     server = start_s3_server(generated_bucket.root, tls=(pki.chain, pki.key))
     try:
         settings = Settings(database_url=database_url, endpoint_url=server.endpoint_url,

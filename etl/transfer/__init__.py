@@ -10,8 +10,9 @@ in order: a part that arrives ahead of its turn is held until the parts before i
 no byte is read back from disk. Parts held in memory are bounded (``PART_MEMORY``), whatever the
 file size. The parts already on disk are listed in ``<name>.partial.json`` (written after an
 fdatasync), so an interrupted download continues where it stopped; those parts are read back to
-be hashed when their turn comes. Small files (one part) are fetched with one GET into a new
-``.partial``, hashed as they stream.
+be hashed when their turn comes. Small files (one part) are fetched with one GET each, verified in
+memory (over plain HTTP, by one thread driving many connections: ``small_files``) and written into a
+new ``.partial``.
 
 Requests to a public bucket are unsigned; those GETs skip botocore and go over plain
 ``http.client`` keep-alive connections (one per thread), reading the socket straight into the
@@ -35,9 +36,10 @@ writeback started at once where the filesystem refuses it), so that fsync finds 
 wait for; small files share one ``syncfs`` among all files waiting for theirs.
 
 One module a job: ``common`` (settings, errors, a file job, the bandwidth cap, the retry clock),
-``http_source`` (the plain-HTTP GETs), ``files`` (the local side: ``.partial`` files, the resume sidecar,
-in-order MD5, ``O_DIRECT`` writes, syncs) and ``engine`` (:class:`Transfer`, :func:`copy_verified`). What
-the mirror and the other stages use is re-exported here.
+``http_source`` (the plain-HTTP GETs), ``small_files`` (the selector loop for many small files),
+``files`` (the local side: ``.partial`` files, the resume sidecar, in-order MD5, ``O_DIRECT`` writes,
+syncs) and ``engine`` (:class:`Transfer`, :func:`copy_verified`). What the mirror and the other stages
+use is re-exported here.
 """
 
 from __future__ import annotations

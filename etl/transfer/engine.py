@@ -44,15 +44,18 @@ from etl.transfer.common import (
 )
 from etl.transfer.files import (
     GroupSync,
+    Held,
     PartBuffers,
     PartWriter,
     PayloadMd5,
     Sidecar,
     lock_partial,
     open_nofollow,
+    place_held,
     unlink_quietly,
 )
 from etl.transfer.http_source import HandOver, HttpSource
+from etl.transfer.small_files import SmallFileLoop
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class Transfer:
         # Parts are held in memory until hashed (and uploaded, for S3 targets): at most this many at once.
         self.buffer_slots = threading.Semaphore(max(2, min(workers + 2, PART_MEMORY // part_size)))
         self.buffers = PartBuffers()
+        self.small_loop: SmallFileLoop | None = None  # made at the first small files
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -361,42 +365,49 @@ class Transfer:
                                 f"{job.md5}", partial)
         return etag
 
-    def download_small(self, jobs: list[tuple[FileJob, Path]]) -> list[str | Exception]:
-        """:meth:`download` of each of many small files, one after another, with one sync for them all.
+    @property
+    def small_files_in_one_thread(self) -> bool:
+        """Small files go through one thread driving many connections (:class:`SmallFileLoop`): plain-HTTP
+        GETs. botocore's GETs (signed requests, a source that redirected) need a thread per connection."""
+        return self.http is not None and self.http.enabled
 
+    def download_small(self, jobs: list[tuple[FileJob, Path]]) -> list[str | Exception]:
+        """:meth:`download` of each of many small files, with few syncs for them all.
+
+        Over plain-HTTP GETs, :class:`SmallFileLoop` fetches them over ``workers`` connections at once;
+        what it leaves, and everything when botocore makes the GETs, is fetched one after another here.
         Each file is fetched whole into a new ``.partial`` (locked) and verified; then one filesystem
-        sync makes them all durable (when ``durable``) before any is renamed into place. Thousands of
-        small files thus cost a few syncs, not one each. Per file, in order: its ETag, or the error that
-        stopped it. A file with a ``.partial`` to continue, or too large for one GET, goes through
-        :meth:`download` on its own.
+        sync makes a group of them durable (when ``durable``) before any is renamed into place. Per
+        file, in order: its ETag, or the error that stopped it.
         """
+        if not self.small_files_in_one_thread:
+            return self._download_one_by_one(jobs)
+        if self.small_loop is None:
+            self.small_loop = SmallFileLoop(self.http, self.workers, self.group_sync.sync if self.durable else None,
+                                            self.on_bytes, self.limiter, self.stopped)
+        results = self.small_loop.fetch(jobs)
+        left = [i for i, result in enumerate(results) if result is None]
+        for i, result in zip(left, self._download_one_by_one([jobs[i] for i in left]), strict=True):
+            results[i] = result
+        return results
+
+    def _download_one_by_one(self, jobs: list[tuple[FileJob, Path]]) -> list[str | Exception]:
+        """Each file fetched in turn (a file with a ``.partial`` to continue, or too large for one GET,
+        through :meth:`download` on its own), one sync for those fetched into new ``.partial`` files."""
         results: list[str | Exception] = []
-        held: list[tuple[int, int, Path, Path]] = []  # verified, not yet renamed: (index, fd, .partial, final)
+        held: list[Held] = []  # verified, not yet renamed
         try:
             for job, final in jobs:
                 try:
                     results.append(self._fetch_small(job, final, len(results), held))
                 except Exception as exc:  # that file's outcome, whatever it is: the others go on
                     results.append(exc)
-            try:
-                if held and self.durable:
-                    self.group_sync.sync(held[0][1])
-            except OSError as exc:
-                for index, _, _, _ in held:
-                    results[index] = exc
-                return results
-            for index, _, partial, final in held:
-                try:
-                    os.replace(partial, final)
-                except OSError as exc:
-                    results[index] = exc
         finally:
-            for _, fd, _, _ in held:
-                os.close(fd)  # releases the locks, after the renames
+            place_held(held, results, self.group_sync.sync if self.durable else None)
         return results
 
-    def _fetch_small(self, job: FileJob, final: Path, index: int, held: list[tuple[int, int, Path, Path]]) -> str:
-        """One file of :meth:`download_small`: fetched, verified and added to ``held`` (its lock kept)."""
+    def _fetch_small(self, job: FileJob, final: Path, index: int, held: list[Held]) -> str:
+        """One file of :meth:`_download_one_by_one`: fetched, verified and added to ``held`` (its lock kept)."""
         if job.size > self.part_size_for(job.size, 0):
             return self.download(job, final)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -408,10 +419,14 @@ class Transfer:
             return self.download(job, final)
         try:
             etag = self._fetch_whole(job, fd, partial, None)
+        except TransferError:
+            unlink_quietly(partial)  # a small file has nothing to continue: no empty or cut .partial stays
+            os.close(fd)
+            raise
         except BaseException:
             os.close(fd)
             raise
-        held.append((index, fd, partial, final))
+        held.append(Held(index, fd, partial, final))
         return etag
 
     @staticmethod

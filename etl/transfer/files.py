@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from etl.transfer.common import HASH_CHUNK, FileJob, LocalWriteError, TransferError, write_at
 
@@ -124,12 +125,14 @@ def file_md5(path: Path) -> tuple[str, os.stat_result]:
         os.close(fd)
 
 
-def lock_partial(partial: Path, final: Path, job: FileJob) -> tuple[int | None, bool]:
+def lock_partial(partial: Path, final: Path, job: FileJob, wait: bool = True) -> tuple[int | None, bool]:
     """The ``.partial`` of ``final``, opened and locked, and whether it is new (created here and locked at
     once: nothing in it to continue); None if a concurrent run placed the file meanwhile.
 
     Two runs (releases sharing a key, mirrored at once) must not write one ``.partial`` together:
     the second waits for the lock, then finds the file placed, or continues what the first left.
+    With ``wait`` False it raises :class:`BlockingIOError` instead of waiting (a caller holding other
+    ``.partial`` locks must not wait for one: two runs could each wait for the other).
     The directory is made only when the file cannot be created without it (no mkdir per file).
     """
     while True:
@@ -143,6 +146,9 @@ def lock_partial(partial: Path, final: Path, job: FileJob) -> tuple[int | None, 
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise
             fcntl.flock(fd, fcntl.LOCK_EX)
             new = False
         try:
@@ -153,6 +159,37 @@ def lock_partial(partial: Path, final: Path, job: FileJob) -> tuple[int | None, 
         os.close(fd)  # renamed into place or discarded by the other run while we waited
         if final.is_file() and final.stat().st_size == job.size and file_md5(final)[0] == job.md5:
             return None, False
+
+
+class Held(NamedTuple):
+    """A small file verified into its locked ``.partial``, waiting for a sync and its rename."""
+
+    index: int  # its place in the caller's results
+    fd: int
+    partial: Path
+    final: Path
+
+
+def place_held(held: list[Held], results: list, sync: Callable[[int], None] | None) -> None:
+    """One sync (``sync`` None: none) for all ``held`` files, then their renames; closes them (releasing their
+    locks) and empties ``held``. A file that could not be synced or renamed gets the error in ``results``."""
+    try:
+        if held and sync is not None:
+            try:
+                sync(held[0].fd)
+            except OSError as exc:
+                for file in held:
+                    results[file.index] = exc
+                return
+        for file in held:
+            try:
+                os.replace(file.partial, file.final)
+            except OSError as exc:
+                results[file.index] = exc
+    finally:
+        for file in held:
+            os.close(file.fd)  # releases the locks, after the renames
+        held.clear()
 
 
 def unlink_quietly(*paths: Path) -> None:

@@ -111,45 +111,67 @@ class _Tuned:
         super().close()  # type: ignore[misc]
 
 
-class _Response:
-    """A GET's response, read off the connection by hand: status, headers, then a body of known length.
+class Head:
+    """A response's status line and headers: what the GET path needs of them, and no more.
 
     http.client parses each response's headers into an ``email`` message, which costs more CPU than a
-    small object's bytes; this reads what the GET path needs and no more. Informational (1xx) answers
-    are skipped; a body without ``Content-Length`` is read to its end only for errors (chunked, or up to
-    the connection's close), as :meth:`error_body`.
+    small object's bytes.
     """
 
-    def __init__(self, reader: io.BufferedReader) -> None:
-        self.reader = reader
-        while True:
-            line = reader.readline(MAX_HEADER_LINE + 1)
-            if not line:
-                raise http.client.RemoteDisconnected("the connection closed without a response")
-            version, _, rest = line.partition(b" ")
-            if not version.startswith(b"HTTP/") or not rest[:3].isdigit() or len(line) > MAX_HEADER_LINE:
-                raise http.client.BadStatusLine(repr(line[:100]))
-            self.status = int(rest[:3])
-            self.headers: dict[str, str] = {}
-            for _ in range(MAX_HEADERS):
-                line = reader.readline(MAX_HEADER_LINE + 1)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                if len(line) > MAX_HEADER_LINE:
-                    raise http.client.LineTooLong("header line")
-                name, _, value = line.decode("latin-1").partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            else:
-                raise http.client.HTTPException(f"more than {MAX_HEADERS} headers")
-            if not 100 <= self.status < 200:
-                break
+    def __init__(self, status_line: bytes, header_lines: list[bytes]) -> None:
+        version, _, rest = status_line.partition(b" ")
+        if not version.startswith(b"HTTP/") or not rest[:3].isdigit() or len(status_line) > MAX_HEADER_LINE:
+            raise http.client.BadStatusLine(repr(status_line[:100]))
+        if len(header_lines) > MAX_HEADERS:
+            raise http.client.HTTPException(f"more than {MAX_HEADERS} headers")
+        self.status = int(rest[:3])
+        self.headers: dict[str, str] = {}
+        for line in header_lines:
+            if len(line) > MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         length = self.headers.get("content-length", "")
         self.length = int(length) if length.isdigit() and not self.chunked else None
         self.reusable = version != b"HTTP/1.0" and self.headers.get("connection", "").lower() != "close"
 
+    @classmethod
+    def parse(cls, block: bytes) -> Head:
+        """The head from its bytes, up to (not including) the blank line that ends it."""
+        status_line, *header_lines = block.split(b"\r\n")
+        return cls(status_line, header_lines)
+
+    @property
+    def interim(self) -> bool:
+        """An informational answer (1xx): the real one follows it."""
+        return 100 <= self.status < 200
+
     def getheader(self, name: str) -> str | None:
         return self.headers.get(name.lower())
+
+
+class _Response(Head):
+    """A GET's response, read off the connection by hand: the :class:`Head`, then a body of known length.
+
+    Informational (1xx) answers are skipped; a body without ``Content-Length`` is read to its end only
+    for errors (chunked, or up to the connection's close), as :meth:`error_body`.
+    """
+
+    def __init__(self, reader: io.BufferedReader) -> None:
+        self.reader = reader
+        while True:
+            status_line = reader.readline(MAX_HEADER_LINE + 1)
+            if not status_line:
+                raise http.client.RemoteDisconnected("the connection closed without a response")
+            header_lines = []
+            while (line := reader.readline(MAX_HEADER_LINE + 1)) not in (b"\r\n", b"\n", b""):
+                header_lines.append(line.rstrip(b"\r\n"))
+                if len(header_lines) > MAX_HEADERS:
+                    break
+            super().__init__(status_line.rstrip(b"\r\n"), header_lines)
+            if not self.interim:
+                break
 
     def readinto(self, view: memoryview) -> int:
         """Body bytes into ``view``, at most what is left of the body; 0 at its end."""
@@ -251,20 +273,24 @@ class HttpSource:
             log.info("GETs from s3://%s go through botocore: %s", bucket, exc)
             return None
 
+    def new_connection(self) -> http.client.HTTPConnection:
+        """A connection to the source (through the proxy, if any), not yet connected; :meth:`close` closes it."""
+        host, port = (self.proxy.hostname, self.proxy.port or 80) if self.proxy else (self.host, self.port)
+        if self.https:
+            conn = _HttpsConnection(host, port, timeout=self.connect_timeout, context=self.context)
+            if self.proxy:
+                conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
+        else:
+            conn = _HttpConnection(host, port, timeout=self.connect_timeout)
+        conn.read_timeout, conn.keepalive = self.read_timeout, self.keepalive
+        with self.lock:
+            self.connections.append(conn)
+        return conn
+
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            host, port = (self.proxy.hostname, self.proxy.port or 80) if self.proxy else (self.host, self.port)
-            if self.https:
-                conn = _HttpsConnection(host, port, timeout=self.connect_timeout, context=self.context)
-                if self.proxy:
-                    conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
-            else:
-                conn = _HttpConnection(host, port, timeout=self.connect_timeout)
-            conn.read_timeout, conn.keepalive = self.read_timeout, self.keepalive
-            self.local.conn = conn
-            with self.lock:
-                self.connections.append(conn)
+            conn = self.local.conn = self.new_connection()
         return conn
 
     def drop(self) -> None:
@@ -293,9 +319,7 @@ class HttpSource:
         conn = self._connection()
         if conn.sock is None:
             conn.connect()
-        url = self.url(key)
-        conn.sock.sendall(f"GET {url if self.forwarded else url[len(self.origin):]} HTTP/1.1\r\n"
-                          f"Range: bytes={start}-{end - 1}\r\n{self.request_headers}\r\n".encode())
+        conn.sock.sendall(self.request(key, start, end))
         response = _Response(conn.reader)
         if response.status in REDIRECT_STATUSES:
             region = response.getheader("x-amz-bucket-region")
@@ -306,13 +330,23 @@ class HttpSource:
             raise HttpError(response.status, found.group(1).decode(errors="replace") if found else "")
         if response.length is None:
             raise HandOver(f"HTTP {response.status} from {self.origin} without a Content-Length")
-        content_range = response.getheader("Content-Range")
-        # An object shorter than the range asked for is answered, cut: the caller names both sizes.
-        if content_range is None:  # the whole object: fine only if that is what was asked for
-            ok = start == 0 and response.length <= end
-        else:
-            served, _, total = content_range.removeprefix("bytes ").partition("/")
-            ok = served == f"{start}-{end - 1}" or (total.isdigit() and int(total) < end)
-        if not ok:
-            raise HttpError(response.status, f"RangeIgnored ({content_range or 'no Content-Range'})")
+        if not served_as_asked(response, start, end):
+            served = response.getheader("Content-Range") or "no Content-Range"
+            raise HttpError(response.status, f"RangeIgnored ({served})")
         return response
+
+    def request(self, key: str, start: int, end: int) -> bytes:
+        """The GET of bytes [start, end) of ``key``, as sent on a connection from :meth:`new_connection`."""
+        url = self.url(key)
+        return (f"GET {url if self.forwarded else url[len(self.origin):]} HTTP/1.1\r\n"
+                f"Range: bytes={start}-{end - 1}\r\n{self.request_headers}\r\n").encode()
+
+
+def served_as_asked(head: Head, start: int, end: int) -> bool:
+    """Whether a 200/206 answer of known length holds bytes [start, end) as asked: the range, or the whole
+    object from 0. An object shorter than the range is answered cut: the caller names both sizes."""
+    content_range = head.getheader("Content-Range")
+    if content_range is None:  # the whole object: fine only if that is what was asked for
+        return start == 0 and head.length <= end
+    served, _, total = content_range.removeprefix("bytes ").partition("/")
+    return served == f"{start}-{end - 1}" or (total.isdigit() and int(total) < end)
