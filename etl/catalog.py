@@ -47,6 +47,7 @@ class LocalRoot:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self._safe_dirs: set[Path] = {self.root}
+        self._dirs: dict[str, Path] = {"": self.root}  # the key prefixes whose directory was checked
 
     @property
     def target(self) -> str:
@@ -54,12 +55,27 @@ class LocalRoot:
 
     def path(self, key: str) -> Path:
         """The final path of ``key``; refuses unsafe keys and existing symlinks under the root."""
+        return self.lstat(key)[0]
+
+    def lstat(self, key: str) -> tuple[Path, os.stat_result | None]:
+        """:meth:`path`, and what is there (``os.lstat``; None if nothing), in one system call. For the 10,000 keys
+        of a no-op re-sync: 0.13 s through the old ``path`` (a ``Path`` built from every segment, a symlink check)
+        and a stat, 0.065 s so, 0.035 s for the bare stats (2026-12-03, benchmarks/RESULTS.md)."""
         check_relative_key(key)
-        path = self.root.joinpath(*key.split("/"))
-        self._check_no_symlink(path.parent)
-        if path.is_symlink():
+        parent, _, name = key.rpartition("/")
+        directory = self._dirs.get(parent)
+        if directory is None:
+            directory = self.root.joinpath(*parent.split("/"))
+            self._check_no_symlink(directory)
+            self._dirs[parent] = directory
+        path = directory / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path, None
+        if stat.S_ISLNK(st.st_mode):
             raise UnsafeKeyError(f"{path} is a symlink; refusing to write through it")
-        return path
+        return path, st
 
     def _check_no_symlink(self, directory: Path) -> None:
         """Each directory is checked once: a real directory, or none yet (the mirror makes it, not a link)."""

@@ -196,11 +196,7 @@ class _LocalTarget:
         self.name = self.root.target
 
     def plan(self, f: ManifestFile, record: sa.Row | None, by_content: dict, verify: bool) -> _Work:
-        path = self.root.path(f.relative_path)
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
+        path, st = self.root.lstat(f.relative_path)
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == f.size:
             trusted = record is not None and (record.md5, record.size, record.mtime_ns) == (f.md5, f.size,
                                                                                             st.st_mtime_ns)
