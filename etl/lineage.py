@@ -28,14 +28,14 @@ data. ``inputs`` are bucket keys (source objects), as listed in the release's ma
 ``input_tables`` warehouse tables the step read. The database is the record an auditor queries
 (``abc.lineage_sources(relation, release)``, see docs/lineage.md); :mod:`etl.lineage_report` reads it.
 
-Events: outside Airflow (the CLI) a step emits its own START and COMPLETE/FAIL/ABORT with the plain
-OpenLineage client, wherever it is configured (``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``,
-``openlineage.yml``; the console when nothing is), and an emitter that fails only logs a warning:
-lineage never fails the work it describes. Inside an Airflow task, the task's own events are the
-step's: the task runs its steps in :func:`reported_by_task` (``@lineage_task``, plugins/abc_lineage.py),
-so they emit nothing and hand their datasets and facets to the task, and Airflow's OpenLineage provider
-sends them in the task's START/COMPLETE/FAIL through the transport the deployment configures
-(``[openlineage] transport``).
+Events (built by :mod:`etl.lineage_events`, imported only when a step builds one): outside Airflow
+(the CLI) a step emits its own START and COMPLETE/FAIL/ABORT with the plain OpenLineage client,
+wherever it is configured (``OPENLINEAGE_URL``, ``OPENLINEAGE__TRANSPORT__*``, ``openlineage.yml``;
+the console when nothing is), and an emitter that fails only logs a warning: lineage never fails the
+work it describes. Inside an Airflow task, the task's own events are the step's: the task runs its
+steps in :func:`reported_by_task` (``@lineage_task``, plugins/abc_lineage.py), so they emit nothing
+and hand their datasets and facets to the task, and Airflow's OpenLineage provider sends them in the
+task's START/COMPLETE/FAIL through the transport the deployment configures (``[openlineage] transport``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -56,21 +55,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import attr
 import psycopg
 import sqlalchemy as sa
 from botocore.client import BaseClient
-from openlineage.client import OpenLineageClient
-from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
-from openlineage.client.facet_v2 import (
-    DatasetFacet,
-    RunFacet,
-    base_subset_dataset,
-    dataset_version_dataset,
-    error_message_run,
-    output_statistics_output_dataset,
-)
 from sqlalchemy.engine import Engine
 
 from etl.config import Settings
@@ -78,10 +67,14 @@ from etl.manifest import Manifest
 from etl.publish import LIVE_STATES, stage_owner
 from etl.source import list_objects
 
+if TYPE_CHECKING:
+    from openlineage.client import OpenLineageClient
+    from openlineage.client.event_v2 import RunEvent
+
+    from etl.lineage_events import Events, EventType, TaskLineage
+
 log = logging.getLogger(__name__)
 
-PRODUCER = "https://github.com/abc-mirror/abc-mirror"
-JOB_NAMESPACE = os.environ.get("OPENLINEAGE_NAMESPACE", "abc-mirror")
 REPO_DIR = Path(__file__).resolve().parent.parent
 URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
 
@@ -151,6 +144,8 @@ class Emitter:
     @property
     def client(self) -> OpenLineageClient:
         if self._client is None:
+            from openlineage.client import OpenLineageClient
+
             self._client = OpenLineageClient()
         return self._client
 
@@ -202,116 +197,6 @@ class Step:
         self.outputs[(table, partition)] = rows
 
 
-@attr.define
-class SourceObjectDatasetFacet(DatasetFacet):
-    """A source object's MD5 as the release's manifest lists it (null for a key it does not list)."""
-
-    md5: str | None
-
-
-@attr.define
-class StepsRunFacet(RunFacet):
-    """The abc-mirror steps of a run, each with its release, the release manifest (key and MD5), the code
-    version and its run in ``abc.lineage_run`` (``recorded`` False: an execution of the state that run
-    already describes)."""
-
-    steps: list[dict]
-
-
-class _Events:
-    """The OpenLineage datasets, facets and events of one step."""
-
-    def __init__(self, step: Step, bucket: str, database: str, warehouse: str, manifest: sa.Row | None) -> None:
-        self.step, self.bucket, self.database, self.warehouse = step, bucket, database, warehouse
-        self.manifest = manifest
-
-    def _version(self) -> dict:
-        return {"version": dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion=self.step.release,
-                                                                              producer=PRODUCER)}
-
-    def inputs(self) -> list[InputDataset]:
-        md5 = self.step.state["inputs"]
-        objects = [InputDataset(namespace=f"s3://{self.bucket}", name=key, facets={
-            **self._version(), "abcMirror_sourceObject": SourceObjectDatasetFacet(md5=md5.get(key), producer=PRODUCER)})
-            for key in self.step.inputs]
-        tables = [InputDataset(namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version())
-                  for table in self.step.input_tables]
-        return objects + tables
-
-    def outputs(self) -> list[OutputDataset]:
-        return [OutputDataset(namespace=self.warehouse, name=f"{self.database}.{table}", facets=self._version(),
-                              outputFacets=self._output_facets(partition, rows))
-                for (table, partition), rows in self.step.outputs.items()]
-
-    @staticmethod
-    def _output_facets(partition: str, rows: int | None) -> dict:
-        """Rows written (``outputStatistics``) and the release partition written (``subset``)."""
-        facets: dict = {}
-        if rows is not None:
-            facets["outputStatistics"] = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                rowCount=rows, producer=PRODUCER)
-        if partition:
-            facets["subset"] = base_subset_dataset.OutputSubsetOutputDatasetFacet(
-                outputCondition=base_subset_dataset.PartitionSubsetCondition(
-                    partitions=[base_subset_dataset.Partition(dimensions={"release": partition})]),
-                producer=PRODUCER)
-        return facets
-
-    def step_facet(self) -> dict:
-        """This step's entry of :class:`StepsRunFacet`."""
-        return {"step": self.step.name, "release": self.step.release, "codeVersion": self.step.state["code_version"],
-                "manifestKey": self.manifest.manifest_key if self.manifest else None,
-                "manifestMd5": self.manifest.manifest_md5 if self.manifest else None,
-                "lineageRunId": self.step.run_uuid, "recorded": self.step.recorded}
-
-    def _run(self, error: BaseException | None = None) -> Run:
-        facets: dict = {"abcMirror": StepsRunFacet(steps=[self.step_facet()], producer=PRODUCER)}
-        if error is not None:
-            facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-                message=f"{type(error).__name__}: {error}", programmingLanguage="python", producer=PRODUCER)
-        return Run(runId=self.step.run_uuid, facets=facets)
-
-    def event(self, state: RunState, error: BaseException | None = None, at: datetime | None = None) -> RunEvent:
-        return RunEvent(eventType=state, eventTime=(at or datetime.now(UTC)).isoformat(), run=self._run(error),
-                        job=Job(namespace=JOB_NAMESPACE, name=f"abc_mirror.{self.step.name}"),
-                        inputs=self.inputs(),
-                        outputs=self.outputs() if state not in (RunState.START, RunState.ABORT) else [],
-                        producer=PRODUCER)
-
-
-class TaskLineage:
-    """What the steps run inside one Airflow task read and wrote, for the task's own OpenLineage events.
-
-    Read once the steps have ended (Airflow's OpenLineage provider asks when the task completes or
-    fails): a dataset two steps share is given once, every step is an entry of the ``abcMirror`` facet.
-    """
-
-    def __init__(self) -> None:
-        self._steps: list[_Events] = []
-
-    def add(self, events: _Events) -> None:
-        self._steps.append(events)
-
-    def inputs(self) -> list[InputDataset]:
-        return _unique(d for step in self._steps for d in step.inputs())
-
-    def outputs(self) -> list[OutputDataset]:
-        return _unique(d for step in self._steps for d in step.outputs())
-
-    def run_facets(self) -> dict:
-        if not self._steps:
-            return {}
-        return {"abcMirror": StepsRunFacet(steps=[step.step_facet() for step in self._steps], producer=PRODUCER)}
-
-
-def _unique(datasets: Iterable[InputDataset | OutputDataset]) -> list:
-    """The datasets in order, each (namespace, name) once: its first occurrence."""
-    kept: dict = {}
-    for dataset in datasets:
-        kept.setdefault((dataset.namespace, dataset.name), dataset)
-    return list(kept.values())
-
-
 _task_lineage: ContextVar[TaskLineage | None] = ContextVar("abc_mirror_task_lineage", default=None)
 
 
@@ -320,6 +205,8 @@ def reported_by_task() -> Iterator[TaskLineage]:
     """Run steps as part of an Airflow task whose OpenLineage events the provider sends: within the block
     the steps still record themselves in PostgreSQL but emit no event; what they read and wrote is the
     yielded :class:`TaskLineage`'s, for the task's events."""
+    from etl.lineage_events import TaskLineage
+
     task = TaskLineage()
     token = _task_lineage.set(task)
     try:
@@ -428,22 +315,29 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
     with engine.connect() as conn:
         manifest = conn.execute(sa.text("SELECT manifest_key, manifest_md5 FROM abc.release WHERE version = :r"),
                                 {"r": release}).first()
-    events = _Events(s, bucket or Settings.from_env().bucket, engine.url.database or "abc",
-                     warehouse_namespace(engine), manifest)
+    described = (s, bucket or Settings.from_env().bucket, engine.url.database or "abc", warehouse_namespace(engine),
+                 manifest)
+
+    @functools.cache
+    def events() -> Events:
+        from etl.lineage_events import Events
+
+        return Events(*described)
+
     task = _task_lineage.get()
     if task is not None:
-        task.add(events)
+        task.add(events())
     emitter = emitter or default_emitter()
 
-    def send(state: RunState, error: BaseException | None = None, at: datetime | None = None) -> None:
+    def send(state: EventType, error: BaseException | None = None, at: datetime | None = None) -> None:
         if task is None:
-            emitter.emit(events.event(state, error, at))
+            emitter.emit(events().event(state, error, at))
 
     started_at = datetime.now(UTC)
     done = _completed_run(engine, s.state_key)
     if done is None:
         _start(engine, s, started_at)
-        send(RunState.START, at=started_at)
+        send("START", at=started_at)
     else:
         s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
         log.info("%s of release %s: lineage run %s already describes this state (%s); recorded again only if "
@@ -454,20 +348,20 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
         try:
             if not s.recorded:  # the state was reached before, this execution of it failed: record the attempt
                 _start(engine, s, started_at)
-                send(RunState.START, at=started_at)
+                send("START", at=started_at)
             _finish(engine, s, exc, staged)
         except sa.exc.SQLAlchemyError as unrecorded:  # e.g. the server restarting: the step's own error goes on
             log.warning("lineage run %s (%s of %s) not marked failed: %s", s.run_id, step, release, unrecorded)
         if s.recorded:
-            send(RunState.FAIL, exc)
+            send("FAIL", exc)
         raise
     if s.recorded and _finish(engine, s, None, staged):
-        send(RunState.COMPLETE)
+        send("COMPLETE")
         return
     if s.recorded:  # another execution succeeded with this state meanwhile: the database kept its run
         with engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM abc.lineage_run WHERE id = :id"), {"id": s.run_id})
-        send(RunState.ABORT)
+        send("ABORT")
         refused, done = s.run_uuid, _completed_run(engine, s.state_key)
         s.run_id, s.run_uuid, s.recorded = done.id, str(done.run_uuid), False
         log.info("%s of release %s: lineage run %s finished this state first; run %s dropped (ABORT)",
