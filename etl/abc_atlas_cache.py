@@ -22,16 +22,18 @@ The Allen Institute's client (``AllenInstitute/abc_atlas_access``, read at
   ``from_cache_dir`` opens a ``LocalCache`` when the directory is not writable by the user, else an
   ``S3CloudCache`` (the bucket's manifest list online, files not listed downloaded).
 
-So after each mirror run that verified its files, :func:`write_client_cache` replaces both files
-(temporary file, then rename): ``_downloaded_data.json`` lists every file of the mirror that
-``abc.mirror_object`` records as verified against the manifests' MD5, that every recorded release
-listing its key lists with that MD5 and size, and whose size and mtime on disk are still those
-recorded (the mirror's own trust rule); ``_manifest_last_used.txt`` names the manifest of the newest
+So after each mirror run that verified its files, :func:`write_client_cache` replaces each of the
+two files whose content changes (temporary file, synced, then rename; one already holding its
+content is left alone, so a run that changed nothing writes nothing): ``_downloaded_data.json``
+lists every file of the mirror that ``abc.mirror_object`` records as verified against the manifests'
+MD5, that every recorded release listing its key lists with that MD5 and size, and whose size and
+mtime on disk are still those recorded (the mirror's own trust rule: one ``lstat`` per file, no
+directory on its way a symlink); ``_manifest_last_used.txt`` names the manifest of the newest
 release whose every file the scope mirrors is so listed (removed when there is none: the client then
 loads the newest manifest present). The paths are absolute as this host resolves the mirror root: a
 writable mirror mounted elsewhere is re-downloaded by ``S3CloudCache``; read-only mounts
-(``LocalCache``) do not read them. Runs writing the same mirror take turns (an advisory lock on
-the target), so the last writer has seen every run's records.
+(``LocalCache``) do not read them. Runs writing the same mirror take turns (an advisory lock on the
+target), so the last writer has seen every run's records.
 
 An S3 mirror target gets nothing: the client opens a cache only as a local directory, and its
 bookkeeping holds local absolute paths, which only a host mounting the bucket would know.
@@ -51,7 +53,7 @@ from sqlalchemy.engine import Engine
 from etl.catalog import LocalRoot
 from etl.config import Settings
 from etl.manifest import UnsafeKeyError
-from etl.transfer import PARTIAL_SUFFIX, write_file_nofollow
+from etl.transfer import PARTIAL_SUFFIX, SymlinkRefusedError, open_nofollow, write_file_nofollow
 
 DOWNLOADED_DATA = "_downloaded_data.json"
 MANIFEST_LAST_USED = "_manifest_last_used.txt"
@@ -94,7 +96,7 @@ def write_client_cache(settings: Settings, engine: Engine) -> ClientCache | None
         listed = {row.relative_path: path for row in conn.execute(_VERIFIED, {"t": root.target})
                   if (path := _still_verified(root, row)) is not None}
         release = _newest_complete_release(conn, root, set(listed), settings)
-        _replace(root.root / DOWNLOADED_DATA, json.dumps(sorted(map(str, listed.values())), indent=2))
+        _replace(root.root / DOWNLOADED_DATA, json.dumps(sorted(listed.values()), indent=2))
         if release is None:
             (root.root / MANIFEST_LAST_USED).unlink(missing_ok=True)
         else:
@@ -102,10 +104,10 @@ def write_client_cache(settings: Settings, engine: Engine) -> ClientCache | None
     return ClientCache(root.root, len(listed), manifest_name(release) if release else None)
 
 
-def _still_verified(root: LocalRoot, row: sa.Row) -> Path | None:
+def _still_verified(root: LocalRoot, row: sa.Row) -> str | None:
     """The file's path when it is a regular file of the recorded size and mtime, under no symlink."""
     try:
-        path = root.path(row.relative_path)
+        path = root.read_path(row.relative_path)
         st = os.stat(path, follow_symlinks=False)
     except (UnsafeKeyError, OSError):
         return None
@@ -128,7 +130,22 @@ def _newest_complete_release(conn: sa.Connection, root: LocalRoot, listed: set[s
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write ``path`` whole: a temporary file beside it (never through a symlink), synced, then renamed."""
+    """Write ``path`` whole: a temporary file beside it (never through a symlink), synced, then renamed;
+    nothing when it is a regular file holding ``text`` already."""
+    data = text.encode("utf-8")
+    if _content(path) == data:
+        return
     partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    write_file_nofollow(partial, text.encode("utf-8"), durable=True)
+    write_file_nofollow(partial, data, durable=True)
     os.replace(partial, path)
+
+
+def _content(path: Path) -> bytes | None:
+    """The bytes of the regular file ``path`` (never through a symlink, never waiting on a FIFO); None when
+    there is none."""
+    try:
+        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (SymlinkRefusedError, OSError):
+        return None
+    with os.fdopen(fd, "rb") as file:
+        return file.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None

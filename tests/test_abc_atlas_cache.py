@@ -160,3 +160,42 @@ def test_a_file_copied_in_by_hand_is_listed_only_once_the_mirror_verified_it(set
                      {"m": "0" * 32, "k": key})
     write_client_cache(settings, engine)
     assert str(copied) not in _listed(root)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_bookkeeping_is_rewritten_only_when_it_changes(settings, engine, generated_bucket):
+    root = settings.mirror_path
+    keys = scoped_keys(generated_bucket, OLD_RELEASE)
+    pipeline.mirror(settings, OLD_RELEASE, progress=False)
+    before = {name: _identity(root / name) for name in (DOWNLOADED_DATA, MANIFEST_LAST_USED)}
+
+    written = write_client_cache(settings, engine)  # nothing changed: both files left as they are
+    assert {name: _identity(root / name) for name in before} == before
+    assert written.files == len(keys) and written.manifest_last_used == manifest_name(OLD_RELEASE)
+
+    removed = root / next(k for k in keys if k.endswith("/donor.csv"))
+    removed.unlink()  # by hand: dropped from the list, the release no longer complete
+    written = write_client_cache(settings, engine)
+    assert _listed(root) == {str(root / k) for k in keys} - {str(removed)}
+    assert _identity(root / DOWNLOADED_DATA) != before[DOWNLOADED_DATA]
+    assert written.files == len(keys) - 1 and not (root / MANIFEST_LAST_USED).exists()
+
+
+def test_files_under_a_directory_replaced_by_a_symlink_are_not_listed(settings, engine, generated_bucket):
+    root = settings.mirror_path
+    metadata = [k for k in scoped_keys(generated_bucket, OLD_RELEASE) if k.startswith("metadata/")]
+    pipeline.mirror(settings, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert _listed(root) == {str(root / k) for k in metadata}
+
+    # The same files, sizes and mtimes, now reached through a symlink: the client would read through it.
+    linked = root / "metadata" / "Consensus-WMB-AIBS-10X"
+    linked.rename(root / "elsewhere")
+    linked.symlink_to(root / "elsewhere", target_is_directory=True)
+    under = {k for k in metadata if k.startswith("metadata/Consensus-WMB-AIBS-10X/")}
+    assert len(under) > 1 and any(k.count("/") > 3 for k in under)  # files in the directory and deeper
+    assert write_client_cache(settings, engine).files == len(metadata) - len(under)
+    assert _listed(root) == {str(root / k) for k in metadata if k not in under}
