@@ -44,8 +44,9 @@ from etl import source
 from etl.catalog import MAX_LISTED, LocalRoot, selected_release_files
 from etl.config import Settings, target_name
 from etl.discovery import ensure_release_recorded, load_manifest
-from etl.manifest import ManifestFile, UnsafeKeyError, check_relative_key
+from etl.manifest import Manifest, ManifestFile, UnsafeKeyError, check_relative_key
 from etl.scope import Scope
+from etl.source import FetchedObject
 from etl.transfer import (
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
@@ -469,18 +470,20 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
                    keys: list[str] | None = None, verify: bool = False, dry_run: bool = False,
                    workers: int | None = None, max_bandwidth: float | None = None, part_size: int | None = None,
                    progress: bool | None = None, target_endpoint_url: str | None = None, durable: bool = True,
-                   free_space: Callable[[Path], int] = _disk_free) -> MirrorReport:
+                   free_space: Callable[[Path], int] = _disk_free,
+                   fetched: tuple[FetchedObject, Manifest] | None = None) -> MirrorReport:
     """Mirror the selected files of ``release`` into ``settings.mirror_root``; see the module docstring.
 
     ``keys`` narrows the selection to those relative paths (the release DAG mirrors batches);
-    ``progress`` None shows a bar only on a terminal; ``free_space`` is injectable for tests.
+    ``progress`` None shows a bar only on a terminal; ``free_space`` is injectable for tests;
+    ``fetched``: the release's manifest as the caller has just fetched it (not fetched again).
     Raises :class:`InsufficientSpaceError` before fetching anything when the disk is too small;
     failed files do not raise: they are in the report (and the run is recorded as failed).
     """
     started = time.monotonic()
     workers = workers or settings.workers
     client = source.make_client(settings, max_pool_connections=2 * workers + 4)
-    fetched_manifest, manifest = load_manifest(client, settings, release)
+    fetched_manifest, manifest = fetched or load_manifest(client, settings, release)
     if not dry_run:
         ensure_release_recorded(engine, fetched_manifest, manifest)
     scope = settings.run_scope

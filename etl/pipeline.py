@@ -26,6 +26,7 @@ from etl.catalog import name_some, release_files_on_disk, selected_release_files
 from etl.config import Settings, target_name
 from etl.discovery import DiscoveryReport, discover, ensure_release_recorded, load_manifest
 from etl.load import METADATA_TABLES, PUBLISHED_TABLES, LoadReport, load_release_metadata, publish_staged_metadata
+from etl.manifest import Manifest
 from etl.mirror import MirrorFailedError, MirrorReport, check_free_space, mirror_release
 from etl.publish import (
     EXPRESSION_TABLES,
@@ -42,6 +43,7 @@ from etl.publish import (
     staged_table,
 )
 from etl.scope import Scope
+from etl.source import FetchedObject
 from etl.transfer import parse_rate
 
 log = logging.getLogger(__name__)
@@ -218,10 +220,11 @@ def mirror(settings: Settings, release: str, *, keys: list[str] | None = None, d
         selection = {"keys": sorted(keys) if keys is not None else None, "datasets": _sorted(datasets),
                      "kinds": _sorted(kinds), "normalizations": _sorted(normalizations),
                      "scope": settings.run_scope.name}
-        with lineage.step(engine, release=release, step="mirror", inputs=[_manifest_key(settings, engine, release)],
+        manifest_key, fetched = _release_manifest(settings, engine, release)
+        with lineage.step(engine, release=release, step="mirror", inputs=[manifest_key],
                           bucket=settings.bucket, target=target_name(settings.mirror_root), selection=selection) as s:
             report = mirror_release(settings, engine, release, keys=keys, datasets=datasets, kinds=kinds,
-                                    normalizations=normalizations, **options)
+                                    normalizations=normalizations, fetched=fetched, **options)
             s.wrote("abc.mirror_object", partition=release, rows=report.ok)
             if report.failed:
                 raise MirrorFailedError(f"release {release}: {len(report.failed)} of {report.selected} files "
@@ -238,15 +241,17 @@ def _sorted(values: Sequence[str] | None) -> list[str] | None:
     return sorted(values) if values else None
 
 
-def _manifest_key(settings: Settings, engine: Engine, release: str) -> str:
-    """The release's manifest key, recording the release first (from its manifest) when discovery has not."""
+def _release_manifest(settings: Settings, engine: Engine,
+                  release: str) -> tuple[str, tuple[FetchedObject, Manifest] | None]:
+    """The release's manifest key, recording the release first (from its manifest) when discovery has not; and
+    the manifest so fetched, if it was (the mirror does not fetch it again)."""
     with engine.connect() as conn:
         key = conn.execute(sa.text("SELECT manifest_key FROM abc.release WHERE version = :r"), {"r": release}).scalar()
-    if key is None:
-        fetched, manifest = load_manifest(source.make_client(settings), settings, release)
-        ensure_release_recorded(engine, fetched, manifest)
-        key = fetched.key
-    return key
+    if key is not None:
+        return key, None
+    fetched, manifest = load_manifest(source.make_client(settings), settings, release)
+    ensure_release_recorded(engine, fetched, manifest)
+    return fetched.key, (fetched, manifest)
 
 
 def mirror_task(settings: Settings, release: str, max_bandwidth: str = "", **options: object) -> dict:

@@ -111,3 +111,25 @@ def test_cli_chain_records_lineage_checks_and_the_diff(settings, engine, generat
                      f"    published by reference (data of {OLD_RELEASE}): {loaded}"]
     assert states[states.index(f"  {OLD_RELEASE}:") + 2] == f"    published: {loaded}"
     assert states[states.index(f"  {PRE_CONSENSUS_RELEASE}:") + 1].startswith("    skipped: ")
+
+
+def test_mirroring_a_release_discovery_has_not_seen_fetches_its_manifest_once(settings, engine, generated_bucket,
+                                                                              monkeypatch):
+    """The release is recorded from its manifest before the lineage step starts; the mirror then uses that manifest."""
+    from etl import discovery, pipeline
+
+    fetched: list[str] = []
+    fetch = discovery.fetch_small_object
+
+    def counted(client, settings, key: str):
+        fetched.append(key)
+        return fetch(client, settings, key)
+
+    monkeypatch.setattr(discovery, "fetch_small_object", counted)
+    report = pipeline.mirror(settings, OLD_RELEASE, kinds=["metadata"], progress=False)
+    assert report.failed == {} and report.fetched > 0
+    assert fetched == [f"releases/{OLD_RELEASE}/manifest.json"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM abc.release WHERE version = :r"), {"r": OLD_RELEASE}).scalar()
+        steps = conn.execute(sa.text("SELECT step FROM abc.lineage_run WHERE release = :r"), {"r": OLD_RELEASE})
+        assert list(steps.scalars()) == ["mirror"]
