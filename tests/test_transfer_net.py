@@ -90,10 +90,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def _download_all(transfer: Transfer, objects: dict[str, bytes], into: Path) -> None:
-    """Fetch every object through ``transfer`` and check its bytes (the transfer checks each MD5 itself)."""
+    """Fetch every object through ``transfer``, one at a time, then all at once as small files are (over plain-HTTP
+    GETs, by the selector loop), and check their bytes (the transfer checks each MD5 itself)."""
+    jobs = {key: FileJob(key, len(body), hashlib.md5(body).hexdigest()) for key, body in objects.items()}
     for key, body in objects.items():
-        transfer.download(FileJob(key, len(body), hashlib.md5(body).hexdigest()), into / key)
+        transfer.download(jobs[key], into / key)
         assert (into / key).read_bytes() == body, key
+    results = transfer.download_small([(jobs[key], into / "together" / key) for key in objects])
+    assert not [r for r in results if not isinstance(r, str)]
+    for key, body in objects.items():
+        assert (into / "together" / key).read_bytes() == body, key
 
 
 # -- HTTPS -------------------------------------------------------------------------------------
@@ -293,9 +299,10 @@ def test_proxy_from_the_client_config(tls_server, pki, objects, proxy, clean_env
     transfer = Transfer(client, BUCKET, workers=1)
     try:
         _download_all(transfer, {"data/small~x.csv": objects["data/small~x.csv"]}, tmp_path)
+        connections = len(transfer.http.connections)  # the blocking path's, the selector loop's
     finally:
         transfer.close()
-    assert proxy.seen == [("CONNECT", f"127.0.0.1:{tls_server.port}")]
+    assert proxy.seen == [("CONNECT", f"127.0.0.1:{tls_server.port}")] * connections and connections == 2
 
 
 @pytest.mark.parametrize("config", [
