@@ -4,7 +4,8 @@ Serves ``bench_mirror.py``'s data (large files under a real release manifest, an
 objects) with one ``rclone serve s3``, over HTTP, or over HTTPS (``--tls``) with a CA made for the
 run, which both checkouts trust (``AWS_CA_BUNDLE``; ``SSL_CERT_FILE`` for code that read the system
 store). Each round runs ``abc-mirror mirror`` of every checkout (``PYTHONPATH``) into a fresh
-directory, then the small bucket, the order alternating from round to round.
+directory, then the small bucket into a fresh directory and again with nothing to do (a no-op re-sync),
+the order alternating from round to round.
 Before each run the page cache is synced and the benchmark waits (``--quiet``) for the other
 processes on the machine to settle, and records their load.
 
@@ -48,6 +49,11 @@ def forget(database_url: str, dest: Path) -> None:
     engine.dispose()
 
 
+def _rounds(seconds: list[float]) -> str:
+    """Two table cells: each round's seconds, and their median."""
+    return f"{', '.join(f'{x:.2f}' for x in seconds)} | {statistics.median(seconds):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="the checkout to compare against")
@@ -83,7 +89,8 @@ def main() -> None:
         env.update(AWS_CA_BUNDLE=str(pki.ca), SSL_CERT_FILE=str(pki.ca))
     rss_file = args.workdir / "rss.txt"
     results: dict[str, list[tuple[float, float, float | None, float]]] = {name: [] for name in checkouts}
-    small: dict[str, list[float]] = {name: [] for name in checkouts}
+    # (first copy s, its CPU s, no-op re-sync s, its CPU s) per round
+    small: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in checkouts}
     try:
         names = list(checkouts)
         # Untimed warm-up: the first reads after the server starts are slower for whoever comes first.
@@ -109,15 +116,21 @@ def main() -> None:
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
                 results[name].append((seconds, cpu, fetch, others))
             for name in order:
-                dest = out / "small" / name
-                shutil.rmtree(dest, ignore_errors=True)
+                # Never a directory just deleted: creating files right after deleting 10,000 costs this ext4 a
+                # `recently_deleted` check per file (benchmarks/RESULTS.md), whichever code runs.
+                dest = out / "small" / f"{name}-{round_number}"
                 dest.mkdir(parents=True)
                 forget(database_url, dest)
                 os.sync()
                 wait_quiet(args.quiet, args.max_wait)
-                small[name].append(run(mirror_command(checkouts[name], SMALL_BUCKET, dest, args.workers),
-                                       {**env, "PYTHONPATH": str(checkouts[name])}, rss_file)[0])
-                print(f"round {round_number + 1} small {name}: first copy {small[name][-1]:.2f} s", flush=True)
+                command, code_env = (mirror_command(checkouts[name], SMALL_BUCKET, dest, args.workers),
+                                     {**env, "PYTHONPATH": str(checkouts[name])})
+                first, _, first_cpu = run(command, code_env, rss_file)
+                wait_quiet(args.quiet, args.max_wait)
+                noop, _, noop_cpu = run(command, code_env, rss_file)
+                small[name].append((first, first_cpu, noop, noop_cpu))
+                print(f"round {round_number + 1} small {name}: first copy {first:.2f} s (CPU {first_cpu:.1f} s), "
+                      f"no-op re-sync {noop:.2f} s (CPU {noop_cpu:.1f} s)", flush=True)
     finally:
         server.stop()
         shutil.rmtree(out, ignore_errors=True)
@@ -128,15 +141,17 @@ def main() -> None:
     print(f"\n{n_big} objects, {bytes_big / 2**30:.2f} GiB over {'HTTPS' if args.tls else 'HTTP'}, "
           f"{args.rounds} alternating rounds\n")
     print("| code | wall s (each round) | median s | median MB/s | median client CPU s | own transfer s (median) "
-          "| 10,000 small objects, first copy s (each round) | median s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+          "| 10,000 small objects, first copy s (each round) | median s | CPU s (median) "
+          "| no-op re-sync s (each round) | median s | CPU s (median) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |")
     for name, runs in results.items():
         median = statistics.median(r[0] for r in runs)
         own = [r[2] for r in runs if r[2] is not None]
         print(f"| {name} ({checkouts[name]}) | {', '.join(f'{r[0]:.2f}' for r in runs)} | {median:.2f} | "
               f"{bytes_big / median / 1e6:.0f} | {statistics.median(r[1] for r in runs):.1f} | "
-              f"{statistics.median(own) if own else float('nan'):.2f} | {', '.join(f'{x:.2f}' for x in small[name])} | "
-              f"{statistics.median(small[name]):.2f} |")
+              f"{statistics.median(own) if own else float('nan'):.2f} | {_rounds([x[0] for x in small[name]])} | "
+              f"{statistics.median(x[1] for x in small[name]):.1f} | {_rounds([x[2] for x in small[name]])} | "
+              f"{statistics.median(x[3] for x in small[name]):.1f} |")
     others = [r[3] for runs in results.values() for r in runs]
     print(f"\nother processes used {min(others):.2f}-{max(others):.2f} cores before the runs")
 
