@@ -60,8 +60,8 @@ class LocalRoot:
 
     def lstat(self, key: str) -> tuple[Path, os.stat_result | None]:
         """:meth:`path`, and what is there (``os.lstat``; None if nothing), in one system call. For the 10,000 keys
-        of a no-op re-sync: 0.13 s through the old ``path`` (a ``Path`` built from every segment, a symlink check)
-        and a stat, 0.065 s so, 0.035 s for the bare stats (2026-12-03, benchmarks/RESULTS.md)."""
+        of a no-op re-sync: 84-89 ms through the old ``path`` (a ``Path`` built from every segment, a symlink check)
+        and a stat, 66-72 ms so, 28-30 ms for the bare stats (benchmarks/RESULTS.md, "Issue 16 again")."""
         check_relative_key(key)
         parent, _, name = key.rpartition("/")
         path = self._directory(parent) / name
@@ -76,7 +76,7 @@ class LocalRoot:
     def read_path(self, key: str) -> str:
         """The path of ``key`` as a string, checked as :meth:`lstat` checks it but for the file itself, which the
         caller reads without following a symlink (``os.stat(..., follow_symlinks=False)``): no ``Path`` built per
-        key, for reading many files (10,000 keys and their stats: 0.042 s, 0.065 s through :meth:`lstat`)."""
+        key, for reading many files (10,000 keys and their stats: 42-64 ms, 66-72 ms through :meth:`lstat`)."""
         check_relative_key(key)
         self._directory(key.rpartition("/")[0])
         return self._prefix + key

@@ -344,7 +344,7 @@ def step(engine: Engine, *, release: str, step: str, inputs: Iterable[str] = (),
 
     def send_start(at: datetime) -> None:
         """START goes out from a thread of its own while the step's work begins: building the first event
-        imports the OpenLineage client (0.15 s of a CLI mirror's start-up, benchmarks/RESULTS.md). The next
+        imports the OpenLineage client (0.13-0.20 s of a CLI mirror's start-up, benchmarks/RESULTS.md). The next
         event waits for it; so does the interpreter's exit."""
         if task is None:
             starting.append(threading.Thread(target=emit, args=("START", None, at), name="lineage-start"))
