@@ -1,13 +1,13 @@
 """10,000 small objects, in process: one thread driving every connection vs a batch of files to each thread.
 
-The mirror fetches small files (≤ ``SMALL_FILE``) through ``Transfer.download_small``. Over plain-HTTP GETs it
-gives them, ``LOOP_BATCH`` at a time, to one thread that drives ``--workers`` keep-alive connections
-(``etl.transfer.small_files``); with botocore's GETs it gives a batch of ``SMALL_BATCH`` files to each of
-``--workers`` threads, each fetching its files one after another. Both are measured here on the same plain-HTTP
-GETs (the second by turning the loop off), alternating, each round into a fresh directory, against
-``bench_mirror.py``'s 10,000-object bucket served by ``rclone serve s3``: no process start, no database, only
-the transfer. Per run: wall seconds, this process's user and system CPU seconds, the server's CPU seconds and
-the number of filesystem syncs.
+The mirror fetches small files (≤ ``SMALL_FILE``) through ``Transfer.download_small``, in the batches of
+``etl.mirror.small_batches``. Over plain-HTTP GETs it gives them, ``LOOP_BATCH`` at a time, to one thread that
+drives ``--workers`` keep-alive connections (``etl.transfer.small_files``); with botocore's GETs it gives a
+batch of ``SMALL_BATCH`` files to each of ``--workers`` threads, each fetching its files one after another.
+Both are measured here on the same plain-HTTP GETs (the second by turning the loop off), alternating, each
+round into a fresh directory, against ``bench_mirror.py``'s 10,000-object bucket served by ``rclone serve s3``:
+no process start, no database, only the transfer. Per run: wall seconds, this process's user and system CPU
+seconds, the server's CPU seconds and the number of filesystem syncs.
 
     .venv/bin/python benchmarks/bench_small_files.py --rounds 7 [--churn 50000]
 
@@ -35,7 +35,7 @@ from etl import source  # noqa: E402
 from etl.config import Settings  # noqa: E402
 from etl.fixtures import OLD_RELEASE  # noqa: E402
 from etl.manifest import parse_manifest  # noqa: E402
-from etl.mirror import LOOP_BATCH, SMALL_BATCH  # noqa: E402
+from etl.mirror import small_batches  # noqa: E402
 from etl.s3server import start_s3_server  # noqa: E402
 from etl.transfer import FileJob, Transfer  # noqa: E402
 
@@ -63,10 +63,9 @@ def _fetch(way: str, endpoint: str, jobs: list[tuple[FileJob, Path]], workers: i
     transfer = (Transfer if way == WAYS[0] else _ThreadPerConnection)(client, SMALL_BUCKET, workers=workers)
     try:
         one_thread = transfer.small_files_in_one_thread
-        size = LOOP_BATCH if one_thread else max(1, min(SMALL_BATCH, -(-len(jobs) // workers)))
-        batches = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         with ThreadPoolExecutor(1 if one_thread else workers) as pool:
-            results = [r for part in pool.map(transfer.download_small, batches) for r in part]
+            results = [r for part in pool.map(transfer.download_small, small_batches(jobs, workers, one_thread))
+                       for r in part]
         return results, transfer.group_sync.syncs
     finally:
         transfer.close()

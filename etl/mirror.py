@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 import sqlalchemy as sa
@@ -60,6 +61,7 @@ from etl.transfer import (
 )
 
 log = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
 
 class InsufficientSpaceError(RuntimeError):
     """The pre-flight check found less free space than the files still to fetch need."""
@@ -532,10 +534,8 @@ def mirror_release(settings: Settings, engine: Engine, release: str, *, datasets
                 (small if batched else alone).append(w)
             futures = [pool.submit(_process_safely, target, w, transfer) for w in alone]
             # Small files: one thread driving every connection (plain-HTTP GETs), or a batch to each thread.
-            batch = LOOP_BATCH if one_thread else max(1, min(SMALL_BATCH, -(-len(small) // workers)))
-            futures += [(small_pool if one_thread else pool).submit(_fetch_batch_safely, target, small[i:i + batch],
-                                                                     transfer)
-                        for i in range(0, len(small), batch)]
+            futures += [(small_pool if one_thread else pool).submit(_fetch_batch_safely, target, batch, transfer)
+                        for batch in small_batches(small, workers, one_thread)]
             try:
                 for future in as_completed(futures):
                     for outcome in future.result():
@@ -586,6 +586,13 @@ def _process_safely(target: _LocalTarget | _S3Target, work: _Work, transfer: Tra
 def _unexpected(work: _Work, exc: Exception) -> _Outcome:
     log.error("%s: unexpected error", work.file.relative_path, exc_info=exc)
     return _Outcome(work.file.relative_path, Result.FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def small_batches(files: list[_Item], workers: int, one_thread: bool) -> list[list[_Item]]:
+    """Small files in the batches the transfer gets them: ``LOOP_BATCH`` at a time for the one thread driving every
+    connection, else at most ``SMALL_BATCH`` to a thread, spread over ``workers`` threads."""
+    size = LOOP_BATCH if one_thread else max(1, min(SMALL_BATCH, -(-len(files) // workers)))
+    return [files[i:i + size] for i in range(0, len(files), size)]
 
 
 def _fetch_batch_safely(target: _LocalTarget, batch: list[_Work], transfer: Transfer) -> list[_Outcome]:
