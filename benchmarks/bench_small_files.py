@@ -110,7 +110,7 @@ def main() -> None:
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 server_cpu = _cpu_ticks(server.process.pid) - server_before
                 failed = [r for r in results if not isinstance(r, str)]
-                placed = sum(1 for _ in dest.rglob("*") if _.is_file())
+                placed = sum(1 for path in dest.rglob("*") if path.is_file())
                 if failed or placed != len(jobs) or any(
                         hashlib.md5(path.read_bytes()).hexdigest() != job.md5 for job, path in jobs):
                     raise RuntimeError(f"{way}: {len(failed)} failed, {placed} of {len(jobs)} placed: {failed[:3]}")
